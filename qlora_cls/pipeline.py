@@ -1,0 +1,89 @@
+"""The steps that ft.py and eval.py share: data in, model built, the same way in both.
+
+Building the evaluation model exactly like the training model (same quantization, same fp32 casts,
+same head) is what makes ``eval.py`` reproduce ``ft.py``'s final metrics to the last digit.
+"""
+from __future__ import annotations
+
+import logging
+from dataclasses import dataclass
+from typing import Optional, Sequence
+
+from .data import Batcher, DataSource, TaskData, load_task_data, tokenize, warn_if_pad_in_inputs
+from .errors import UsageError
+from .hub import check_model_source
+from .modeling import add_lora, load_adapter, load_base_model, load_tokenizer, resolve_model_dir
+from .prompts import Template
+
+log = logging.getLogger(__name__)
+
+
+@dataclass
+class PreparedData:
+    task: TaskData
+    batchers: dict[str, Batcher]  # split -> tokenized examples
+    pad_in_inputs: bool
+
+
+def check_model_paths(model_dir: Optional[str], tokenizer_dir: Optional[str]) -> None:
+    """Before anything heavy: folders exist, hub ids are reachable (or cached)."""
+    if model_dir is not None:
+        check_model_source(model_dir, "--model_dir")
+    if tokenizer_dir is not None and tokenizer_dir != model_dir:
+        check_model_source(tokenizer_dir, "--tokenizer_dir")
+
+
+def select(ds, n: Optional[int]):
+    return ds if n is None else ds.select(range(min(n, len(ds))))
+
+
+def prepare_data(source: DataSource, template: Template, tokenizer, splits: Sequence[str], max_length: int,
+                 max_samples: dict[str, Optional[int]], accelerator, check_only: bool = False) -> PreparedData:
+    """Load and check the splits; tokenize each once (main process first, so the others hit the cache)."""
+    with accelerator.main_process_first():
+        task = load_task_data(source, list(splits))
+        for ds in task.splits.values():
+            template.check_columns(ds.column_names)
+        if check_only:
+            return PreparedData(task, {}, False)
+        batchers = {}
+        pad_hit = False
+        for split in splits:
+            ds = select(task.splits[split], max_samples.get(split))
+            tok = tokenize(ds, template, tokenizer, source.label_column, max_length, task.spec.is_regression)
+            pad_hit |= accelerator.is_main_process and warn_if_pad_in_inputs(tok, tokenizer.pad_token_id)
+            batchers[split] = Batcher(tok, tokenizer.pad_token_id, task.spec.is_regression)
+    return PreparedData(task, batchers, pad_hit)
+
+
+def device_map_for(accelerator, zero3: bool = False):
+    """Each process holds its own full (quantized) copy on its own device; ZeRO-3 places weights itself."""
+    if zero3:
+        return None
+    return {"": str(accelerator.device)}
+
+
+def build_model(cfg, model_path: str, tokenizer, num_labels: int, accelerator, adapter_dir: Optional[str] = None,
+                base_only: bool = False, zero3: bool = False):
+    """Base model (+ new LoRA when training, + saved adapter when evaluating)."""
+    model = load_base_model(cfg, model_path, num_labels, tokenizer.pad_token_id, device_map_for(accelerator, zero3))
+    if base_only:
+        return model
+    if adapter_dir is not None:
+        return load_adapter(model, adapter_dir)
+    return add_lora(model, cfg)
+
+
+def resolve_paths(cfg) -> tuple[str, str]:
+    model_path = resolve_model_dir(cfg.model_dir)
+    tokenizer_path = model_path if cfg.tokenizer_dir in (None, cfg.model_dir) else cfg.tokenizer_dir
+    return model_path, tokenizer_path
+
+
+def tokenizer_for(cfg) -> tuple[str, object]:
+    model_path, tokenizer_path = resolve_paths(cfg)
+    try:
+        tokenizer = load_tokenizer(tokenizer_path, cfg.trust_remote_code)
+    except (OSError, ValueError) as exc:
+        raise UsageError(f"could not load a tokenizer from {tokenizer_path}: {str(exc).splitlines()[0]}")
+    return model_path, tokenizer
