@@ -78,6 +78,7 @@ def evaluate_run(ecfg: EvalConfig) -> Optional[dict]:
     check_model_paths(cfg.model_dir, cfg.tokenizer_dir)
 
     accelerator = Accelerator(mixed_precision=resolved.get("mixed_precision"))
+    cfg.resolve_compute_dtype(accelerator.device.type)  # runs saved before auto existed are concrete already
     model_path, tokenizer = tokenizer_for(cfg)
     data = prepare_data(DataSource.from_config(cfg), template, tokenizer, [ecfg.split], cfg.max_length,
                         {ecfg.split: ecfg.max_eval_samples}, accelerator)

@@ -75,6 +75,7 @@ def train(cfg: TrainConfig) -> Optional[dict]:
                               # The run folder is named later (it needs the processes to agree on a time
                               # stamp); the tracker is pointed at it before init_trackers.
                               project_config=ProjectConfiguration(project_dir=str(RESULTS_DIR)))
+    cfg.resolve_compute_dtype(accelerator.device.type)
     zero3 = preflight(cfg, accelerator)
     eval_split = cfg.eval_split or _default_eval_split(cfg)
     if eval_split in cfg.train_splits:

@@ -51,7 +51,10 @@ def _converter(tp: Any):
     base, optional = _unwrap_optional(tp)
 
     def convert(value: Any) -> Any:
-        if optional and (value is None or (isinstance(value, str) and value.lower() in {"none", "null"})):
+        if optional and value is None:
+            return None
+        # "none" is a word for "unset" only where it cannot be a real value: --prompt none is a template.
+        if optional and base is not str and isinstance(value, str) and value.lower() in {"none", "null"}:
             return None
         if base is bool:
             return strict_bool(value)
@@ -121,8 +124,8 @@ def build_parser(cls: type, prog: str, description: str) -> argparse.ArgumentPar
         else:
             kwargs.update(type=_named(_converter(hints[f.name]), hints[f.name]))
             base, _ = _unwrap_optional(hints[f.name])
-            if base is bool:
-                kwargs["metavar"] = "{true,false}"
+            if base is bool:  # --flag alone means true; --flag false means false; anything else is an error
+                kwargs.update(metavar="{true,false}", nargs="?", const=True)
         if choices:
             kwargs["choices"] = choices
         parser.add_argument(f"--{f.name}", **kwargs)

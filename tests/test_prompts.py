@@ -1,0 +1,51 @@
+import pytest
+
+from qlora_cls.errors import UsageError
+from qlora_cls.prompts import available_templates, load_template, parse_template
+
+ROW = {"sentence1": "A cat sat.", "sentence2": "A cat was sitting.", "label": 1}
+
+
+def test_reference_templates_render_exactly():
+    assert set(available_templates()) >= {"none", "perfect", "conflicting", "insufficient"}
+    assert load_template("none").render(ROW) == "Sentence 1: A cat sat. Sentence 2: A cat was sitting."
+    assert load_template("perfect").render(ROW) == (
+        "Does sentence 1 mean the same as sentence 2? Sentence 1: A cat sat. Sentence 2: A cat was sitting.")
+    assert load_template("conflicting").render(ROW).startswith("Bob sent a message to Alice, which one is better? S")
+    assert load_template("insufficient").render(ROW).startswith("Cut the crap, what's your GPA? Sentence 1:")
+
+
+def test_empty_prompt_leaves_no_stray_space():
+    text = load_template("none").render(ROW)
+    assert text == text.strip() and "  " not in text
+
+
+def test_template_from_path(tmp_path):
+    p = tmp_path / "mine.txt"
+    p.write_text("Q: {sentence1} | {sentence2}\n")
+    t = load_template(str(p))
+    assert t.name == "mine" and t.render(ROW) == "Q: A cat sat. | A cat was sitting."
+
+
+@pytest.mark.parametrize("text", ["{sentence1.__class__}", "{sentence1[0]}", "{sentence1!r}", "{sentence1:>10}", "{}"])
+def test_unsafe_fields_rejected(text):
+    with pytest.raises(UsageError, match="not allowed"):
+        parse_template("evil", text)
+
+
+def test_missing_field_names_template_field_and_columns():
+    t = parse_template("t", "{question} {sentence2}")
+    with pytest.raises(UsageError) as exc:
+        t.check_columns(["sentence1", "sentence2", "label"])
+    msg = str(exc.value)
+    assert "'t'" in msg and "question" in msg and "sentence1, sentence2, label" in msg
+
+
+def test_unknown_prompt_lists_valid_ones():
+    with pytest.raises(UsageError) as exc:
+        load_template("nonexistent")
+    assert "perfect" in str(exc.value) and "none" in str(exc.value)
+
+
+def test_literal_braces():
+    assert parse_template("b", "{{x}} {sentence1}").render(ROW) == "{x} A cat sat."
