@@ -46,7 +46,6 @@ def main(argv: Optional[Sequence[str]] = None) -> Optional[dict]:
 
 
 def train(cfg: TrainConfig) -> Optional[dict]:
-    import numpy as np
     import torch
     from accelerate import Accelerator
     from accelerate.utils import ProjectConfiguration
@@ -57,9 +56,9 @@ def train(cfg: TrainConfig) -> Optional[dict]:
     import utils
     from qlora_cls import checkpoint
     from qlora_cls.batching import DatasetTooSmall, padding_efficiency, train_batches
-    from qlora_cls.data import DataSource, check_trainable, has_labels
+    from qlora_cls.data import DataSource, check_trainable
     from qlora_cls.evaluation import predict, prediction_table
-    from qlora_cls.files import append_jsonl, atomic_dir, atomic_write_csv, atomic_write_json, atomic_write_text
+    from qlora_cls.files import append_jsonl, atomic_write_csv, atomic_write_json, atomic_write_text
     from qlora_cls.metrics import compute_metrics
     from qlora_cls.modeling import lora_config, meta_model, check_target_modules, parameter_counts, quantization_config
     from qlora_cls.pipeline import build_model, check_model_paths, prepare_data, tokenizer_for
@@ -85,17 +84,12 @@ def train(cfg: TrainConfig) -> Optional[dict]:
     splits = list(dict.fromkeys(cfg.train_splits + [eval_split]))
     data = prepare_data(source, template, tokenizer, splits, cfg.max_length,
                         {s: cfg.max_train_samples for s in cfg.train_splits} | {eval_split: cfg.max_eval_samples},
-                        accelerator, check_only=cfg.dry_run)
+                        accelerator)
     spec, label_names = data.task.spec, data.task.label_names
     for s in cfg.train_splits:
         check_trainable(data.task.splits[s], s, cfg.label_column)
     arch = meta_model(model_path, spec.num_labels, cfg.trust_remote_code)
     check_target_modules(arch, list(cfg.target_modules))
-    if cfg.dry_run:
-        from qlora_cls.memory import estimate, format_estimate
-        if accelerator.is_main_process:
-            print(format_estimate(estimate(cfg, arch, accelerator.num_processes, data.task)))
-        return None
     del arch
 
     run_dir = _results_dir(cfg, template.name, accelerator, broadcast_object_list)
@@ -127,8 +121,6 @@ def train(cfg: TrainConfig) -> Optional[dict]:
     # step it once per process, which makes warm-up and decay depend on the process count.
     scheduler = get_linear_schedule_with_warmup(optimizer, warmup_steps, total_steps)
     model, optimizer = accelerator.prepare(model, optimizer)
-    if cfg.torch_compile:
-        model = torch.compile(model)
 
     # -- 4. The run folder: settings first, so a crashed run still says what it was. -----------------
     records = {
@@ -253,6 +245,10 @@ def train(cfg: TrainConfig) -> Optional[dict]:
 
     # -- 7. Final outputs: adapter/ (final weights) with its metrics and predictions. ------------------
     _save_adapter(accelerator, model, run_dir / "adapter", zero3)
+    if os.environ.get("QLORA_DEBUG_RANK_FILES"):  # test hook: every process's final trainable weights
+        from safetensors.torch import save_file
+        save_file(checkpoint.trainable_state(accelerator.unwrap_model(model)),
+                  Path(os.environ["QLORA_DEBUG_RANK_FILES"]) / f"rank{rank}.safetensors")
     final = progress["history"][-1]
     best = progress["best"]
     summary = {

@@ -95,8 +95,6 @@ class TrainConfig:
     keep_checkpoints: int = field(default=1, metadata=_help("how many of the newest checkpoints to keep"))
     resume: bool = field(default=False, metadata=_help("continue an unfinished run in --results_path from its last checkpoint"))
     skip_nonfinite: bool = field(default=False, metadata=_help("skip optimizer steps whose loss is NaN/inf instead of stopping"))
-    dry_run: bool = field(default=False, metadata=_help("print parameter and memory estimates without loading weights, then exit"))
-    torch_compile: bool = field(default=False, metadata=_help("torch.compile the model (experimental)"))
 
     def __post_init__(self) -> None:
         checks = [

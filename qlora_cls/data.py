@@ -98,7 +98,7 @@ def load_task_data(source: DataSource, splits: Sequence[str]) -> TaskData:
         if not spec.is_regression and label_names is None:
             label_names = [str(i) for i in range(spec.num_labels)]
     for split in splits:
-        _check_split(raw[split], split, spec, source.label_column, label_names, training=False)
+        _check_split(raw[split], split, spec, source.label_column, label_names)
     return TaskData(spec=spec, label_names=label_names, splits={s: raw[s] for s in splits})
 
 
@@ -112,7 +112,7 @@ def _infer_label_names(ds, label_column: str) -> Optional[list[str]]:
     return None  # real-valued labels: regression
 
 
-def _check_split(ds, split: str, spec: TaskSpec, label_column: str, label_names, training: bool) -> None:
+def _check_split(ds, split: str, spec: TaskSpec, label_column: str, label_names) -> None:
     columns = ds.column_names
     needed = list(spec.text_columns) + [label_column]
     absent = [c for c in needed if c not in columns]

@@ -38,14 +38,12 @@ def select(ds, n: Optional[int]):
 
 
 def prepare_data(source: DataSource, template: Template, tokenizer, splits: Sequence[str], max_length: int,
-                 max_samples: dict[str, Optional[int]], accelerator, check_only: bool = False) -> PreparedData:
+                 max_samples: dict[str, Optional[int]], accelerator) -> PreparedData:
     """Load and check the splits; tokenize each once (main process first, so the others hit the cache)."""
     with accelerator.main_process_first():
         task = load_task_data(source, list(splits))
         for ds in task.splits.values():
             template.check_columns(ds.column_names)
-        if check_only:
-            return PreparedData(task, {}, False)
         batchers = {}
         pad_hit = False
         for split in splits:

@@ -22,7 +22,8 @@ def main(argv=None):
     args = parser.parse_args(argv)
     run = REPO / "results" / f"demo-{datetime.now():%Y%m%d-%H%M%S}"
     ft.main(["--dataset", args.dataset, "--results_path", str(run), "--max_steps", str(args.steps),
-             "--max_eval_samples", "200", "--log_every", "5", "--prompt", "perfect"])
+             "--max_eval_samples", "200", "--log_every", "5", "--prompt", "perfect",
+             "--gradient_checkpointing", "false"])  # plenty of memory here; recomputation only costs time
     evaluate_cli.main(["--results_path", str(run), "--split", "test", "--max_eval_samples", "200"])
     evaluate_cli.main(["--results_path", str(run), "--split", "test", "--max_eval_samples", "200", "--base_only"])
     print(f"\nresults folder: {run}\nTensorBoard:    {REPO / '.venv/bin/tensorboard'} --logdir {run / 'tensorboard'}")

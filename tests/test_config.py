@@ -105,4 +105,12 @@ def test_compute_dtype_auto_resolves_per_device():
 
 def test_bare_boolean_flag_means_true():
     assert parse(["--resume", "--load_in_4bit", "false"]).resume is True
-    assert parse(["--dry_run"]).dry_run is True
+    assert parse(["--skip_nonfinite"]).skip_nonfinite is True
+
+
+def test_shipped_accelerate_config_parses():
+    from pathlib import Path
+
+    from accelerate.commands.config.config_args import ClusterConfig
+    cfg = ClusterConfig.from_yaml_file(str(Path(__file__).resolve().parent.parent / "accelerate_config.yaml"))
+    assert str(cfg.distributed_type).endswith("MULTI_GPU") and cfg.num_processes > 1
