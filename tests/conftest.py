@@ -16,7 +16,8 @@ sys.path.insert(0, str(REPO))
 os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
 os.environ.setdefault("HF_HUB_DISABLE_TELEMETRY", "1")
 
-MRPC = os.environ.get("QLORA_TEST_DATASET", str(REPO.parent / "shared" / "data" / "glue"))
+# Absolute: some tests run the entry points as subprocesses in another working directory.
+MRPC = str(Path(os.environ.get("QLORA_TEST_DATASET", REPO.parent / "shared" / "data" / "glue")).resolve())
 
 
 def build_tiny_model(out: Path, seed: int = 0) -> Path:

@@ -14,7 +14,8 @@ def test_two_process_run(tiny_model, mrpc, tmp_path):
            "--num_machines", "1", "--mixed_precision", "no", "--dynamo_backend", "no", str(REPO / "ft.py"),
            *tiny_args(tiny_model, mrpc, run, "--max_eval_samples", "37", "--max_steps", "3")]
     proc = subprocess.run(cmd, cwd=tmp_path, env=env, capture_output=True, text=True, timeout=600)
-    assert proc.returncode == 0, proc.stderr[-3000:]
+    errors = [line for line in proc.stderr.splitlines() if "error" in line.lower()]
+    assert proc.returncode == 0, "\n".join(errors[:5]) + proc.stderr[-2000:]
     cfg = json.loads((run / "config.json").read_text())
     assert cfg["environment"]["world_size"] == 2
     rows = (run / "predictions_validation.csv").read_text().splitlines()[1:]
