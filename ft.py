@@ -106,7 +106,7 @@ def train(cfg: TrainConfig) -> Optional[dict]:
     except DatasetTooSmall as exc:
         raise UsageError(f"training data too small: {exc}")
     steps_per_epoch = batches_per_epoch // accum
-    total_steps = min(cfg.epochs * steps_per_epoch, cfg.max_steps or math.inf)
+    total_steps = cfg.max_steps or cfg.epochs * steps_per_epoch  # --max_steps overrides --epochs
     epochs = math.ceil(total_steps / steps_per_epoch)
     warmup_steps = math.ceil(cfg.warmup_ratio * total_steps)
 

@@ -82,7 +82,7 @@ class TrainConfig:
     eval_batch_size: int = field(default=32, metadata=_help("evaluation examples per process per forward"))
     gradient_accumulation_steps: int = field(default=1, metadata=_help("micro-steps per optimizer step"))
     epochs: int = field(default=2, metadata=_help("passes over the training data"))
-    max_steps: Optional[int] = field(default=None, metadata=_help("stop after this many optimizer steps (overrides epochs)"))
+    max_steps: Optional[int] = field(default=None, metadata=_help("train for exactly this many optimizer steps (overrides epochs)"))
     mixed_precision: Optional[str] = field(default=None, metadata=_help(
         "autocast precision; none = what accelerate launch was configured with", choices=MIXED_PRECISION))
     seed: int = field(default=42, metadata=_help("seed of weights init, dropout and data order"))
