@@ -7,7 +7,7 @@ STAMP := $(VENV)/.setup-done
 DATASET ?= $(if $(wildcard ../shared/data/glue),../shared/data/glue,nyu-mll/glue)
 export QLORA_TEST_DATASET := $(DATASET)
 
-.PHONY: setup demo test bench clean
+.PHONY: setup demo test clean
 
 setup: $(STAMP)
 	@$(PY) -c "from qlora_cls.modeling import embedded_model_dir; print('embedded model:', embedded_model_dir())"
@@ -27,9 +27,6 @@ demo: setup
 
 test: setup
 	$(PY) -m pytest -q tests
-
-bench: setup
-	$(PY) bench/bench.py --dataset $(DATASET) $(if $(BENCH_STEPS),--steps $(BENCH_STEPS),)
 
 clean:
 	rm -rf $(VENV) .pytest_cache
