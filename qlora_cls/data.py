@@ -137,10 +137,6 @@ def check_trainable(ds, split: str, label_column: str) -> None:
         raise UsageError(f"split {split!r} has hidden labels (-1) and cannot be trained on")
 
 
-def has_labels(ds) -> bool:
-    return bool((np.asarray(ds["labels"], dtype=np.float64) != HIDDEN_LABEL).any())
-
-
 def tokenize(ds, template: Template, tokenizer, label_column: str, max_length: int, is_regression: bool):
     """Render the template and tokenize once; the result keeps only what batches need."""
     template.check_columns(ds.column_names)
