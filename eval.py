@@ -92,12 +92,11 @@ def evaluate_run(ecfg: EvalConfig) -> Optional[dict]:
     batch_size = ecfg.eval_batch_size or cfg.eval_batch_size
     logits, stats = predict(model, batcher, batch_size, accelerator)
 
-    labelled = bool((batcher.labels.numpy() != -1).any())
-    scores = compute_metrics(spec, logits, batcher.labels.numpy()) if labelled else {}
+    scores = compute_metrics(spec, logits, batcher.labels.numpy())  # {} when every label is hidden (-1)
     result = {"split": ecfg.split, "prompt": template.name, "adapter": None if ecfg.base_only else ecfg.adapter,
               "base_only": ecfg.base_only, "examples": len(batcher), "eval_batch_size": batch_size,
               "metrics": scores, **stats}
-    if not labelled:
+    if not scores:
         result["note"] = f"split {ecfg.split!r} has hidden labels (-1): predictions written, no score"
         log.info(result["note"])
     if accelerator.is_main_process:
