@@ -9,6 +9,7 @@ evaluation after each epoch, and leave a self-describing results folder (see REA
 from __future__ import annotations
 
 import contextlib
+import errno
 import logging
 import math
 import os
@@ -26,6 +27,7 @@ from qlora_cls.errors import UsageError
 
 log = logging.getLogger("ft")
 RESULTS_DIR = Path(__file__).resolve().parent / "results"
+WRITE_ERRORS = (errno.ENOSPC, errno.EDQUOT, errno.EACCES, errno.EROFS, errno.EPERM)
 
 
 def main(argv: Optional[Sequence[str]] = None) -> Optional[dict]:
@@ -43,6 +45,16 @@ def main(argv: Optional[Sequence[str]] = None) -> Optional[dict]:
     except UsageError as exc:
         sys.stderr.write(f"ft.py: error: {exc}\n")
         raise SystemExit(2)
+    except FloatingPointError as exc:
+        sys.stderr.write(f"ft.py: error: {exc}\n")
+        raise SystemExit(1)
+    except OSError as exc:
+        if exc.errno not in WRITE_ERRORS:
+            raise
+        # A full disk or a read-only folder: atomic writes left no truncated file behind (files.py).
+        sys.stderr.write(f"ft.py: error: cannot write {exc.filename or 'the results folder'}: {exc.strerror}; "
+                         f"free space or choose a writable --results_path, then rerun with --resume\n")
+        raise SystemExit(1)
 
 
 def train(cfg: TrainConfig) -> Optional[dict]:
@@ -93,6 +105,8 @@ def train(cfg: TrainConfig) -> Optional[dict]:
     del arch
 
     run_dir = _results_dir(cfg, template.name, accelerator, broadcast_object_list)
+    if cfg.resume:
+        checkpoint.check_resumable(run_dir, asdict(cfg))
     resuming = cfg.resume and bool(checkpoint.checkpoints(run_dir))
     set_seed(cfg.seed)
 
@@ -153,6 +167,9 @@ def train(cfg: TrainConfig) -> Optional[dict]:
         last = checkpoint.checkpoints(run_dir)[-1]
         progress = checkpoint.load(accelerator, last, model, optimizer, scheduler)
         log.info("resumed from %s (step %d)", last.name, progress["global_step"])
+    if accelerator.is_main_process and cfg.resume:
+        # Steps logged after the checkpoint are trained again: drop their lines so each step appears once.
+        checkpoint.truncate_log(run_dir / "train_log.jsonl", progress["global_step"])
     stop = _StopFlag()
 
     # -- 6. Train. -----------------------------------------------------------------------------------
@@ -178,15 +195,18 @@ def train(cfg: TrainConfig) -> Optional[dict]:
                 accelerator.backward(loss)
                 window.add(loss.detach(), int(batch["attention_mask"].sum()), len(batches[i]))
                 if accelerator.sync_gradients:
-                    grad_norm = accelerator.clip_grad_norm_(trainable, cfg.max_grad_norm or float("inf"))
+                    # Under DeepSpeed the engine clips and steps inside backward() (the optimizer calls
+                    # below are no-ops) and this returns the norm of the step it just took, as a float.
+                    grad_norm = torch.as_tensor(
+                        accelerator.clip_grad_norm_(trainable, cfg.max_grad_norm or float("inf")) or 0.0)
                     # One host sync per optimizer step (not per micro-batch): a non-finite step must be
                     # caught before it reaches the weights.
                     if not torch.isfinite(grad_norm):
                         if not cfg.skip_nonfinite:
                             raise FloatingPointError(
                                 f"non-finite loss/gradient at optimizer step {global_step + 1} (epoch {epoch}); "
-                                f"last good checkpoint kept in {run_dir / checkpoint.DIR}; rerun with a lower --lr "
-                                f"or --skip_nonfinite")
+                                f"stopped; the last good checkpoint is kept in {run_dir / checkpoint.DIR}; "
+                                f"rerun with a lower --lr, or --skip_nonfinite to skip such steps")
                         progress["skipped_steps"] += 1
                         optimizer.zero_grad(set_to_none=True)
                         window.grad_norms.clear()

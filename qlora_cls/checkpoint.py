@@ -3,14 +3,20 @@
 A checkpoint folder holds the trainable weights (LoRA + head, safetensors), optimizer and scheduler
 state (8-bit state included), every process's RNG state and the progress (epoch, micro-batch
 position, step, metrics so far). It is written under a temporary name and renamed into place, so it
-is either complete or absent. Only the main process writes; the RNG states of all processes are
-gathered to it first. Loading uses ``torch.load(weights_only=True)``: no pickled code runs.
+is either complete or absent. The main process writes; the RNG states of all processes are gathered
+to it first. Loading uses ``torch.load(weights_only=True)``: no pickled code runs.
+
+Under DeepSpeed the engine holds the fp32 master weights and optimizer state (sharded under ZeRO), so
+every process also writes its part with the engine's ``save_checkpoint`` (frozen weights excluded);
+DeepSpeed loads those files with its own (pickle-based) loader.
 """
 from __future__ import annotations
 
 import json
+import os
 import random
 import shutil
+import tempfile
 from pathlib import Path
 from typing import Any
 
@@ -50,35 +56,97 @@ def checkpoints(run_dir: Path) -> list[Path]:
     return sorted(p for p in root.glob(f"{PREFIX}*") if (p / "progress.json").is_file()) if root.is_dir() else []
 
 
+# Fields that may change between the interrupted command and the resuming one: they do not change
+# what is computed. Anything else differing would silently mix two experiments in one folder.
+RESUME_MAY_CHANGE = ("resume", "log_every", "checkpoint_every", "keep_checkpoints", "eval_batch_size")
+
+
+def check_resumable(run_dir: Path, config: dict) -> None:
+    """Refuse to resume a finished run, or one started with different settings."""
+    from .errors import UsageError
+    run_dir = Path(run_dir)
+    if (run_dir / "metrics.json").is_file():
+        raise UsageError(f"--resume: {run_dir} already finished (metrics.json exists); nothing to resume")
+    saved = json.loads((run_dir / "config.json").read_text())["config"]
+    differ = sorted(k for k in set(saved) | set(config)
+                    if k not in RESUME_MAY_CHANGE and saved.get(k) != config.get(k))
+    if differ:
+        detail = ", ".join(f"--{k} {saved.get(k)!r} -> {config.get(k)!r}" for k in differ[:4])
+        raise UsageError(f"--resume: {run_dir} was started with other settings ({detail}); resume with the "
+                         f"original flags (see its config.json) or start a new --results_path")
+
+
+def truncate_log(path: Path, step: int) -> None:
+    """Keep the log lines of steps up to ``step`` (those after it will be trained and logged again)."""
+    from .files import atomic_write_text
+    path = Path(path)
+    if not path.is_file():
+        return
+    lines = [line for line in path.read_text().splitlines() if line.strip()]
+    kept = [line for line in lines if json.loads(line)["step"] <= step]
+    if len(kept) != len(lines):
+        atomic_write_text(path, "".join(line + "\n" for line in kept))
+
+
+def _is_deepspeed(accelerator) -> bool:
+    return "DEEPSPEED" in str(accelerator.distributed_type)
+
+
 def trainable_state(model) -> dict[str, torch.Tensor]:
     return {n: p.detach().to("cpu", copy=True).contiguous() for n, p in model.named_parameters() if p.requires_grad}
 
 
 def save(accelerator, run_dir: Path, model, optimizer, scheduler, progress: dict, keep: int) -> Path | None:
     """Collective: every process calls it; the main process writes."""
-    from .files import atomic_dir, atomic_write_json
+    from .files import atomic_write_json
+    from accelerate.utils import broadcast_object_list
     rngs = accelerator.gather_for_metrics([_rng_state()], use_gather_object=True)
-    weights = trainable_state(accelerator.unwrap_model(model))
-    path = None
+    deepspeed = _is_deepspeed(accelerator)
+    root = Path(run_dir) / DIR
+    path = root / f"{PREFIX}{progress['global_step']:08d}"
+    tmp = None
     if accelerator.is_main_process:
-        root = Path(run_dir) / DIR
         root.mkdir(exist_ok=True)
-        path = root / f"{PREFIX}{progress['global_step']:08d}"
-        with atomic_dir(path) as tmp:
+        tmp = Path(tempfile.mkdtemp(prefix=f".{path.name}.", suffix=".tmp", dir=root))
+    tmp = Path(broadcast_object_list([str(tmp)])[0])
+    try:
+        if deepspeed:
+            # The engine owns the (possibly sharded) fp32 master weights and optimizer state: every
+            # process writes its shard. Frozen 4-bit weights are not saved: they come from the base model.
+            model.save_checkpoint(str(tmp), tag="engine", exclude_frozen_parameters=True)
+        weights = trainable_state(accelerator.unwrap_model(model))
+        if accelerator.is_main_process:
             save_file(weights, tmp / "trainable.safetensors")
-            torch.save(optimizer.state_dict(), tmp / "optimizer.pt")
+            if not deepspeed:
+                torch.save(optimizer.state_dict(), tmp / "optimizer.pt")
             torch.save(scheduler.state_dict(), tmp / "scheduler.pt")
             torch.save(rngs, tmp / "rng.pt")
             atomic_write_json(tmp / "progress.json", progress)  # last: its presence marks completeness
+        accelerator.wait_for_everyone()
+    except BaseException:
+        if accelerator.is_main_process:
+            shutil.rmtree(tmp, ignore_errors=True)
+        raise
+    if accelerator.is_main_process:
+        old = None
+        if path.exists():  # the same step saved again (a checkpoint step that is also an epoch end)
+            old = path.with_name(f".{path.name}.old")
+            os.replace(path, old)
+        os.replace(tmp, path)
+        if old is not None:
+            shutil.rmtree(old, ignore_errors=True)
         for old in checkpoints(run_dir)[:-keep]:
             shutil.rmtree(old, ignore_errors=True)
     accelerator.wait_for_everyone()
-    return path
+    return path if accelerator.is_main_process else None
 
 
 def load(accelerator, path: Path, model, optimizer, scheduler) -> dict:
     """Restore weights, optimizer, scheduler and this process's RNG; return the saved progress."""
     progress = json.loads((path / "progress.json").read_text())
+    if _is_deepspeed(accelerator):
+        # DeepSpeed's own loader (it unpickles its files: only load checkpoints you wrote yourself).
+        model.load_checkpoint(str(path), tag="engine", load_module_strict=False, load_lr_scheduler_states=False)
     weights = load_file(path / "trainable.safetensors")
     params = dict(accelerator.unwrap_model(model).named_parameters())
     missing = [n for n in weights if n not in params]
@@ -87,7 +155,8 @@ def load(accelerator, path: Path, model, optimizer, scheduler) -> dict:
     with torch.no_grad():
         for name, value in weights.items():
             params[name].copy_(value.to(params[name].device, params[name].dtype))
-    optimizer.load_state_dict(torch.load(path / "optimizer.pt", map_location="cpu", weights_only=True))
+    if not _is_deepspeed(accelerator):
+        optimizer.load_state_dict(torch.load(path / "optimizer.pt", map_location="cpu", weights_only=True))
     scheduler.load_state_dict(torch.load(path / "scheduler.pt", weights_only=True))
     rngs = torch.load(path / "rng.pt", weights_only=True)
     if len(rngs) != accelerator.num_processes:

@@ -79,6 +79,9 @@ class TrainConfig:
     warmup_ratio: float = field(default=0.06, metadata=_help("fraction of optimizer steps of linear warm-up"))
     max_grad_norm: float = field(default=1.0, metadata=_help("clip the gradient norm to this; 0 = no clipping"))
     batch_size: int = field(default=8, metadata=_help("training examples per process per micro-step"))
+    global_batch_size: Optional[int] = field(default=None, metadata=_help(
+        "examples per optimizer step over all processes; sets --batch_size to it / (processes x accumulation), "
+        "which must divide it; none = batch_size x processes x accumulation"))
     eval_batch_size: int = field(default=32, metadata=_help("evaluation examples per process per forward"))
     gradient_accumulation_steps: int = field(default=1, metadata=_help("micro-steps per optimizer step"))
     epochs: int = field(default=2, metadata=_help("passes over the training data"))
@@ -106,6 +109,8 @@ class TrainConfig:
             (0 <= self.warmup_ratio < 1, f"--warmup_ratio must be in [0, 1), got {self.warmup_ratio}"),
             (self.max_grad_norm >= 0, f"--max_grad_norm must be >= 0, got {self.max_grad_norm}"),
             (self.batch_size > 0, f"--batch_size must be > 0, got {self.batch_size}"),
+            (self.global_batch_size is None or self.global_batch_size > 0,
+             f"--global_batch_size must be > 0, got {self.global_batch_size}"),
             (self.eval_batch_size > 0, f"--eval_batch_size must be > 0, got {self.eval_batch_size}"),
             (self.gradient_accumulation_steps > 0,
              f"--gradient_accumulation_steps must be > 0, got {self.gradient_accumulation_steps}"),

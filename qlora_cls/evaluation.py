@@ -13,6 +13,7 @@ import torch
 
 from .batching import eval_batches, padding_efficiency
 from .data import Batcher
+from .preflight import zero_stage
 from .tasks import TaskSpec
 
 
@@ -25,11 +26,20 @@ def predict(model, batcher: Batcher, batch_size: int, accelerator) -> tuple[np.n
     start = time.perf_counter()
     rows: list[int] = []
     outputs: list[torch.Tensor] = []
-    for batch_rows in batches:
+    # Under ZeRO-3 every forward gathers the sharded weights collectively, so all processes must run
+    # the same number of forwards: a process with fewer batches repeats one and discards the output.
+    padded = list(batches)
+    if zero_stage(accelerator) == 3 and accelerator.num_processes > 1:
+        most = max(len(eval_batches(batcher.lengths, batch_size, accelerator.num_processes, r))
+                   for r in range(accelerator.num_processes))
+        padded += [batches[0] if batches else [0]] * (most - len(batches))
+    for i, batch_rows in enumerate(padded):
         batch = batcher(batch_rows)
         with accelerator.autocast():
             logits = model(input_ids=batch["input_ids"].to(accelerator.device),
                            attention_mask=batch["attention_mask"].to(accelerator.device)).logits
+        if i >= len(batches):
+            continue
         outputs.append(logits.float())
         rows.extend(batch_rows)
     local = torch.cat(outputs).cpu().numpy() if outputs else np.zeros((0, 0), dtype=np.float32)

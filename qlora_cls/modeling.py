@@ -126,9 +126,17 @@ def meta_model(model_path: str, num_labels: int, trust_remote_code: bool = False
     """The architecture on the meta device: shapes and names without reading any weights."""
     from accelerate import init_empty_weights
     from transformers import AutoConfig, AutoModelForSequenceClassification
+    from transformers.integrations import deepspeed as hf_deepspeed
     config = AutoConfig.from_pretrained(model_path, num_labels=num_labels, trust_remote_code=trust_remote_code)
-    with init_empty_weights():
-        return AutoModelForSequenceClassification.from_config(config, trust_remote_code=trust_remote_code)
+    # Under a ZeRO-3 launch transformers would build this inside deepspeed.zero.Init, which cannot
+    # partition meta tensors; switched off here as accelerate's zero3_init_context_manager(False) does.
+    saved = hf_deepspeed._hf_deepspeed_config_weak_ref
+    hf_deepspeed._hf_deepspeed_config_weak_ref = None
+    try:
+        with init_empty_weights():
+            return AutoModelForSequenceClassification.from_config(config, trust_remote_code=trust_remote_code)
+    finally:
+        hf_deepspeed._hf_deepspeed_config_weak_ref = saved
 
 
 def disable_cpu_weight_repacking(model) -> int:

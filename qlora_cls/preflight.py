@@ -6,6 +6,7 @@ model is placed by DeepSpeed, not by a per-process device map).
 from __future__ import annotations
 
 import logging
+import os
 
 import torch
 
@@ -25,6 +26,13 @@ def zero_stage(accelerator) -> int:
 
 def preflight(cfg, accelerator) -> bool:
     dist = str(accelerator.distributed_type)
+    launched = int(os.environ.get("WORLD_SIZE", accelerator.num_processes))
+    if launched != accelerator.num_processes:
+        # e.g. DeepSpeed with several processes on a machine without GPUs: accelerate then sets every
+        # process up as a world of one, and each would train its own copy while the engine expects N.
+        raise UsageError(f"the launcher started {launched} processes but accelerate set up {accelerator.num_processes} "
+                         f"({dist}); several processes without GPUs need DDP (ACCELERATE_USE_CPU=1 accelerate launch "
+                         f"--multi_gpu ...), DeepSpeed needs GPUs or a single process")
     stage = zero_stage(accelerator)
     zero3 = stage == 3
     if "FSDP" in dist and cfg.optim.endswith("8bit"):
@@ -48,7 +56,17 @@ def preflight(cfg, accelerator) -> bool:
             accelerator.state.local_process_index >= torch.cuda.device_count():
         raise UsageError(f"{accelerator.num_processes} processes but only {torch.cuda.device_count()} GPUs on this "
                          f"machine; launch with --num_processes {torch.cuda.device_count()} per machine")
+    if cfg.global_batch_size is not None:
+        per_step = accelerator.num_processes * cfg.gradient_accumulation_steps
+        if cfg.global_batch_size % per_step:
+            raise UsageError(f"--global_batch_size {cfg.global_batch_size} does not divide by {accelerator.num_processes} "
+                             f"processes x {cfg.gradient_accumulation_steps} accumulation steps = {per_step}; use a "
+                             f"multiple of {per_step} or change --gradient_accumulation_steps")
+        cfg.batch_size = cfg.global_batch_size // per_step
     plugin = _deepspeed_plugin(accelerator)
+    if plugin is not None and cfg.skip_nonfinite:
+        raise UsageError("--skip_nonfinite does not work under DeepSpeed: its engine takes the optimizer step inside "
+                         "backward, before the loop can skip it; drop the flag (a non-finite step then stops the run)")
     if plugin is not None:
         _fill_deepspeed_auto(cfg, plugin, accelerator.num_processes)
     return zero3
