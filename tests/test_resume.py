@@ -54,9 +54,10 @@ def _kill_all(marker: str) -> None:
                 pass
 
 
-def _start_and_kill(cmd, cwd, run: Path, after_step: int) -> None:
+def _start_and_kill(cmd, cwd, run: Path, after_step: int, env=None) -> None:
     """Start a run and SIGKILL it (all its processes) once a checkpoint at or after ``after_step`` exists."""
-    proc = subprocess.Popen(cmd, cwd=cwd, env=_env(), stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
+    proc = subprocess.Popen(cmd, cwd=cwd, env=env or _env(), stdout=subprocess.DEVNULL, stderr=subprocess.PIPE,
+                            text=True)
     deadline = time.time() + 600
     while time.time() < deadline and proc.poll() is None:
         steps = _checkpoint_steps(run) if (run / "checkpoints").is_dir() else []
