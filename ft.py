@@ -92,6 +92,13 @@ def train(cfg: TrainConfig) -> Optional[dict]:
     check_target_modules(arch, list(cfg.target_modules))
     del arch
 
+    # Final protocol: with the validation split trained on, the only held-out split is the test set, and
+    # picking an epoch on it would tune on test data: adapter/ is the last epoch and nothing is selected.
+    select_best = not cfg.trains_on_eval_data
+    if not select_best:
+        log.info("no best-epoch selection: --train_splits %s leaves no held-out validation split (choosing an "
+                 "epoch on %s would select on test data); adapter/ holds the last epoch",
+                 " ".join(cfg.train_splits), eval_split)
     run_dir = _results_dir(cfg, template.name, accelerator, broadcast_object_list)
     resuming = cfg.resume and bool(checkpoint.checkpoints(run_dir))
     set_seed(cfg.seed)
@@ -231,7 +238,7 @@ def train(cfg: TrainConfig) -> Optional[dict]:
             log.info("epoch %d: %s", epoch, ", ".join(f"{k}={scores[k]:.4f}" for k in spec.metrics))
         elif accelerator.is_main_process:
             log.info("epoch %d: %s has hidden labels: predictions written, no score", epoch, eval_split)
-        is_best = bool(scores) and (progress["best"] is None or scores[spec.main_metric] > progress["best"]["score"])
+        is_best = select_best and bool(scores) and (progress["best"] is None or scores[spec.main_metric] > progress["best"]["score"])
         if is_best:
             progress["best"] = {"epoch": epoch, "step": global_step, "score": scores[spec.main_metric]}
             _save_adapter(accelerator, model, run_dir / "adapter_best", zero3)
