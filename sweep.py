@@ -89,6 +89,7 @@ def run_sweep(argv: Optional[Sequence[str]]) -> int:
         return 0
     manifest = sweeps.Manifest.open(sweep_dir, grid, pts, configs, opts.eval_prompts)
     with manifest.lock():
+        manifest.check_orphans()
         return Sweep(manifest, grid, pts, opts).run()
 
 
@@ -118,7 +119,7 @@ class Sweep:
             except ProcessLookupError:
                 pass
 
-    def _launch(self, script: str, args: list[str], log_path: Path) -> tuple[int, str]:
+    def _launch(self, script: str, args: list[str], log_path: Path, point: Optional[str] = None) -> tuple[int, str]:
         """Run one child in its own process group (so Ctrl-C reaches it only through us); output to log_path."""
         log_path.parent.mkdir(parents=True, exist_ok=True)
         with open(log_path, "a", encoding="utf-8") as out:
@@ -128,6 +129,8 @@ class Sweep:
             env = dict(os.environ, PYTHONUNBUFFERED="1")
             self.proc = subprocess.Popen(self._command(script, args), cwd=REPO, stdout=out, stderr=subprocess.STDOUT,
                                          stdin=subprocess.DEVNULL, env=env, start_new_session=True)
+            if point:  # lets a later sweep see that this point is still running if we get SIGKILLed
+                self.manifest.update(point, process_group=self.proc.pid)
             code = self.proc.wait()
             _wait_for_group(self.proc.pid)  # launcher gone; its workers may still be writing a checkpoint
             self.proc = None
@@ -183,7 +186,7 @@ class Sweep:
         print(f"[{i}/{total}] {p.name}: {'resuming' if resume else 'training'} ...", flush=True)
         m.update(p.name, status="running", started=_now())
         started = time.perf_counter()
-        code, tail = self._launch("ft.py", args, self.dir / "logs" / f"{p.name}.log")
+        code, tail = self._launch("ft.py", args, self.dir / "logs" / f"{p.name}.log", point=p.name)
         seconds = round(time.perf_counter() - started, 1)
         if code == 0 and (run_dir / "metrics.json").is_file():
             final = read_json(run_dir / "metrics.json").get("final", {})

@@ -304,6 +304,20 @@ class Manifest:
                 yield
         return held()
 
+    def check_orphans(self) -> None:
+        """A sweep killed with SIGKILL leaves its running point behind (it has its own process group, so
+        Ctrl-C reaches it only through the sweep); training it twice at once would corrupt its folder."""
+        import os
+        for name, p in self.data["points"].items():
+            pgid = p.get("process_group")
+            if p.get("status") == "running" and pgid:
+                try:
+                    os.killpg(pgid, 0)
+                except (ProcessLookupError, PermissionError):
+                    continue
+                raise UsageError(f"point {name} is still running (process group {pgid}) from an earlier sweep "
+                                 f"that was killed; wait for it or stop it (kill -TERM -{pgid}), then re-run")
+
     def save(self) -> None:
         from datetime import datetime
         from .files import atomic_write_json
@@ -315,6 +329,8 @@ class Manifest:
 
     def update(self, name: str, **fields) -> None:
         self.data["points"][name].update(fields)
+        if fields.get("status") in ("finished", "failed", "interrupted"):
+            self.data["points"][name].pop("process_group", None)
         self.save()
 
     def update_base(self, name: str, entry: dict) -> None:
