@@ -351,10 +351,12 @@ def _save_adapter(accelerator, model, path: Path, zero3: bool) -> None:
 
 
 def _hparams(cfg: TrainConfig, prompt_name: str) -> dict:
-    keys = ("r", "lora_alpha", "lora_dropout", "lr", "batch_size", "epochs", "seed", "optim", "task",
-            "load_in_4bit", "gradient_accumulation_steps", "warmup_ratio", "weight_decay", "max_length")
-    h = {k: getattr(cfg, k) for k in keys}
-    h.update(prompt=prompt_name, target_modules=",".join(cfg.target_modules), model=cfg.model_dir or "embedded")
+    # Every setting, so whatever field a sweep varies shows up in TensorBoard's HParams view.
+    h = {}
+    for k, v in asdict(cfg).items():
+        if k not in ("results_path", "resume", "model_dir", "tokenizer_dir"):
+            h[k] = ",".join(map(str, v)) if isinstance(v, list) else ("none" if v is None else v)
+    h.update(prompt=prompt_name, model=cfg.model_dir or "embedded")
     return h
 
 

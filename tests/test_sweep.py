@@ -63,7 +63,7 @@ def test_tensorboard_hparams_name_the_swept_values(tiny_sweep):
     hparams = {k: v for s in session if s.HasField("session_start_info")
                for k, v in s.session_start_info.hparams.items()}
     assert hparams["prompt"].string_value == "perfect" and hparams["seed"].number_value == 2
-    assert {"r", "lr", "lora_alpha", "lora_dropout", "target_modules"} <= set(hparams)
+    assert {"r", "lr", "lora_alpha", "lora_dropout", "target_modules", "max_steps"} <= set(hparams)
 
 
 def test_failing_point_is_recorded_and_others_continue(tiny_model, mrpc, tmp_path, capsys):
