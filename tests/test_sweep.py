@@ -161,3 +161,15 @@ def test_final_protocol_refuses_selecting_on_trained_data(tiny_model, mrpc, tmp_
                           "--eval_split", "validation"))
     assert exc.value.code == 2
     assert "it is also trained on" in capsys.readouterr().err
+
+
+def test_point_left_running_by_a_killed_sweep_is_not_started_twice(tmp_path, capsys):
+    import os
+    args = ["--sweep_dir", str(tmp_path / "s"), "--seed", "1", "2", "--model_dir", str(tmp_path / "m")]
+    assert sweep.main([*args, "--dry_run"]) == 0
+    from qlora_cls import sweeps
+    g = sweeps.make_grid(["--seed", "1", "2", "--model_dir", str(tmp_path / "m")], None)
+    pts = sweeps.points(g)
+    m = sweeps.Manifest.open(tmp_path / "s", g, pts, sweeps.validate(g, pts, tmp_path / "s"), [])
+    m.update("seed=1", status="running", process_group=os.getpgrp())  # a live group: this test's own
+    assert "seed=1 is still running" in _usage_error(args, capsys)
