@@ -24,7 +24,8 @@ from typing import Any, Optional, Sequence
 from qlora_cls.cli import _OneLineParser
 from qlora_cls.errors import UsageError
 
-OUTPUTS = ("report.md", "report.csv", "evals.csv", "eval_per_epoch.png", "train_loss.png", "final_metric.png")
+OUTPUTS = ("report.md", "report.csv", "evals.csv", "eval_per_epoch.png", "train_loss.png", "final_metric.png",
+           "prompt_matrix.png")
 
 
 def main(argv: Optional[Sequence[str]] = None) -> dict:
@@ -78,6 +79,8 @@ def write_report(folder: Path, out: Optional[Path], metric: Optional[str]) -> di
         "train_loss.png": plots.loss_curves(col, out / "train_loss.png"),
         "final_metric.png": plots.final_bars(col, [r for r in rows if r["n_runs"]], base, metric,
                                              out / "final_metric.png"),
+        "prompt_matrix.png": plots.prompt_matrix([r for r in rows if r["n_runs"]], base, metric,
+                                                 out / "prompt_matrix.png"),
     }
     for name, written in figures.items():
         if written is None:
@@ -214,7 +217,8 @@ def _markdown(col, rows, base, problems, metrics, metric, figures) -> str:
         lines += ["## Every adapter under every evaluated prompt", "",
                   _table(["trained configuration", "evaluated with prompt", "split", "n", *metrics], eval_table), ""]
     for name, caption in (("eval_per_epoch.png", f"{metric} on the eval split after each epoch"),
-                          ("train_loss.png", "training loss"), ("final_metric.png", f"final {metric} per configuration")):
+                          ("train_loss.png", "training loss"), ("final_metric.png", f"final {metric} per configuration"),
+                          ("prompt_matrix.png", f"{metric} of each adapter under each prompt")):
         if name in figures:
             lines += [f"![{caption}]({name})", ""]
     unfinished = [r for r in col.runs if not r.finished]

@@ -139,3 +139,38 @@ def final_bars(col: Collection, rows: list[dict], base: list[dict], metric: str,
     ax.set_title(f"Final {metric} per configuration (bars: mean, whiskers: ± std over seeds; hatched: un-tuned base)")
     ax.grid(axis="x", alpha=0.3)
     return _save(fig, path)
+
+
+def prompt_matrix(rows: list[dict], base: list[dict], metric: str, path: Path) -> Optional[Path]:
+    """Heat map: each trained configuration (and the base model) evaluated under each prompt."""
+    prompts: list[str] = []
+    for r in rows:
+        for e in r["eval_rows"]:
+            if e["adapter"] == "adapter" and e["eval_prompt"] not in prompts:
+                prompts.append(e["eval_prompt"])
+    if not prompts:
+        return None
+    table = [(r["label"], {e["eval_prompt"]: e for e in r["eval_rows"] if e["adapter"] == "adapter"}) for r in rows]
+    if base:
+        table.append(("base model (un-tuned)", {b["eval_prompt"]: b for b in base}))
+    values = [[cells[p].get(f"{metric}_mean") if p in cells else None for p in prompts] for _, cells in table]
+    import numpy as np
+    grid = np.array([[np.nan if v is None else v for v in row] for row in values], dtype=float)
+    fig, ax = plt.subplots(figsize=(1.6 + 1.5 * len(prompts), 1.4 + 0.55 * len(table)))
+    image = ax.imshow(grid, cmap="viridis", aspect="auto", vmin=np.nanmin(grid) if np.isfinite(grid).any() else 0,
+                      vmax=np.nanmax(grid) if np.isfinite(grid).any() else 1)
+    for i, (_, cells) in enumerate(table):
+        for j, p in enumerate(prompts):
+            if p in cells and cells[p].get(f"{metric}_mean") is not None:
+                std = cells[p].get(f"{metric}_std")
+                v = cells[p][f"{metric}_mean"]
+                bright = (v - np.nanmin(grid)) > 0.5 * (np.nanmax(grid) - np.nanmin(grid) or 1)
+                ax.text(j, i, f"{v:.3f}" + (f"\n± {std:.3f}" if std else ""), ha="center", va="center",
+                        fontsize="small", color="black" if bright else "white")
+    ax.set_xticks(range(len(prompts)), prompts)
+    ax.set_yticks(range(len(table)), [t[0] for t in table], fontsize="small")
+    ax.set_xlabel("prompt template used for evaluation")
+    ax.set_ylabel("trained configuration")
+    ax.set_title(f"{metric.capitalize()} of each adapter under each prompt (mean over seeds; blank: not evaluated)")
+    fig.colorbar(image, ax=ax, label=_unit(metric))
+    return _save(fig, path)

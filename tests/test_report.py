@@ -44,7 +44,7 @@ def test_report_of_the_tiny_sweep_matches_the_runs(tiny_sweep, tmp_path):
     md = (out / "report.md").read_text()
     assert "| prompt=none | 2 |" in md and "base model (un-tuned), prompt=perfect" in md
     from PIL import Image
-    for name in ("eval_per_epoch.png", "train_loss.png", "final_metric.png"):
+    for name in ("eval_per_epoch.png", "train_loss.png", "final_metric.png", "prompt_matrix.png"):
         data = (out / name).read_bytes()
         assert data.startswith(PNG_SIGNATURE), name
         with Image.open(out / name) as img:
