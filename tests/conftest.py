@@ -59,13 +59,14 @@ def tiny_args(model: str, dataset: str, results: Path, *extra: str) -> list[str]
 def sweep_flags(model: str, dataset: str) -> list[str]:
     """Fixed ft.py flags of the test sweeps: a few seconds per point on the tiny model."""
     return ["--model_dir", model, "--dataset", dataset, "--max_train_samples", "48", "--max_eval_samples", "37",
-            "--max_steps", "4", "--log_every", "2", "--eval_batch_size", "16"]
+            "--max_steps", "6", "--log_every", "2", "--eval_batch_size", "16"]
 
 
 @pytest.fixture(scope="session")
 def tiny_sweep(tiny_model, mrpc, tmp_path_factory):
     """A 2 prompts x 2 seeds sweep through `accelerate launch`, stopped by SIGTERM while the second run
-    trains, then resumed (plain python launcher). Shared by test_sweep.py and test_report.py."""
+    trains (after its first log line), then resumed (plain python launcher). Shared by test_sweep.py
+    and test_report.py."""
     import json
     import signal
     import subprocess
@@ -83,7 +84,7 @@ def tiny_sweep(tiny_model, mrpc, tmp_path_factory):
                                 cwd=root, stdout=log, stderr=subprocess.STDOUT, env=env)
         second = sweep_dir / "prompt=none,seed=2"
         deadline = time.monotonic() + 300
-        while proc.poll() is None and not (second / "config.json").is_file() and time.monotonic() < deadline:
+        while proc.poll() is None and not (second / "train_log.jsonl").is_file() and time.monotonic() < deadline:
             time.sleep(0.05)
         proc.send_signal(signal.SIGTERM)  # what a cluster sends before pre-emption; Ctrl-C works alike
         first_code = proc.wait(timeout=300)
