@@ -191,7 +191,7 @@ class Sweep:
         if code == 0 and (run_dir / "metrics.json").is_file():
             final = read_json(run_dir / "metrics.json").get("final", {})
             shown = ", ".join(f"{k}={v:.4f}" for k, v in final.items()
-                              if isinstance(v, float) and k not in ("eval_seconds", "padding_efficiency"))
+                              if isinstance(v, float) and not k.startswith("eval_") and k != "padding_efficiency")
             m.update(p.name, status="finished", seconds=seconds, error=None, returncode=0)
             print(f"[{i}/{total}] {p.name}: finished in {seconds:.0f} s  {shown}", flush=True)
         elif self.signum:
