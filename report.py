@@ -69,7 +69,7 @@ def write_report(folder: Path, out: Optional[Path], metric: Optional[str]) -> di
         row = {"label": rp.label(g, col.swept), **{f: g.values.get(f) for f in col.swept},
                "differs_in": "; ".join(f"{k}={rp.value_text(v)}" for k, v in g.differs.items()),
                **rp.group_row(g, metrics)}
-        row["eval_rows"] = rp.eval_rows(g, metrics)
+        row["eval_rows"] = rp.eval_rows(g, metrics, rp.prompt_order(col))
         rows.append(row)
     base = rp.base_rows(col, metrics)
     problems = rp.sweep_problems(col)

@@ -280,14 +280,32 @@ def _common(values) -> Any:
     return json.loads(c.most_common(1)[0][0]) if len(c) == 1 else "/".join(sorted(c))
 
 
-def eval_rows(g: Group, metrics: list[str]) -> list[dict]:
+def prompt_order(col: Collection) -> list[str]:
+    """Prompts in the order the sweeps listed them (e.g. none, perfect, conflicting, insufficient)."""
+    order: list[str] = []
+    for data in col.manifests.values():
+        names = [w[0] for w in data.get("grid", {}).get("swept", {}).get("prompt", []) if w]
+        for name in names + [Path(p).stem for p in data.get("eval_prompts", [])]:
+            if name not in order:
+                order.append(name)
+    return order
+
+
+def _by_prompt(order: list[str]):
+    def key(item):
+        (split, prompt, *rest), _ = item
+        return (str(split), order.index(prompt) if prompt in order else len(order), str(prompt), str(rest))
+    return key
+
+
+def eval_rows(g: Group, metrics: list[str], order: Optional[list[str]] = None) -> list[dict]:
     """The group's adapters evaluated under each prompt (mean over seeds)."""
     by_key: dict[tuple, list[dict]] = {}
     for r in g.finished:
         for e in r.evals:
             by_key.setdefault((e.get("split"), e.get("prompt"), e.get("adapter")), []).append(e)
     rows = []
-    for (split, prompt, adapter), entries in sorted(by_key.items(), key=lambda kv: str(kv[0])):
+    for (split, prompt, adapter), entries in sorted(by_key.items(), key=_by_prompt(order or [])):
         row = {"split": split, "eval_prompt": prompt, "adapter": adapter, "n_runs": len(entries)}
         for m in metrics:
             row[f"{m}_mean"], row[f"{m}_std"] = mean_std([e["metrics"].get(m) for e in entries])
@@ -301,7 +319,7 @@ def base_rows(col: Collection, metrics: list[str]) -> list[dict]:
     for e in col.base_evals:
         by_key.setdefault((e.get("split"), e.get("prompt"), e.get("examples")), []).append(e)
     rows = []
-    for (split, prompt, examples), entries in sorted(by_key.items(), key=lambda kv: str(kv[0])):
+    for (split, prompt, examples), entries in sorted(by_key.items(), key=_by_prompt(prompt_order(col))):
         row = {"split": split, "eval_prompt": prompt, "examples": examples, "n_runs": len(entries),
                "sources": sorted({e["source"] for e in entries})}
         for m in metrics:
