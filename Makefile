@@ -7,7 +7,7 @@ STAMP := $(VENV)/.setup-done
 DATASET ?= $(if $(wildcard ../shared/data/glue),../shared/data/glue,nyu-mll/glue)
 export QLORA_TEST_DATASET := $(DATASET)
 
-.PHONY: setup demo test clean
+.PHONY: setup demo test sweep report clean
 
 setup: $(STAMP)
 	@$(PY) -c "from qlora_cls.modeling import embedded_model_dir; print('embedded model:', embedded_model_dir())"
@@ -27,6 +27,14 @@ demo: setup
 
 test: setup
 	$(PY) -m pytest -q tests
+
+# make sweep ARGS="--prompt none perfect conflicting insufficient --seed 1 2 --sweep_dir results/prompts"
+sweep: setup
+	$(PY) sweep.py --dataset $(DATASET) $(ARGS)
+
+# make report DIR=results/prompts
+report: setup
+	$(PY) report.py $(DIR)
 
 clean:
 	rm -rf $(VENV) .pytest_cache

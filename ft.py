@@ -104,6 +104,13 @@ def train(cfg: TrainConfig) -> Optional[dict]:
     check_target_modules(arch, list(cfg.target_modules))
     del arch
 
+    # Final protocol: with the validation split trained on, the only held-out split is the test set, and
+    # picking an epoch on it would tune on test data: adapter/ is the last epoch and nothing is selected.
+    select_best = not cfg.trains_on_eval_data
+    if not select_best:
+        log.info("no best-epoch selection: --train_splits %s leaves no held-out validation split (choosing an "
+                 "epoch on %s would select on test data); adapter/ holds the last epoch",
+                 " ".join(cfg.train_splits), eval_split)
     run_dir = _results_dir(cfg, template.name, accelerator, broadcast_object_list)
     if cfg.resume:
         checkpoint.check_resumable(run_dir, asdict(cfg))
@@ -251,7 +258,7 @@ def train(cfg: TrainConfig) -> Optional[dict]:
             log.info("epoch %d: %s", epoch, ", ".join(f"{k}={scores[k]:.4f}" for k in spec.metrics))
         elif accelerator.is_main_process:
             log.info("epoch %d: %s has hidden labels: predictions written, no score", epoch, eval_split)
-        is_best = bool(scores) and (progress["best"] is None or scores[spec.main_metric] > progress["best"]["score"])
+        is_best = select_best and bool(scores) and (progress["best"] is None or scores[spec.main_metric] > progress["best"]["score"])
         if is_best:
             progress["best"] = {"epoch": epoch, "step": global_step, "score": scores[spec.main_metric]}
             _save_adapter(accelerator, model, run_dir / "adapter_best", zero3)
@@ -364,10 +371,12 @@ def _save_adapter(accelerator, model, path: Path, zero3: bool) -> None:
 
 
 def _hparams(cfg: TrainConfig, prompt_name: str) -> dict:
-    keys = ("r", "lora_alpha", "lora_dropout", "lr", "batch_size", "epochs", "seed", "optim", "task",
-            "load_in_4bit", "gradient_accumulation_steps", "warmup_ratio", "weight_decay", "max_length")
-    h = {k: getattr(cfg, k) for k in keys}
-    h.update(prompt=prompt_name, target_modules=",".join(cfg.target_modules), model=cfg.model_dir or "embedded")
+    # Every setting, so whatever field a sweep varies shows up in TensorBoard's HParams view.
+    h = {}
+    for k, v in asdict(cfg).items():
+        if k not in ("results_path", "resume", "model_dir", "tokenizer_dir"):
+            h[k] = ",".join(map(str, v)) if isinstance(v, list) else ("none" if v is None else v)
+    h.update(prompt=prompt_name, model=cfg.model_dir or "embedded")
     return h
 
 

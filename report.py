@@ -1,0 +1,242 @@
+"""Tables and plots comparing the runs under a folder (a sweep, all of results/, or one run).
+
+    python report.py results/<sweep>            # writes results/<sweep>/report/
+    python report.py results --out my-report    # every run under results/, grouped by configuration
+
+One row per configuration (its runs over seeds): mean ± std of each metric, trainable parameters,
+train time, throughput, peak memory, best epoch, plus the un-tuned base model's rows. Runs that differ
+in a field that was not swept are kept in separate rows and flagged. Writes report.md, report.csv,
+evals.csv (every adapter under every evaluated prompt) and PNG plots. The output folder belongs to
+report.py: regenerating replaces its own files, and it refuses a folder holding anything else.
+"""
+from __future__ import annotations
+
+import argparse
+import csv
+import io
+import json
+import logging
+import sys
+from datetime import datetime
+from pathlib import Path
+from typing import Any, Optional, Sequence
+
+from qlora_cls.cli import _OneLineParser
+from qlora_cls.errors import UsageError
+
+OUTPUTS = ("report.md", "report.csv", "evals.csv", "eval_per_epoch.png", "train_loss.png", "final_metric.png",
+           "prompt_matrix.png")
+
+
+def main(argv: Optional[Sequence[str]] = None) -> dict:
+    logging.basicConfig(format="%(levelname)s %(name)s: %(message)s", level=logging.WARNING)
+    parser = _OneLineParser(prog="report.py", description=__doc__, allow_abbrev=False,
+                            formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("folder", help="sweep folder, results folder or run folder (searched recursively)")
+    parser.add_argument("--out", help="output folder (default: <folder>/report)")
+    parser.add_argument("--metric", help="metric of the plots (default: the task's main metric)")
+    args = parser.parse_args(argv)
+    try:
+        return write_report(Path(args.folder), Path(args.out) if args.out else None, args.metric)
+    except UsageError as exc:
+        sys.stderr.write(f"report.py: error: {exc}\n")
+        raise SystemExit(2)
+
+
+def write_report(folder: Path, out: Optional[Path], metric: Optional[str]) -> dict:
+    from qlora_cls import plots
+    from qlora_cls import report as rp
+    from qlora_cls.files import atomic_write_text
+
+    col = rp.collect(folder)
+    out = out or folder / "report"
+    if out.exists() and not out.is_dir():
+        raise UsageError(f"--out {out} is a file")
+    foreign = sorted(p.name for p in out.iterdir() if p.name not in OUTPUTS and not p.name.startswith(".")) \
+        if out.is_dir() else []
+    if foreign:
+        raise UsageError(f"--out {out} holds files report.py did not write ({', '.join(foreign[:5])}); "
+                         f"choose another --out")
+    out.mkdir(parents=True, exist_ok=True)
+    runs = [r for r in col.runs if r.finished]
+    metrics = rp.metric_names(runs or col.runs)
+    metric = metric or rp.main_metric(runs or col.runs)
+    if metric not in metrics:
+        raise UsageError(f"--metric {metric}: the runs report {', '.join(metrics) or 'no metrics'}")
+
+    rows = []
+    for g in col.groups:
+        row = {"label": rp.label(g, col.swept), **{f: g.values.get(f) for f in col.swept},
+               "differs_in": "; ".join(f"{k}={rp.value_text(v)}" for k, v in g.differs.items()),
+               **rp.group_row(g, metrics)}
+        row["eval_rows"] = rp.eval_rows(g, metrics, rp.prompt_order(col))
+        rows.append(row)
+    base = rp.base_rows(col, metrics)
+    problems = rp.sweep_problems(col)
+
+    figures = {
+        "eval_per_epoch.png": plots.eval_per_epoch(col, metric, out / "eval_per_epoch.png"),
+        "train_loss.png": plots.loss_curves(col, out / "train_loss.png"),
+        "final_metric.png": plots.final_bars(col, [r for r in rows if r["n_runs"]], base, metric,
+                                             out / "final_metric.png"),
+        "prompt_matrix.png": plots.prompt_matrix([r for r in rows if r["n_runs"]], base, metric,
+                                                 out / "prompt_matrix.png"),
+    }
+    for name, written in figures.items():
+        if written is None:
+            (out / name).unlink(missing_ok=True)  # an old figure must not outlive its data
+    atomic_write_text(out / "report.csv", _csv(_main_header(col.swept, metrics), _main_rows(rows, base, col.swept, metrics)))
+    atomic_write_text(out / "evals.csv", _csv(*_eval_table(rows, base, metrics)))
+    atomic_write_text(out / "report.md", _markdown(col, rows, base, problems, metrics, metric,
+                                                   [n for n, w in figures.items() if w]))
+    for w in col.warnings:
+        sys.stderr.write(f"report.py: warning: {w}\n")
+    print(f"report: {out / 'report.md'} ({len(rows)} configurations, {len(runs)} finished runs"
+          f"{f', {len(col.runs) - len(runs)} unfinished' if len(col.runs) > len(runs) else ''})")
+    return {"out": out, "rows": rows, "base": base, "warnings": col.warnings, "problems": problems}
+
+
+# -- CSV ------------------------------------------------------------------------------------------------
+def _csv(header: list[str], rows: list[list[Any]]) -> str:
+    buf = io.StringIO()
+    w = csv.writer(buf, lineterminator="\n")
+    w.writerow(header)
+    w.writerows([["" if v is None else v for v in r] for r in rows])
+    return buf.getvalue()
+
+
+def _cell(v: Any) -> Any:
+    if isinstance(v, list):
+        return "+".join(map(str, v)) if all(not isinstance(x, (int, float)) or isinstance(x, bool) for x in v) \
+            else ";".join("" if x is None else str(x) for x in v)
+    return v
+
+
+def _main_header(swept: list[str], metrics: list[str]) -> list[str]:
+    return (["configuration", *swept, "differs_in", "eval_split", "n_runs", "unfinished", "seeds"]
+            + [f"{m}_{s}" for m in metrics for s in ("mean", "std")]
+            + ["best_epoch", "trainable_params", "total_params", "train_seconds_mean", "examples_per_s_mean",
+               "tokens_per_s_mean", "peak_memory_mib_max", "runs"])
+
+
+def _main_rows(rows, base, swept, metrics) -> list[list[Any]]:
+    out = []
+    for r in rows:
+        out.append([r["label"], *[_cell(r[f]) for f in swept], r["differs_in"], r["eval_split"], r["n_runs"],
+                    r["unfinished"], ";".join(map(str, r["seeds"])),
+                    *[r[f"{m}_{s}"] for m in metrics for s in ("mean", "std")],
+                    ";".join("" if b is None else str(b) for b in r["best_epoch"]), r["trainable_params"],
+                    r["total_params"], r["train_seconds_mean"], r["examples_per_s_mean"], r["tokens_per_s_mean"],
+                    r["peak_memory_mib_max"], ";".join(r["runs"])])
+    for b in base:
+        out.append([f"base model (un-tuned), prompt={b['eval_prompt']}", *[b["eval_prompt"] if f == "prompt" else ""
+                                                                           for f in swept],
+                    "", b["split"], b["n_runs"], 0, "", *[b[f"{m}_{s}"] for m in metrics for s in ("mean", "std")],
+                    "", "", "", "", "", "", "", ";".join(b["sources"])])
+    return out
+
+
+def _eval_table(rows, base, metrics) -> tuple[list[str], list[list[Any]]]:
+    header = ["configuration", "adapter", "split", "eval_prompt", "n_runs"] + \
+             [f"{m}_{s}" for m in metrics for s in ("mean", "std")]
+    out = []
+    for r in rows:
+        for e in r["eval_rows"]:
+            out.append([r["label"], e["adapter"], e["split"], e["eval_prompt"], e["n_runs"],
+                        *[e[f"{m}_{s}"] for m in metrics for s in ("mean", "std")]])
+    for b in base:
+        out.append(["base model (un-tuned)", "", b["split"], b["eval_prompt"], b["n_runs"],
+                    *[b[f"{m}_{s}"] for m in metrics for s in ("mean", "std")]])
+    return header, out
+
+
+# -- Markdown -------------------------------------------------------------------------------------------
+def _pm(mean: Optional[float], std: Optional[float], digits: int = 4) -> str:
+    if mean is None:
+        return "–"
+    return f"{mean:.{digits}f}" + (f" ± {std:.{digits}f}" if std is not None else "")
+
+
+def _num(v: Optional[float], fmt: str) -> str:
+    return "–" if v is None or isinstance(v, str) else format(v, fmt)
+
+
+def _table(header: list[str], rows: list[list[str]]) -> str:
+    esc = [[str(c).replace("|", "\\|") for c in r] for r in rows]
+    return "\n".join(["| " + " | ".join(header) + " |", "|" + "---|" * len(header)]
+                     + ["| " + " | ".join(r) + " |" for r in esc])
+
+
+def _markdown(col, rows, base, problems, metrics, metric, figures) -> str:
+    from qlora_cls import report as rp
+    runs = [r for r in col.runs if r.finished]
+    lines = [f"# Report: {col.root}", "",
+             f"Generated {datetime.now():%Y-%m-%d %H:%M} by report.py from {len(col.runs)} run folder(s) "
+             f"({len(runs)} finished) in {len(rows)} configuration(s). Swept fields: "
+             f"{', '.join(col.swept) or 'none'}" + (" (inferred: the fields that vary; no sweep.json found)"
+                                                    if col.swept_inferred else "") + ".",
+             "", f"Values are mean ± sample standard deviation (n-1) over seeds of the final adapter on each run's "
+                 f"eval split; a single run shows no ±. Throughput is the mean over training-log windows. Epochs count from 1 "
+                 f"(metrics.json counts from 0); best epoch – means no selection (final protocol).", ""]
+    for w in col.warnings:
+        lines.append(f"> **Warning:** {w}.")
+    if col.warnings:
+        lines.append("")
+    header = ["configuration", "n", *metrics, "best epoch", "trainable params", "train time (s)",
+              "examples/s", "tokens/s", "peak memory (MiB)"]
+    if any(r["differs_in"] for r in rows):
+        header.insert(1, "differs in")
+    table = []
+    for r in rows:
+        cells = [r["label"], f"{r['n_runs']}" + (f" (+{r['unfinished']} unfinished)" if r["unfinished"] else ""),
+                 *[_pm(r[f"{m}_mean"], r[f"{m}_std"]) for m in metrics],
+                 "/".join(sorted({"–" if b is None else str(b) for b in r["best_epoch"]})) or "–",
+                 _num(r["trainable_params"], ",d") if isinstance(r["trainable_params"], int) else str(r["trainable_params"]),
+                 _pm(r["train_seconds_mean"], r["train_seconds_std"], 1), _num(r["examples_per_s_mean"], ".1f"),
+                 _num(r["tokens_per_s_mean"], ",.0f"), _num(r["peak_memory_mib_max"], ",.0f")]
+        if "differs in" in header:
+            cells.insert(1, r["differs_in"] or "")
+        table.append(cells)
+    for b in base:
+        cells = [f"base model (un-tuned), prompt={b['eval_prompt']}, {b['split']}", str(b["n_runs"]),
+                 *[_pm(b[f"{m}_mean"], b[f"{m}_std"]) for m in metrics], "–", "–", "–", "–", "–", "–"]
+        if "differs in" in header:
+            cells.insert(1, "")
+        table.append(cells)
+    lines += ["## Configurations", "", _table(header, table), ""]
+    if base:
+        lines += ["Base-model rows: the un-tuned model with a freshly initialised classification head, evaluated "
+                  "by `eval.py --base_only` on the same examples (\"before fine-tuning\").", ""]
+    eval_table = []
+    for r in rows:
+        for e in r["eval_rows"]:
+            eval_table.append([r["label"], e["eval_prompt"], e["split"] + ("" if e["adapter"] == "adapter" else
+                                                                             f" ({e['adapter']})"),
+                               str(e["n_runs"]), *[_pm(e[f"{m}_mean"], e[f"{m}_std"]) for m in metrics]])
+    if eval_table:
+        lines += ["## Every adapter under every evaluated prompt", "",
+                  _table(["trained configuration", "evaluated with prompt", "split", "n", *metrics], eval_table), ""]
+    for name, caption in (("eval_per_epoch.png", f"{metric} on the eval split after each epoch"),
+                          ("train_loss.png", "training loss"), ("final_metric.png", f"final {metric} per configuration"),
+                          ("prompt_matrix.png", f"{metric} of each adapter under each prompt")):
+        if name in figures:
+            lines += [f"![{caption}]({name})", ""]
+    unfinished = [r for r in col.runs if not r.finished]
+    if unfinished or problems:
+        lines += ["## Not finished or failed", ""]
+        lines += [f"- {p}" for p in problems]
+        listed = " ".join(problems)
+        lines += [f"- {r.path.relative_to(col.root) if r.path != col.root else r.path.name}: unfinished "
+                  f"(no metrics.json)" for r in unfinished if f"/{r.path.name}:" not in listed]
+        lines.append("")
+    differing = [k for g in col.groups for k in g.differs]
+    if differing:
+        lines += [f"Rows flagged in 'differs in' were run with settings the others were not: compare them with care.", ""]
+    lines += ["Files: report.csv (this table, numbers unrounded), evals.csv (every adapter under every prompt). "
+              f"{'' if not col.manifests else 'Sweep manifest(s): ' + ', '.join(str(p / 'sweep.json') for p in col.manifests) + '.'}",
+              ""]
+    return "\n".join(lines)
+
+
+if __name__ == "__main__":
+    main()
