@@ -16,7 +16,6 @@ import json
 import os
 import random
 import shutil
-import tempfile
 from pathlib import Path
 from typing import Any
 
@@ -98,7 +97,7 @@ def trainable_state(model) -> dict[str, torch.Tensor]:
 
 def save(accelerator, run_dir: Path, model, optimizer, scheduler, progress: dict, keep: int) -> Path | None:
     """Collective: every process calls it; the main process writes."""
-    from .files import atomic_write_json
+    from .files import atomic_write_json, make_temp_dir
     from accelerate.utils import broadcast_object_list
     rngs = accelerator.gather_for_metrics([_rng_state()], use_gather_object=True)
     deepspeed = _is_deepspeed(accelerator)
@@ -107,7 +106,7 @@ def save(accelerator, run_dir: Path, model, optimizer, scheduler, progress: dict
     tmp = None
     if accelerator.is_main_process:
         root.mkdir(exist_ok=True)
-        tmp = Path(tempfile.mkdtemp(prefix=f".{path.name}.", suffix=".tmp", dir=root))
+        tmp = make_temp_dir(root, path.name)
     tmp = Path(broadcast_object_list([str(tmp)])[0])
     try:
         if deepspeed:
