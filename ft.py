@@ -176,7 +176,8 @@ def train(cfg: TrainConfig) -> Optional[dict]:
             with accelerator.accumulate(model):
                 loss = model(**batch).loss
                 accelerator.backward(loss)
-                window.add(loss.detach(), int(batch["attention_mask"].sum()), len(batches[i]))
+                # Real tokens from the known lengths, on the host: no device sync per micro-batch.
+                window.add(loss.detach(), sum(train_rows.lengths[r] for r in batches[i]), len(batches[i]))
                 if accelerator.sync_gradients:
                     grad_norm = accelerator.clip_grad_norm_(trainable, cfg.max_grad_norm or float("inf"))
                     # One host sync per optimizer step (not per micro-batch): a non-finite step must be
