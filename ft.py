@@ -80,6 +80,9 @@ def train(cfg: TrainConfig) -> Optional[dict]:
     if eval_split in cfg.train_splits:
         raise UsageError(f"cannot select epochs on {eval_split!r}: it is also trained on (--train_splits "
                          f"{' '.join(cfg.train_splits)}); evaluate on a held-out split with --eval_split")
+    if cfg.dry_run:  # memory estimate from shapes on the meta device: no weights are read
+        from qlora_cls.memory import dry_run
+        return dry_run(cfg, source, template, cfg.train_splits, eval_split, accelerator)
     model_path, tokenizer = tokenizer_for(cfg)
     splits = list(dict.fromkeys(cfg.train_splits + [eval_split]))
     data = prepare_data(source, template, tokenizer, splits, cfg.max_length,
