@@ -7,7 +7,7 @@ STAMP := $(VENV)/.setup-done
 DATASET ?= $(if $(wildcard ../shared/data/glue),../shared/data/glue,nyu-mll/glue)
 export QLORA_TEST_DATASET := $(DATASET)
 
-.PHONY: setup demo test clean
+.PHONY: setup demo test bench clean
 
 setup: $(STAMP)
 	@$(PY) -c "from qlora_cls.modeling import embedded_model_dir; print('embedded model:', embedded_model_dir())"
@@ -27,6 +27,12 @@ demo: setup
 
 test: setup
 	$(PY) -m pytest -q tests
+
+# ft.py vs the transformers Trainer recipe vs the dense limit; writes bench/results/<timestamp>.json and .md.
+# BENCH_STEPS=N shortens it (each arm runs N optimizer steps), DATASET=... points at local GLUE data.
+BENCH_STEPS ?= 300
+bench: setup
+	$(PY) bench/bench.py --steps $(BENCH_STEPS) --dataset $(DATASET)
 
 clean:
 	rm -rf $(VENV) .pytest_cache

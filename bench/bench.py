@@ -71,6 +71,8 @@ def parse_args(argv=None):
     p.add_argument("--max_eval_samples", type=int, default=None, help="(tests) evaluate only the first N examples")
     p.add_argument("--arms", default=",".join(ARMS), help=f"comma-separated subset of {','.join(ARMS)}")
     p.add_argument("--out", default=str(REPO / "bench" / "results"), help="folder for <timestamp>.json and .md")
+    p.add_argument("--in_process", action="store_true",
+                   help="(tests) run the arms in this process: faster start, but peak memory is then cumulative")
     p.add_argument("--run_arm", default=None, help=argparse.SUPPRESS)  # internal: run one arm in this process
     p.add_argument("--arm_out", default=None, help=argparse.SUPPRESS)
     args = p.parse_args(argv)
@@ -388,15 +390,23 @@ def run_arm_subprocess(args, arm: str, argv: list[str], log_path: Path) -> dict:
         return json.loads(out.read_text())
 
 
+def run_arm(args, arm: str) -> dict:
+    import logging
+    logging.basicConfig(level=logging.WARNING)
+    fn = {"trainer_default": lambda: run_trainer(args, False), "trainer_grouped": lambda: run_trainer(args, True),
+          "ft": lambda: run_ft(args), "dense": lambda: run_dense(args)}[arm]
+    load_before = os.getloadavg()[0]
+    result = fn()
+    result["peak_memory_bytes"] = _peak_memory()
+    # Other processes on the machine distort timings: the 1-minute load average before/after says how much.
+    result["load_average_1min"] = [load_before, os.getloadavg()[0]]
+    return result
+
+
 def main(argv=None) -> dict:
     args = parse_args(argv)
     if args.run_arm:
-        import logging
-        logging.basicConfig(level=logging.WARNING)
-        fn = {"trainer_default": lambda: run_trainer(args, False), "trainer_grouped": lambda: run_trainer(args, True),
-              "ft": lambda: run_ft(args), "dense": lambda: run_dense(args)}[args.run_arm]
-        result = fn()
-        result["peak_memory_bytes"] = _peak_memory()
+        result = run_arm(args, args.run_arm)
         Path(args.arm_out).write_text(json.dumps(result))
         return result
 
@@ -412,12 +422,14 @@ def main(argv=None) -> dict:
                            "compute_dtype": cfg.bnb_4bit_compute_dtype, "optimizer": "bitsandbytes AdamW8bit",
                            "lora": {"r": cfg.r, "alpha": cfg.lora_alpha, "dropout": cfg.lora_dropout,
                                     "target_modules": list(cfg.target_modules)},
-                           "train_examples": len(data["train"]), "eval_examples": len(data["validation"])},
+                           "train_examples": len(data["train"]), "eval_examples": len(data["validation"]),
+                           "peak_memory": "cumulative over the arms (in-process run)" if args.in_process
+                           else "peak RSS (CPU) / max allocated CUDA memory of each arm's own process"},
               "arms": {}}
     for arm in args.arms.split(","):
         print(f"[bench] {arm}: running {args.steps} steps ...", flush=True)
         t0 = time.perf_counter()
-        r = run_arm_subprocess(args, arm, argv, out_dir / f"{stamp}-{arm}.log")
+        r = run_arm(args, arm) if args.in_process else run_arm_subprocess(args, arm, argv, out_dir / f"{stamp}-{arm}.log")
         result["arms"][arm] = r if "error" in r else _derive(r)
         a = result["arms"][arm]
         print(f"[bench] {arm}: {time.perf_counter() - t0:.0f} s wall; "
