@@ -47,6 +47,9 @@ TARGETS = {  # name: (ratio key, minimum)
     "train tokens/s vs Trainer default": ("train_tokens_per_s_ft_over_trainer_default", 1.25),
     "train tokens/s vs Trainer grouped": ("train_tokens_per_s_ft_over_trainer_grouped", 1.0),
     "train tokens/s vs dense limit": ("train_tokens_per_s_ft_over_dense", 0.85),
+    "same, median step: vs Trainer default": ("train_tokens_per_s_median_step_ft_over_trainer_default", 1.25),
+    "same, median step: vs Trainer grouped": ("train_tokens_per_s_median_step_ft_over_trainer_grouped", 1.0),
+    "same, median step: vs dense limit": ("train_tokens_per_s_median_step_ft_over_dense", 0.85),
     "eval examples/s vs Trainer evaluate()": ("eval_examples_per_s_ft_over_trainer_default", 3.0),
     "accuracy minus Trainer default (points)": ("accuracy_points_ft_minus_trainer_default", -1.0),
     "accuracy minus Trainer grouped (points)": ("accuracy_points_ft_minus_trainer_grouped", -1.0),
@@ -183,6 +186,9 @@ def run_trainer(args, grouped: bool) -> dict:
         def on_train_begin(self, *a, **k):
             clock["start"] = time.perf_counter()
 
+        def on_step_end(self, *a, **k):
+            clock.setdefault("steps", []).append(time.perf_counter())
+
         def on_train_end(self, *a, **k):
             clock["end"] = time.perf_counter()
 
@@ -201,6 +207,7 @@ def run_trainer(args, grouped: bool) -> dict:
         train_seconds = clock["end"] - clock["start"]
         # accelerate's data loader fetches one batch ahead: count only the batches trained on.
         trained = collator.batches[:cfg.max_steps]
+        step_seconds = [b - a for a, b in zip([clock["start"]] + clock["steps"][:-1], clock["steps"])]
         collator.batches = []
         start = time.perf_counter()
         pred = trainer.predict(val)
@@ -210,6 +217,7 @@ def run_trainer(args, grouped: bool) -> dict:
     return {
         "train_seconds": train_seconds, "train_steps": cfg.max_steps, "train_loss": result.training_loss,
         "train_examples": sum(b[0] for b in trained), "train_real_tokens": sum(b[1] for b in trained),
+        "step_seconds": step_seconds, "step_tokens": [b[1] for b in trained],
         "train_padding_efficiency": sum(b[1] for b in trained) / sum(b[2] for b in trained),
         "eval_seconds": eval_seconds, "eval_examples": len(val),
         "eval_padding_efficiency": sum(b[1] for b in evaluated) / sum(b[2] for b in evaluated),
@@ -231,7 +239,7 @@ def run_ft(args) -> dict:
                 "--eval_batch_size", str(args.eval_batch_size), "--lr", str(args.lr),
                 "--warmup_ratio", str(args.warmup_ratio), "--seed", str(args.seed),
                 "--max_length", str(args.max_length), "--gradient_checkpointing", args.gradient_checkpointing,
-                "--log_every", str(args.steps)]
+                "--log_every", "1"]  # one log line per step: per-step throughput (see _derive)
         for flag in ("model_dir", "max_train_samples", "max_eval_samples"):
             if getattr(args, flag) is not None:
                 argv += [f"--{flag}", str(getattr(args, flag))]
@@ -240,6 +248,9 @@ def run_ft(args) -> dict:
     final = summary["final"]
     return {
         "train_seconds": summary["train_seconds"], "train_steps": args.steps, "train_loss": log[-1]["loss"],
+        "step_tokens": [sum(lengths[r] for r in b) for b in plan],
+        "step_seconds": [sum(lengths[r] for r in b) / e["tokens_per_s"] for b, e in zip(plan, log)],
+        "loss_curve": [e["loss"] for e in log],
         "train_examples": sum(len(b) for b in plan), "train_real_tokens": sum(lengths[r] for b in plan for r in b),
         "train_padding_efficiency": padding_efficiency(plan, lengths),
         "eval_seconds": final["eval_seconds"], "eval_examples": len(data["validation"]),
@@ -276,18 +287,22 @@ def run_dense(args) -> dict:
                         "labels": torch.tensor([labels[r] for r in rows], device=device)})
     model.train()
     start = time.perf_counter()
+    step_seconds = []
     for batch in batches:
+        t0 = time.perf_counter()
         loss = model(**batch).loss
         loss.backward()
         torch.nn.utils.clip_grad_norm_(trainable, cfg.max_grad_norm)
         optimizer.step()
         scheduler.step()
         optimizer.zero_grad(set_to_none=True)
+        step_seconds.append(time.perf_counter() - t0)
     if device.type == "cuda":
         torch.cuda.synchronize()
     seconds = time.perf_counter() - start
     return {"train_seconds": seconds, "train_steps": len(batches), "train_loss": float(loss),
-            "train_examples": sum(len(b["labels"]) for b in batches),
+            "train_examples": sum(len(b["labels"]) for b in batches), "step_seconds": step_seconds,
+            "step_tokens": [b["input_ids"].numel() for b in batches],
             "train_real_tokens": sum(b["input_ids"].numel() for b in batches), "train_padding_efficiency": 1.0}
 
 
@@ -316,6 +331,10 @@ def _derive(r: dict) -> dict:
         out["train_tokens_per_s"] = r["train_real_tokens"] / r["train_seconds"]
         out["train_examples_per_s"] = r["train_examples"] / r["train_seconds"]
         out["train_seconds_per_step"] = r["train_seconds"] / r["train_steps"]
+    if r.get("step_seconds"):
+        # The median of per-step throughputs: robust to steps slowed down by other processes on a shared machine.
+        rates = sorted(t / s for t, s in zip(r["step_tokens"], r["step_seconds"]))
+        out["train_tokens_per_s_median_step"] = rates[len(rates) // 2]
     if r.get("eval_seconds"):
         out["eval_examples_per_s"] = r["eval_examples"] / r["eval_seconds"]
         out["eval_tokens_per_s"] = r["eval_real_tokens"] / r["eval_seconds"]
@@ -330,6 +349,9 @@ def ratios(arms: dict) -> dict:
         if ft.get("train_tokens_per_s") and o.get("train_tokens_per_s"):
             out[f"train_tokens_per_s_ft_over_{other}"] = ft["train_tokens_per_s"] / o["train_tokens_per_s"]
             out[f"train_examples_per_s_ft_over_{other}"] = ft["train_examples_per_s"] / o["train_examples_per_s"]
+        if ft.get("train_tokens_per_s_median_step") and o.get("train_tokens_per_s_median_step"):
+            out[f"train_tokens_per_s_median_step_ft_over_{other}"] = (ft["train_tokens_per_s_median_step"]
+                                                                      / o["train_tokens_per_s_median_step"])
         if ft.get("eval_examples_per_s") and o.get("eval_examples_per_s"):
             out[f"eval_examples_per_s_ft_over_{other}"] = ft["eval_examples_per_s"] / o["eval_examples_per_s"]
         if "accuracy" in ft and "accuracy" in o:
@@ -353,17 +375,18 @@ def markdown(result: dict) -> str:
              f"transformers {m['packages'].get('transformers')}, peft {m['packages'].get('peft')}, "
              f"bitsandbytes {m['packages'].get('bitsandbytes')}; model {s['model']}, data {s['dataset']} "
              f"({s['train_examples']} train / {s['eval_examples']} validation examples used).", "",
-             "| arm | train real tokens/s | train examples/s | s/step | train padding eff. | eval examples/s | "
+             "| arm | train real tokens/s | (median step) | train examples/s | s/step | train padding eff. | eval examples/s | "
              "eval real tokens/s | eval padding eff. | peak memory (MiB) | val. accuracy | val. F1 |",
-             "| --- | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: |"]
+             "| --- | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: |"]
     for name, label in names.items():
         a = arms.get(name)
         if not a:
             continue
         if "error" in a:
-            lines.append(f"| {label} | failed: {a['error'][:80]} |" + " |" * 9)
+            lines.append(f"| {label} | failed: {a['error'][:80]} |" + " |" * 10)
             continue
-        lines.append(f"| {label} | {f(a.get('train_tokens_per_s'))} | {f(a.get('train_examples_per_s'), '{:.2f}')} | "
+        lines.append(f"| {label} | {f(a.get('train_tokens_per_s'))} | {f(a.get('train_tokens_per_s_median_step'))} | "
+                     f"{f(a.get('train_examples_per_s'), '{:.2f}')} | "
                      f"{f(a.get('train_seconds_per_step'), '{:.2f}')} | {f(a.get('train_padding_efficiency'), '{:.3f}')} | "
                      f"{f(a.get('eval_examples_per_s'), '{:.2f}')} | {f(a.get('eval_tokens_per_s'))} | "
                      f"{f(a.get('eval_padding_efficiency'), '{:.3f}')} | {f(a.get('peak_memory_bytes', 0) / 2**20, '{:.0f}')} | "
