@@ -1,6 +1,6 @@
 """Benchmark: ft.py against the transformers Trainer + PEFT QLoRA recipe, on the same model, data and steps.
 
-    make bench                                   # BENCH_STEPS=300 DATASET=../shared/data/glue by default
+    make bench                                   # BENCH_STEPS=80 (~30 min on 2 cores), DATASET=../shared/data/glue
     python bench/bench.py --steps 100 --dataset ../shared/data/glue
 
 Arms, run one after another, each in its own subprocess (clean peak memory, no shared caches):
@@ -23,7 +23,9 @@ comparison fair and does not change the Trainer's results). Training time is the
 the dense loop's own clock. Real tokens = non-padding tokens of the batches actually trained on.
 Evaluation is the whole validation split: ``trainer.predict()`` (the ``evaluate()`` loop that also
 returns the logits) against ft.py's evaluation after its last step. Peak memory is the arm's
-process peak RSS on CPU (``ru_maxrss``), peak allocated CUDA memory on a GPU.
+process peak RSS on CPU (``ru_maxrss``), peak allocated CUDA memory on a GPU. Besides total tokens /
+training seconds, each arm records per-step times and the median of per-step throughputs, which a
+step slowed down by another process on a shared machine does not move, and the load average.
 """
 from __future__ import annotations
 
