@@ -7,7 +7,7 @@ STAMP := $(VENV)/.setup-done
 DATASET ?= $(if $(wildcard ../shared/data/glue),../shared/data/glue,nyu-mll/glue)
 export QLORA_TEST_DATASET := $(DATASET)
 
-.PHONY: setup demo test sweep report clean
+.PHONY: setup demo test sweep report bench clean
 
 setup: $(STAMP)
 	@$(PY) -c "from qlora_cls.modeling import embedded_model_dir; print('embedded model:', embedded_model_dir())"
@@ -35,6 +35,13 @@ sweep: setup
 # make report DIR=results/prompts
 report: setup
 	$(PY) report.py $(DIR)
+
+# ft.py vs the transformers Trainer recipe vs the dense limit; writes bench/results/<timestamp>.json and .md.
+# BENCH_STEPS=N sets the optimizer steps per arm (80: ~30 min on two CPU cores, ~3.5 s per step of batch 8
+# with the embedded SmolLM2), DATASET=... points at local GLUE data.
+BENCH_STEPS ?= 80
+bench: setup
+	$(PY) bench/bench.py --steps $(BENCH_STEPS) --dataset $(DATASET)
 
 clean:
 	rm -rf $(VENV) .pytest_cache

@@ -92,6 +92,9 @@ def train(cfg: TrainConfig) -> Optional[dict]:
     if eval_split in cfg.train_splits:
         raise UsageError(f"cannot select epochs on {eval_split!r}: it is also trained on (--train_splits "
                          f"{' '.join(cfg.train_splits)}); evaluate on a held-out split with --eval_split")
+    if cfg.dry_run:  # memory estimate from shapes on the meta device: no weights are read
+        from qlora_cls.memory import dry_run
+        return dry_run(cfg, source, template, cfg.train_splits, eval_split, accelerator)
     model_path, tokenizer = tokenizer_for(cfg)
     splits = list(dict.fromkeys(cfg.train_splits + [eval_split]))
     data = prepare_data(source, template, tokenizer, splits, cfg.max_length,
@@ -200,7 +203,8 @@ def train(cfg: TrainConfig) -> Optional[dict]:
             with accelerator.accumulate(model):
                 loss = model(**batch).loss
                 accelerator.backward(loss)
-                window.add(loss.detach(), int(batch["attention_mask"].sum()), len(batches[i]))
+                # Real tokens from the known lengths, on the host: no device sync per micro-batch.
+                window.add(loss.detach(), sum(train_rows.lengths[r] for r in batches[i]), len(batches[i]))
                 if accelerator.sync_gradients:
                     # Under DeepSpeed the engine clips and steps inside backward() (the optimizer calls
                     # below are no-ops) and this returns the norm of the step it just took, as a float.

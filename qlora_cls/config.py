@@ -97,6 +97,9 @@ class TrainConfig:
         "save the full training state every N optimizer steps (and each epoch end); 0 = only at epoch ends"))
     keep_checkpoints: int = field(default=1, metadata=_help("how many of the newest checkpoints to keep"))
     resume: bool = field(default=False, metadata=_help("continue an unfinished run in --results_path from its last checkpoint"))
+    dry_run: bool = field(default=False, metadata=_help(
+        "print parameter counts and the per-process memory estimate (weights, LoRA, optimizer, activations, "
+        "ZeRO stages) without loading weights, then exit"))
     skip_nonfinite: bool = field(default=False, metadata=_help("skip optimizer steps whose loss is NaN/inf instead of stopping"))
 
     def __post_init__(self) -> None:

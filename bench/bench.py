@@ -1,0 +1,480 @@
+"""Benchmark: ft.py against the transformers Trainer + PEFT QLoRA recipe, on the same model, data and steps.
+
+    make bench                                   # BENCH_STEPS=80 (~30 min on 2 cores), DATASET=../shared/data/glue
+    python bench/bench.py --steps 100 --dataset ../shared/data/glue
+
+Arms, run one after another, each in its own subprocess (clean peak memory, no shared caches):
+
+1. ``trainer_default``: ``transformers.Trainer`` + PEFT, random sampling (what a user would write).
+2. ``trainer_grouped``: the same with ``train_sampling_strategy="group_by_length"``.
+3. ``ft``: ``ft.py`` (``ft.main`` called in the subprocess).
+4. ``dense``: the same model + LoRA + optimizer doing forward+backward+step on batches with no padding
+   and the same real token count as ft.py's batches (each batch becomes ``B`` sequences of
+   ``round(real tokens / B)`` of its own tokens, built before the clock starts): no data loading, no
+   padding, no bookkeeping, so it bounds what any training loop can reach.
+
+All arms: the same 4-bit NF4 base (double quantization, float32 compute on CPU), LoRA r=8/alpha 16/
+dropout 0.1 on q_proj,v_proj, head trained in full, 8-bit AdamW, lr 3e-4 with linear warm-up over
+6 % of the steps, gradient clipping 1.0, batch 8, the same tokenization (the toolkit's prompt
+rendering and truncation), and the CPU repack guard of ``qlora_cls.modeling`` (without it the
+Trainer's first ``evaluate()`` would repack the 4-bit weights and be ~5x slower; the guard makes the
+comparison fair and does not change the Trainer's results). Training time is the training loop only
+(model loading excluded): Trainer ``on_train_begin`` -> ``on_train_end``, ft.py ``train_seconds``,
+the dense loop's own clock. Real tokens = non-padding tokens of the batches actually trained on.
+Evaluation is the whole validation split: ``trainer.predict()`` (the ``evaluate()`` loop that also
+returns the logits) against ft.py's evaluation after its last step. Peak memory is the arm's
+process peak RSS on CPU (``ru_maxrss``), peak allocated CUDA memory on a GPU. Besides total tokens /
+training seconds, each arm records per-step times and the median of per-step throughputs, which a
+step slowed down by another process on a shared machine does not move, and the load average.
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import math
+import os
+import platform
+import subprocess
+import sys
+import tempfile
+import time
+from datetime import datetime
+from pathlib import Path
+
+REPO = Path(__file__).resolve().parent.parent
+sys.path.insert(0, str(REPO))
+
+ARMS = ("trainer_default", "trainer_grouped", "ft", "dense")
+TARGETS = {  # name: (ratio key, minimum)
+    "train tokens/s vs Trainer default": ("train_tokens_per_s_ft_over_trainer_default", 1.25),
+    "train tokens/s vs Trainer grouped": ("train_tokens_per_s_ft_over_trainer_grouped", 1.0),
+    "train tokens/s vs dense limit": ("train_tokens_per_s_ft_over_dense", 0.85),
+    "same, median step: vs Trainer default": ("train_tokens_per_s_median_step_ft_over_trainer_default", 1.25),
+    "same, median step: vs Trainer grouped": ("train_tokens_per_s_median_step_ft_over_trainer_grouped", 1.0),
+    "same, median step: vs dense limit": ("train_tokens_per_s_median_step_ft_over_dense", 0.85),
+    "eval examples/s vs Trainer evaluate()": ("eval_examples_per_s_ft_over_trainer_default", 3.0),
+    "accuracy minus Trainer default (points)": ("accuracy_points_ft_minus_trainer_default", -1.0),
+    "accuracy minus Trainer grouped (points)": ("accuracy_points_ft_minus_trainer_grouped", -1.0),
+}
+
+
+def parse_args(argv=None):
+    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0], formatter_class=argparse.RawTextHelpFormatter)
+    p.add_argument("--steps", type=int, default=300, help="optimizer steps per arm")
+    p.add_argument("--dataset", default="nyu-mll/glue", help="GLUE hub id or local folder in hub layout")
+    p.add_argument("--model_dir", default=None, help="base model; none = the embedded SmolLM2-135M-Instruct")
+    p.add_argument("--prompt", default="perfect", help="prompt template")
+    p.add_argument("--batch_size", type=int, default=8)
+    p.add_argument("--eval_batch_size", type=int, default=32, help="same for every arm")
+    p.add_argument("--lr", type=float, default=3e-4)
+    p.add_argument("--warmup_ratio", type=float, default=0.06)
+    p.add_argument("--seed", type=int, default=42)
+    p.add_argument("--max_length", type=int, default=512)
+    p.add_argument("--gradient_checkpointing", choices=("true", "false"), default="false",
+                   help="same for every arm; off by default (CPU memory is plenty, recomputation only costs time)")
+    p.add_argument("--max_train_samples", type=int, default=None, help="(tests) use only the first N training examples")
+    p.add_argument("--max_eval_samples", type=int, default=None, help="(tests) evaluate only the first N examples")
+    p.add_argument("--arms", default=",".join(ARMS), help=f"comma-separated subset of {','.join(ARMS)}")
+    p.add_argument("--out", default=str(REPO / "bench" / "results"), help="folder for <timestamp>.json and .md")
+    p.add_argument("--in_process", action="store_true",
+                   help="(tests) run the arms in this process: faster start, but peak memory is then cumulative")
+    p.add_argument("--run_arm", default=None, help=argparse.SUPPRESS)  # internal: run one arm in this process
+    p.add_argument("--arm_out", default=None, help=argparse.SUPPRESS)
+    args = p.parse_args(argv)
+    bad = [a for a in args.arms.split(",") if a not in ARMS]
+    if bad or args.steps <= 0:
+        p.error(f"unknown arm(s) {bad}" if bad else "--steps must be > 0")
+    return args
+
+
+# -- shared by the arms ------------------------------------------------------------------------------
+def _train_config(args):
+    from qlora_cls.config import TrainConfig
+    cfg = TrainConfig(model_dir=args.model_dir, dataset=args.dataset, prompt=args.prompt, batch_size=args.batch_size,
+                      eval_batch_size=args.eval_batch_size, lr=args.lr, warmup_ratio=args.warmup_ratio, seed=args.seed,
+                      max_length=args.max_length, gradient_checkpointing=args.gradient_checkpointing == "true",
+                      max_steps=args.steps, max_train_samples=args.max_train_samples,
+                      max_eval_samples=args.max_eval_samples)
+    import torch
+    cfg.resolve_compute_dtype("cuda" if torch.cuda.is_available() else "cpu")
+    return cfg
+
+
+def _data(cfg):
+    """Tokenized train/validation (HF datasets with input_ids, labels, length), as ft.py tokenizes them."""
+    from qlora_cls.data import DataSource, load_task_data, tokenize
+    from qlora_cls.modeling import load_tokenizer, resolve_model_dir
+    from qlora_cls.pipeline import select
+    from qlora_cls.prompts import load_template
+    model_path = resolve_model_dir(cfg.model_dir)
+    tokenizer = load_tokenizer(model_path)
+    template = load_template(cfg.prompt)
+    task = load_task_data(DataSource.from_config(cfg), ["train", "validation"])
+    out = {}
+    for split, n in (("train", cfg.max_train_samples), ("validation", cfg.max_eval_samples)):
+        out[split] = tokenize(select(task.splits[split], n), template, tokenizer, cfg.label_column, cfg.max_length,
+                              task.spec.is_regression)
+    return model_path, tokenizer, task.spec, out
+
+
+def ft_plan(lengths, cfg):
+    """ft.py's first ``steps`` micro-batches (epoch 0, one process): the dense arm reuses them."""
+    from qlora_cls.batching import train_batches
+    plan = []
+    epoch = 0
+    while len(plan) < cfg.max_steps:
+        plan += train_batches(lengths, cfg.batch_size, cfg.seed, epoch, 1, 0, 1, True)
+        epoch += 1
+    return plan[:cfg.max_steps]
+
+
+def _peak_memory():
+    import utils
+    import torch
+    return utils.peak_memory_bytes(torch.device("cuda" if torch.cuda.is_available() else "cpu"))
+
+
+def _scores(spec, logits, labels):
+    from qlora_cls.metrics import compute_metrics
+    import numpy as np
+    return compute_metrics(spec, np.asarray(logits), np.asarray(labels))
+
+
+# -- arm 1/2: the transformers Trainer recipe -----------------------------------------------------------
+class _CountingCollator:
+    """DataCollatorWithPadding that also records real and padded token counts of each batch it builds."""
+
+    def __init__(self, inner):
+        self.inner = inner
+        self.batches: list[tuple[int, int, int]] = []  # (examples, real tokens, padded tokens)
+
+    def __call__(self, features):
+        batch = self.inner(features)
+        mask = batch["attention_mask"]
+        self.batches.append((int(mask.shape[0]), int(mask.sum()), int(mask.numel())))
+        return batch
+
+
+def run_trainer(args, grouped: bool) -> dict:
+    import torch
+    from peft import LoraConfig, TaskType, get_peft_model, prepare_model_for_kbit_training
+    from transformers import (AutoModelForSequenceClassification, BitsAndBytesConfig, DataCollatorWithPadding,
+                              Trainer, TrainerCallback, TrainingArguments)
+
+    from qlora_cls.modeling import DTYPE, disable_cpu_weight_repacking
+
+    cfg = _train_config(args)
+    model_path, tokenizer, spec, data = _data(cfg)
+    compute = DTYPE[cfg.bnb_4bit_compute_dtype]
+    on_gpu = torch.cuda.is_available()
+    # The recipe as its tutorials write it.
+    model = AutoModelForSequenceClassification.from_pretrained(
+        model_path, num_labels=spec.num_labels, dtype=compute, device_map={"": 0 if on_gpu else "cpu"},
+        quantization_config=BitsAndBytesConfig(load_in_4bit=True, bnb_4bit_quant_type="nf4",
+                                               bnb_4bit_use_double_quant=True, bnb_4bit_compute_dtype=compute))
+    model.config.pad_token_id = tokenizer.pad_token_id
+    model.config.use_cache = False
+    disable_cpu_weight_repacking(model)  # the same CPU guard as ft.py (see the module docstring)
+    model = prepare_model_for_kbit_training(model, use_gradient_checkpointing=cfg.gradient_checkpointing,
+                                            gradient_checkpointing_kwargs={"use_reentrant": False})
+    model = get_peft_model(model, LoraConfig(task_type=TaskType.SEQ_CLS, r=cfg.r, lora_alpha=cfg.lora_alpha,
+                                             lora_dropout=cfg.lora_dropout, target_modules=list(cfg.target_modules)))
+    train = data["train"].remove_columns(["row", "idx"])
+    val = data["validation"].remove_columns(["row", "idx"])
+    collator = _CountingCollator(DataCollatorWithPadding(tokenizer))
+    clock = {}
+
+    class Clock(TrainerCallback):
+        def on_train_begin(self, *a, **k):
+            clock["start"] = time.perf_counter()
+
+        def on_step_end(self, *a, **k):
+            clock.setdefault("steps", []).append(time.perf_counter())
+
+        def on_train_end(self, *a, **k):
+            clock["end"] = time.perf_counter()
+
+    with tempfile.TemporaryDirectory() as tmp:
+        targs = TrainingArguments(
+            output_dir=tmp, per_device_train_batch_size=cfg.batch_size, per_device_eval_batch_size=cfg.eval_batch_size,
+            learning_rate=cfg.lr, warmup_steps=math.ceil(cfg.warmup_ratio * cfg.max_steps), lr_scheduler_type="linear",
+            weight_decay=cfg.weight_decay, max_grad_norm=cfg.max_grad_norm, optim="adamw_bnb_8bit",
+            max_steps=cfg.max_steps, train_sampling_strategy="group_by_length" if grouped else "random",
+            logging_strategy="no", save_strategy="no", eval_strategy="no", report_to="none", seed=cfg.seed,
+            use_cpu=not on_gpu, dataloader_num_workers=0, disable_tqdm=True,
+            gradient_checkpointing=cfg.gradient_checkpointing,
+            gradient_checkpointing_kwargs={"use_reentrant": False})
+        trainer = Trainer(model=model, args=targs, train_dataset=train, data_collator=collator, callbacks=[Clock()])
+        result = trainer.train()
+        train_seconds = clock["end"] - clock["start"]
+        # accelerate's data loader fetches one batch ahead: count only the batches trained on.
+        trained = collator.batches[:cfg.max_steps]
+        step_seconds = [b - a for a, b in zip([clock["start"]] + clock["steps"][:-1], clock["steps"])]
+        collator.batches = []
+        start = time.perf_counter()
+        pred = trainer.predict(val)
+        eval_seconds = time.perf_counter() - start
+        evaluated = collator.batches
+    scores = _scores(spec, pred.predictions, val["labels"])
+    return {
+        "train_seconds": train_seconds, "train_steps": cfg.max_steps, "train_loss": result.training_loss,
+        "train_examples": sum(b[0] for b in trained), "train_real_tokens": sum(b[1] for b in trained),
+        "step_seconds": step_seconds, "step_tokens": [b[1] for b in trained],
+        "train_padding_efficiency": sum(b[1] for b in trained) / sum(b[2] for b in trained),
+        "eval_seconds": eval_seconds, "eval_examples": len(val),
+        "eval_padding_efficiency": sum(b[1] for b in evaluated) / sum(b[2] for b in evaluated),
+        "eval_real_tokens": sum(val["length"]), **scores,
+    }
+
+
+# -- arm 3: ft.py --------------------------------------------------------------------------------------
+def run_ft(args) -> dict:
+    import ft
+    from qlora_cls.batching import padding_efficiency
+    cfg = _train_config(args)
+    _, _, _, data = _data(cfg)
+    lengths = data["train"]["length"]
+    plan = ft_plan(lengths, cfg)
+    with tempfile.TemporaryDirectory() as tmp:
+        argv = ["--dataset", args.dataset, "--results_path", str(Path(tmp) / "run"), "--prompt", args.prompt,
+                "--max_steps", str(args.steps), "--batch_size", str(args.batch_size),
+                "--eval_batch_size", str(args.eval_batch_size), "--lr", str(args.lr),
+                "--warmup_ratio", str(args.warmup_ratio), "--seed", str(args.seed),
+                "--max_length", str(args.max_length), "--gradient_checkpointing", args.gradient_checkpointing,
+                "--log_every", "1"]  # one log line per step: per-step throughput (see _derive)
+        for flag in ("model_dir", "max_train_samples", "max_eval_samples"):
+            if getattr(args, flag) is not None:
+                argv += [f"--{flag}", str(getattr(args, flag))]
+        summary = ft.main(argv)
+        log = [json.loads(x) for x in (Path(tmp) / "run" / "train_log.jsonl").read_text().splitlines()]
+    final = summary["final"]
+    return {
+        "train_seconds": summary["train_seconds"], "train_steps": args.steps, "train_loss": log[-1]["loss"],
+        "step_tokens": [sum(lengths[r] for r in b) for b in plan],
+        "step_seconds": [sum(lengths[r] for r in b) / e["tokens_per_s"] for b, e in zip(plan, log)],
+        "loss_curve": [e["loss"] for e in log],
+        "train_examples": sum(len(b) for b in plan), "train_real_tokens": sum(lengths[r] for b in plan for r in b),
+        "train_padding_efficiency": padding_efficiency(plan, lengths),
+        "eval_seconds": final["eval_seconds"], "eval_examples": len(data["validation"]),
+        "eval_padding_efficiency": final["eval_padding_efficiency"],
+        "eval_real_tokens": sum(data["validation"]["length"]),
+        **{k: final[k] for k in ("accuracy", "f1") if k in final},
+    }
+
+
+# -- arm 4: the dense limit -------------------------------------------------------------------------------
+def run_dense(args) -> dict:
+    import torch
+    from transformers import get_linear_schedule_with_warmup
+
+    from qlora_cls.modeling import add_lora, load_base_model
+
+    cfg = _train_config(args)
+    model_path, tokenizer, spec, data = _data(cfg)
+    lengths, ids, labels = data["train"]["length"], data["train"]["input_ids"], data["train"]["labels"]
+    plan = ft_plan(lengths, cfg)
+    device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    torch.manual_seed(cfg.seed)
+    model = add_lora(load_base_model(cfg, model_path, spec.num_labels, tokenizer.pad_token_id,
+                                     {"": str(device)}), cfg)
+    trainable = [p for p in model.parameters() if p.requires_grad]
+    import bitsandbytes as bnb
+    optimizer = bnb.optim.AdamW8bit(trainable, lr=cfg.lr, weight_decay=cfg.weight_decay)
+    scheduler = get_linear_schedule_with_warmup(optimizer, math.ceil(cfg.warmup_ratio * cfg.max_steps), cfg.max_steps)
+    batches = []
+    for rows in plan:  # equal-length rows, each cut from (or cycled over) its own example's tokens
+        width = max(1, round(sum(lengths[r] for r in rows) / len(rows)))
+        x = torch.tensor([(ids[r] * math.ceil(width / lengths[r]))[:width] for r in rows], device=device)
+        batches.append({"input_ids": x, "attention_mask": torch.ones_like(x),
+                        "labels": torch.tensor([labels[r] for r in rows], device=device)})
+    model.train()
+    start = time.perf_counter()
+    step_seconds = []
+    for batch in batches:
+        t0 = time.perf_counter()
+        loss = model(**batch).loss
+        loss.backward()
+        torch.nn.utils.clip_grad_norm_(trainable, cfg.max_grad_norm)
+        optimizer.step()
+        scheduler.step()
+        optimizer.zero_grad(set_to_none=True)
+        step_seconds.append(time.perf_counter() - t0)
+    if device.type == "cuda":
+        torch.cuda.synchronize()
+    seconds = time.perf_counter() - start
+    return {"train_seconds": seconds, "train_steps": len(batches), "train_loss": float(loss),
+            "train_examples": sum(len(b["labels"]) for b in batches), "step_seconds": step_seconds,
+            "step_tokens": [b["input_ids"].numel() for b in batches],
+            "train_real_tokens": sum(b["input_ids"].numel() for b in batches), "train_padding_efficiency": 1.0}
+
+
+# -- orchestration -----------------------------------------------------------------------------------------
+def _machine() -> dict:
+    import utils
+    info = utils.hardware_info()
+    try:
+        for line in Path("/proc/cpuinfo").read_text().splitlines():
+            if line.startswith("model name"):
+                info["cpu_model"] = line.split(":", 1)[1].strip()
+                break
+        flags = next(l for l in Path("/proc/cpuinfo").read_text().splitlines() if l.startswith("flags"))
+        info["avx512_bf16"] = "avx512_bf16" in flags
+    except (OSError, StopIteration):
+        pass
+    import torch
+    info["torch_threads"] = torch.get_num_threads()
+    info["packages"] = utils.package_versions()
+    return info
+
+
+def _derive(r: dict) -> dict:
+    out = dict(r)
+    if r.get("train_seconds"):
+        out["train_tokens_per_s"] = r["train_real_tokens"] / r["train_seconds"]
+        out["train_examples_per_s"] = r["train_examples"] / r["train_seconds"]
+        out["train_seconds_per_step"] = r["train_seconds"] / r["train_steps"]
+    if r.get("step_seconds"):
+        # The median of per-step throughputs: robust to steps slowed down by other processes on a shared machine.
+        rates = sorted(t / s for t, s in zip(r["step_tokens"], r["step_seconds"]))
+        out["train_tokens_per_s_median_step"] = rates[len(rates) // 2]
+    if r.get("eval_seconds"):
+        out["eval_examples_per_s"] = r["eval_examples"] / r["eval_seconds"]
+        out["eval_tokens_per_s"] = r["eval_real_tokens"] / r["eval_seconds"]
+    return out
+
+
+def ratios(arms: dict) -> dict:
+    out = {}
+    ft = arms.get("ft", {})
+    for other in ("trainer_default", "trainer_grouped", "dense"):
+        o = arms.get(other, {})
+        if ft.get("train_tokens_per_s") and o.get("train_tokens_per_s"):
+            out[f"train_tokens_per_s_ft_over_{other}"] = ft["train_tokens_per_s"] / o["train_tokens_per_s"]
+            out[f"train_examples_per_s_ft_over_{other}"] = ft["train_examples_per_s"] / o["train_examples_per_s"]
+        if ft.get("train_tokens_per_s_median_step") and o.get("train_tokens_per_s_median_step"):
+            out[f"train_tokens_per_s_median_step_ft_over_{other}"] = (ft["train_tokens_per_s_median_step"]
+                                                                      / o["train_tokens_per_s_median_step"])
+        if ft.get("eval_examples_per_s") and o.get("eval_examples_per_s"):
+            out[f"eval_examples_per_s_ft_over_{other}"] = ft["eval_examples_per_s"] / o["eval_examples_per_s"]
+        if "accuracy" in ft and "accuracy" in o:
+            out[f"accuracy_points_ft_minus_{other}"] = 100 * (ft["accuracy"] - o["accuracy"])
+            out[f"f1_points_ft_minus_{other}"] = 100 * (ft["f1"] - o["f1"])
+    return out
+
+
+def markdown(result: dict) -> str:
+    m, s = result["machine"], result["settings"]
+    arms = result["arms"]
+    names = {"trainer_default": "Trainer + PEFT (random batches)", "trainer_grouped": "Trainer + PEFT (group_by_length)",
+             "ft": "ft.py", "dense": "dense limit (no padding, no loop)"}
+
+    def f(v, fmt="{:.1f}"):
+        return "–" if v is None else fmt.format(v)
+
+    lines = [f"Benchmark {result['started']}: {s['steps']} optimizer steps of batch {s['batch_size']}, "
+             f"{m.get('cpu_model', m.get('cpu'))} ({m.get('cpu_count')} cores, {m.get('torch_threads')} torch threads"
+             f"{', GPU ' + ', '.join(m['gpus']) if m.get('gpus') else ''}), torch {m['packages'].get('torch')}, "
+             f"transformers {m['packages'].get('transformers')}, peft {m['packages'].get('peft')}, "
+             f"bitsandbytes {m['packages'].get('bitsandbytes')}; model {s['model']}, data {s['dataset']} "
+             f"({s['train_examples']} train / {s['eval_examples']} validation examples used).", "",
+             "| arm | train real tokens/s | (median step) | train examples/s | s/step | train padding eff. | eval examples/s | "
+             "eval real tokens/s | eval padding eff. | peak memory (MiB) | val. accuracy | val. F1 |",
+             "| --- | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: |"]
+    for name, label in names.items():
+        a = arms.get(name)
+        if not a:
+            continue
+        if "error" in a:
+            lines.append(f"| {label} | failed: {a['error'][:80]} |" + " |" * 10)
+            continue
+        lines.append(f"| {label} | {f(a.get('train_tokens_per_s'))} | {f(a.get('train_tokens_per_s_median_step'))} | "
+                     f"{f(a.get('train_examples_per_s'), '{:.2f}')} | "
+                     f"{f(a.get('train_seconds_per_step'), '{:.2f}')} | {f(a.get('train_padding_efficiency'), '{:.3f}')} | "
+                     f"{f(a.get('eval_examples_per_s'), '{:.2f}')} | {f(a.get('eval_tokens_per_s'))} | "
+                     f"{f(a.get('eval_padding_efficiency'), '{:.3f}')} | {f(a.get('peak_memory_bytes', 0) / 2**20, '{:.0f}')} | "
+                     f"{f(a.get('accuracy'), '{:.4f}')} | {f(a.get('f1'), '{:.4f}')} |")
+    lines += ["", "| target | measured | required | met |", "| --- | ---: | ---: | :---: |"]
+    for label, (key, minimum) in TARGETS.items():
+        v = result["ratios"].get(key)
+        lines.append(f"| {label} | {f(v, '{:.2f}')} | >= {minimum:g} | {'–' if v is None else 'yes' if v >= minimum else 'NO'} |")
+    other = {k: v for k, v in result["ratios"].items() if k not in {key for key, _ in TARGETS.values()}}
+    if other:
+        lines += ["", "Other ratios: " + ", ".join(f"{k} = {v:.2f}" for k, v in sorted(other.items()))]
+    return "\n".join(lines) + "\n"
+
+
+def run_arm_subprocess(args, arm: str, argv: list[str], log_path: Path) -> dict:
+    with tempfile.TemporaryDirectory() as tmp:
+        out = Path(tmp) / "arm.json"
+        cmd = [sys.executable, str(Path(__file__).resolve()), *argv, "--run_arm", arm, "--arm_out", str(out)]
+        with open(log_path, "w") as logf:
+            proc = subprocess.run(cmd, stdout=logf, stderr=subprocess.STDOUT, cwd=str(REPO))
+        if proc.returncode != 0 or not out.is_file():
+            tail = log_path.read_text().strip().splitlines()[-1:] or ["no output"]
+            return {"error": f"exit {proc.returncode}: {tail[0]}"}
+        return json.loads(out.read_text())
+
+
+def run_arm(args, arm: str) -> dict:
+    import logging
+    logging.basicConfig(level=logging.WARNING)
+    fn = {"trainer_default": lambda: run_trainer(args, False), "trainer_grouped": lambda: run_trainer(args, True),
+          "ft": lambda: run_ft(args), "dense": lambda: run_dense(args)}[arm]
+    load_before = os.getloadavg()[0]
+    result = fn()
+    result["peak_memory_bytes"] = _peak_memory()
+    # Other processes on the machine distort timings: the 1-minute load average before/after says how much.
+    result["load_average_1min"] = [load_before, os.getloadavg()[0]]
+    return result
+
+
+def main(argv=None) -> dict:
+    args = parse_args(argv)
+    if args.run_arm:
+        result = run_arm(args, args.run_arm)
+        Path(args.arm_out).write_text(json.dumps(result))
+        return result
+
+    argv = list(sys.argv[1:] if argv is None else argv)
+    out_dir = Path(args.out)
+    out_dir.mkdir(parents=True, exist_ok=True)
+    stamp = datetime.now().strftime("%Y%m%d-%H%M%S")
+    cfg = _train_config(args)
+    _, _, _, data = _data(cfg)
+    result = {"started": datetime.now().isoformat(timespec="seconds"), "machine": _machine(),
+              "settings": {**{k: v for k, v in vars(args).items() if k not in ("run_arm", "arm_out", "out")},
+                           "model": args.model_dir or "embedded SmolLM2-135M-Instruct",
+                           "compute_dtype": cfg.bnb_4bit_compute_dtype, "optimizer": "bitsandbytes AdamW8bit",
+                           "lora": {"r": cfg.r, "alpha": cfg.lora_alpha, "dropout": cfg.lora_dropout,
+                                    "target_modules": list(cfg.target_modules)},
+                           "train_examples": len(data["train"]), "eval_examples": len(data["validation"]),
+                           "peak_memory": "cumulative over the arms (in-process run)" if args.in_process
+                           else "peak RSS (CPU) / max allocated CUDA memory of each arm's own process"},
+              "arms": {}}
+    for arm in args.arms.split(","):
+        print(f"[bench] {arm}: running {args.steps} steps ...", flush=True)
+        t0 = time.perf_counter()
+        r = run_arm(args, arm) if args.in_process else run_arm_subprocess(args, arm, argv, out_dir / f"{stamp}-{arm}.log")
+        result["arms"][arm] = r if "error" in r else _derive(r)
+        a = result["arms"][arm]
+        print(f"[bench] {arm}: {time.perf_counter() - t0:.0f} s wall; "
+              + (a["error"] if "error" in a else
+                 f"{a['train_tokens_per_s']:.1f} train tokens/s" +
+                 (f", {a['eval_examples_per_s']:.2f} eval examples/s, accuracy {a['accuracy']:.4f}"
+                  if "eval_examples_per_s" in a else "")), flush=True)
+    result["ratios"] = ratios(result["arms"])
+    result["targets"] = {label: {"ratio": key, "min": minimum, "value": result["ratios"].get(key),
+                                 "met": None if result["ratios"].get(key) is None else result["ratios"][key] >= minimum}
+                         for label, (key, minimum) in TARGETS.items()}
+    json_path = out_dir / f"{stamp}.json"
+    json_path.write_text(json.dumps(result, indent=2) + "\n")
+    md = markdown(result)
+    (out_dir / f"{stamp}.md").write_text(md)
+    print(md)
+    print(f"[bench] wrote {json_path} and {json_path.with_suffix('.md')}")
+    result["json_path"] = str(json_path)
+    return result
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,244 @@
+"""Memory dry-run (``ft.py --dry_run``): what a run will need, per process, without loading weights.
+
+The architecture is built on the meta device (shapes only), LoRA is added the same way as in training,
+and every figure is computed from shapes:
+
+* **weights** of the 4-bit base: packed NF4/FP4 linear weights (0.5 byte per parameter), their
+  absmax constants (one per block of 64; with double quantization an 8-bit absmax per block plus an
+  fp32 second-level constant per 256 blocks, else fp32 per block), and the parameters bitsandbytes
+  leaves alone (embeddings, norms, the head) in fp32, because ``prepare_model_for_kbit_training``
+  casts them to fp32 whatever the load dtype. Without 4 bit: every parameter in the compute dtype.
+* **LoRA (+ head)**: the trainable parameters, fp32.
+* **gradients**: fp32, one per trainable parameter.
+* **optimizer state**: bitsandbytes 8-bit AdamW keeps two uint8 states (+ an fp32 absmax per block
+  of 256) for tensors of at least 4096 elements and two fp32 states for smaller ones; torch AdamW
+  keeps two fp32 states (8 bytes per parameter).
+* **activations** of the longest training batch (``--batch_size`` x the longest tokenized example,
+  since padding is to the longest of a batch): per token and layer, the tensors autograd keeps for
+  backward in a Llama-style block (norms, q/k/v, attention, MLP, LoRA); with gradient checkpointing
+  only each layer's input is kept plus one layer's full set during its recomputation. Plus the
+  largest de-quantized weight, which exists transiently during each 4-bit matmul. It is an estimate
+  (allocator caching, kernels' workspaces and the CUDA context, ~0.3-1 GB, are not in it).
+
+ZeRO (DeepSpeed) changes the per-process share: stage 1 shards optimizer state, stage 2 also
+gradients, stage 3 also the parameters (4-bit weights included), each over the world size.
+"""
+from __future__ import annotations
+
+import logging
+import math
+from typing import Optional
+
+import torch
+
+log = logging.getLogger(__name__)
+
+QUANT_BLOCK = 64  # bitsandbytes 4-bit block size
+NESTED_BLOCK = 256  # double quantization: blocks of absmax constants
+OPT_BLOCK = 256  # bitsandbytes 8-bit optimizer block size
+OPT_MIN_8BIT = 4096  # smaller tensors keep 32-bit optimizer state (bitsandbytes min_8bit_size)
+GiB = 1024 ** 3
+MiB = 1024 ** 2
+
+
+def _dtype_bytes(name: str) -> int:
+    return {"float32": 4, "bfloat16": 2, "float16": 2, "uint8": 1}[name]
+
+
+def quantized_linear_bytes(numel: int, double_quant: bool) -> int:
+    """Bytes of one 4-bit weight: packed values + its quantization constants."""
+    blocks = math.ceil(numel / QUANT_BLOCK)
+    if double_quant:
+        constants = blocks + 4 * math.ceil(blocks / NESTED_BLOCK)
+    else:
+        constants = 4 * blocks
+    return math.ceil(numel / 2) + constants
+
+
+def optimizer_state_bytes(params, optim: str) -> int:
+    total = 0
+    for p in params:
+        n = p.numel()
+        if optim == "adamw_torch" or n < OPT_MIN_8BIT:
+            total += 8 * n
+        else:
+            total += 2 * n + 2 * 4 * math.ceil(n / OPT_BLOCK)
+    return total
+
+
+def weight_breakdown(model, cfg, skip: list[str]) -> dict:
+    """Bytes of the frozen base (4-bit or not) of a meta-device model, before LoRA is added."""
+    compute = _dtype_bytes(cfg.bnb_4bit_compute_dtype)
+    quantized = packed = constants = other = 0
+    largest = 0
+    seen: set[int] = set()
+    for name, module in model.named_modules():
+        if not isinstance(module, torch.nn.Linear):
+            continue
+        is_skipped = any(name == s or name.endswith("." + s) or name.startswith(s + ".") for s in skip)
+        if cfg.load_in_4bit and not is_skipped:
+            n = module.weight.numel()
+            quantized += n
+            q = quantized_linear_bytes(n, cfg.bnb_4bit_use_double_quant)
+            packed += math.ceil(n / 2)
+            constants += q - math.ceil(n / 2)
+            largest = max(largest, n)
+            seen.add(id(module.weight))
+    for p in model.parameters():
+        if id(p) in seen:
+            continue
+        seen.add(id(p))
+        # prepare_model_for_kbit_training casts the non-quantized parameters to fp32.
+        other += p.numel() * (4 if cfg.load_in_4bit else compute)
+        if not cfg.load_in_4bit and p.dim() == 2:
+            largest = max(largest, p.numel())
+    buffers = sum(b.numel() * b.element_size() for b in model.buffers())
+    return {"quantized_params": quantized, "packed_bytes": packed, "quant_constant_bytes": constants,
+            "other_param_bytes": other, "buffer_bytes": buffers,
+            "weight_bytes": packed + constants + other + buffers,
+            "largest_dequantized_bytes": largest * compute if cfg.load_in_4bit else 0}
+
+
+def activation_bytes(config, tokens: int, seq_len: int, cfg, training: bool, lora_targets: int) -> int:
+    """Estimated activation memory of one batch of ``tokens`` (= batch x padded length) tokens."""
+    h = config.hidden_size
+    inter = getattr(config, "intermediate_size", 4 * h)
+    layers = config.num_hidden_layers
+    heads = config.num_attention_heads
+    kv = getattr(config, "num_key_value_heads", heads) * (h // heads)
+    cb = _dtype_bytes(cfg.bnb_4bit_compute_dtype)
+    rb = 4 if cfg.load_in_4bit else cb  # residual stream: fp32 embeddings/norms after prepare_model_for_kbit_training
+    attn = heads * seq_len  # attention probabilities per token when the kernel materialises them
+    if not training:  # inference: one layer's working set at a time
+        return tokens * (3 * h * rb + (2 * h + 2 * kv + 3 * inter + attn) * cb)
+    lora = lora_targets * (h * cb + h + cfg.r * 4)  # dropout output + mask + lora_A output per target
+    per_layer = 4 * h * rb + (5 * h + 3 * kv + 4 * inter + attn) * cb + lora
+    embed_and_head = 3 * h * rb
+    if cfg.gradient_checkpointing:
+        return tokens * (layers * h * rb + per_layer + embed_and_head)
+    return tokens * (layers * per_layer + embed_and_head)
+
+
+def estimate(cfg, model_path: str, num_labels: int, train_max_len: int, eval_max_len: int,
+             world_size: int = 1, zero_stage: int = 0) -> dict:
+    """All figures of the dry-run, in bytes (per process)."""
+    from accelerate import init_empty_weights
+    from peft import get_peft_model
+    from transformers.quantizers.base import get_keys_to_not_convert
+
+    from .modeling import check_target_modules, lora_config, meta_model
+
+    arch = meta_model(model_path, num_labels, cfg.trust_remote_code)
+    check_target_modules(arch, list(cfg.target_modules))
+    skip = get_keys_to_not_convert(arch) if cfg.load_in_4bit else []
+    weights = weight_breakdown(arch, cfg, skip)
+    with init_empty_weights():
+        peft_model = get_peft_model(arch, lora_config(cfg))
+    trainable_params = [p for p in peft_model.parameters() if p.requires_grad]
+    trainable = sum(p.numel() for p in trainable_params)
+    total = sum(p.numel() for p in peft_model.parameters())
+    targets = sum(1 for _, m in peft_model.named_modules() if hasattr(m, "lora_A")) // arch.config.num_hidden_layers
+    lora_bytes = 4 * trainable
+    grad_bytes = 4 * trainable
+    opt_bytes = optimizer_state_bytes(trainable_params, cfg.optim)
+    act_train = activation_bytes(arch.config, cfg.batch_size * train_max_len, train_max_len, cfg, True, targets)
+    act_train += weights["largest_dequantized_bytes"]
+    act_eval = activation_bytes(arch.config, cfg.eval_batch_size * eval_max_len, eval_max_len, cfg, False, targets)
+    act_eval += weights["largest_dequantized_bytes"]
+    result = {
+        "model_path": model_path, "trainable_params": trainable, "total_params": total,
+        "quantized_params": weights["quantized_params"], "modules_not_quantized": sorted(skip),
+        "weights": weights, "weight_bytes": weights["weight_bytes"], "lora_bytes": lora_bytes,
+        "gradient_bytes": grad_bytes, "optimizer_bytes": opt_bytes,
+        "train_tokens_per_batch": cfg.batch_size * train_max_len, "train_max_len": train_max_len,
+        "eval_tokens_per_batch": cfg.eval_batch_size * eval_max_len, "eval_max_len": eval_max_len,
+        "activation_bytes": act_train, "eval_activation_bytes": act_eval,
+        "world_size": world_size, "zero_stage": zero_stage,
+    }
+    result["zero"] = {f"{stage}/{w}": per_process(result, stage, w)
+                      for stage in (0, 1, 2, 3) for w in sorted({1, 2, 4, 8, world_size})}
+    result["per_process_bytes"] = per_process(result, zero_stage, world_size)
+    return result
+
+
+def per_process(r: dict, stage: int, world: int) -> int:
+    """Training peak per process under ZeRO ``stage`` (0 = plain DDP) on ``world`` processes."""
+    weights = r["weight_bytes"] / (world if stage >= 3 else 1)
+    lora = r["lora_bytes"] / (world if stage >= 3 else 1)
+    grads = r["gradient_bytes"] / (world if stage >= 2 else 1)
+    opt = r["optimizer_bytes"] / (world if stage >= 1 else 1)
+    return int(weights + lora + grads + opt + r["activation_bytes"])
+
+
+def _fmt(n: float) -> str:
+    return f"{n / GiB:8.2f} GiB" if n >= GiB else f"{n / MiB:8.1f} MiB"
+
+
+def report(r: dict, cfg, note: Optional[str] = None) -> str:
+    w = r["weights"]
+    lines = [
+        f"memory dry-run for {r['model_path']} (no weights loaded)",
+        f"  parameters: {r['trainable_params']:,} trainable of {r['total_params']:,} "
+        f"({100 * r['trainable_params'] / r['total_params']:.3f}%); {r['quantized_params']:,} in 4-bit linears"
+        if cfg.load_in_4bit else
+        f"  parameters: {r['trainable_params']:,} trainable of {r['total_params']:,}",
+        f"  compute dtype {cfg.bnb_4bit_compute_dtype}, optimizer {cfg.optim}, gradient checkpointing "
+        f"{'on' if cfg.gradient_checkpointing else 'off'}, batch {cfg.batch_size} x {r['train_max_len']} tokens "
+        f"(longest example), eval batch {cfg.eval_batch_size} x {r['eval_max_len']}",
+    ]
+    if note:
+        lines.append(f"  note: {note}")
+    rows = [
+        ("base weights (total)", r["weight_bytes"]),
+        ("  packed 4-bit values", w["packed_bytes"]),
+        ("  quantization constants", w["quant_constant_bytes"]),
+        ("  non-quantized params (fp32)" if cfg.load_in_4bit else "  params", w["other_param_bytes"]),
+        ("LoRA + head (fp32)", r["lora_bytes"]),
+        ("gradients (fp32)", r["gradient_bytes"]),
+        ("optimizer state", r["optimizer_bytes"]),
+        ("activations, training batch", r["activation_bytes"]),
+        (f"per process, training (ZeRO-{r['zero_stage']}, {r['world_size']} proc)"
+         if r["zero_stage"] else f"per process, training ({r['world_size']} proc)", r["per_process_bytes"]),
+        ("evaluation activations", r["eval_activation_bytes"]),
+    ]
+    lines += [f"  {name:<44}{_fmt(value)}" for name, value in rows]
+    worlds = sorted({int(k.split("/")[1]) for k in r["zero"]})
+    lines.append("  training peak per process by ZeRO stage (columns: processes)")
+    lines.append("  " + f"{'':<14}" + "".join(f"{w:>14}" for w in worlds))
+    for stage, label in ((0, "DDP / ZeRO-0"), (1, "ZeRO-1"), (2, "ZeRO-2"), (3, "ZeRO-3")):
+        lines.append("  " + f"{label:<14}" + "".join(f"{_fmt(r['zero'][f'{stage}/{w}']):>14}" for w in worlds))
+    return "\n".join(lines)
+
+
+def dry_run(cfg, source, template, splits: list[str], eval_split: str, accelerator) -> dict:
+    """``ft.py --dry_run``: tokenize (for the real lengths), estimate, print, load no weights."""
+    from .errors import UsageError
+    from .pipeline import prepare_data, resolve_paths, tokenizer_for
+    from .preflight import zero_stage
+    from .tasks import GLUE_TASKS
+
+    model_path, _ = resolve_paths(cfg)
+    note = None
+    try:
+        _, tokenizer = tokenizer_for(cfg)
+    except UsageError:
+        tokenizer = None
+        note = (f"no tokenizer in {cfg.tokenizer_dir or model_path}: sequence length taken as --max_length "
+                f"{cfg.max_length} (give --tokenizer_dir for the real lengths)")
+    if tokenizer is not None:
+        all_splits = list(dict.fromkeys(list(splits) + [eval_split]))
+        data = prepare_data(source, template, tokenizer, all_splits, cfg.max_length,
+                            {s: cfg.max_train_samples for s in splits} | {eval_split: cfg.max_eval_samples},
+                            accelerator)
+        num_labels = data.task.spec.num_labels
+        train_max = max(max(data.batchers[s].lengths) for s in splits)
+        eval_max = max(data.batchers[eval_split].lengths)
+    else:
+        spec = GLUE_TASKS.get(cfg.task)
+        num_labels = spec.num_labels if spec and not cfg.train_file else max(len(cfg.label_names or [0, 1]), 1)
+        train_max = eval_max = cfg.max_length
+    r = estimate(cfg, model_path, num_labels, train_max, eval_max, accelerator.num_processes,
+                 zero_stage(accelerator))
+    if accelerator.is_main_process:
+        print(report(r, cfg, note), flush=True)
+    return {"dry_run": r}

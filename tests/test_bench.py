@@ -1,0 +1,25 @@
+"""bench/bench.py end to end on the tiny model: every arm runs, JSON and Markdown carry all arms and ratios."""
+import json
+from pathlib import Path
+
+from bench import bench
+
+
+def test_bench_smoke_writes_all_arms_and_ratios(tiny_model, mrpc, tmp_path):
+    out = bench.main(["--steps", "2", "--model_dir", tiny_model, "--dataset", mrpc, "--max_train_samples", "32",
+                      "--max_eval_samples", "24", "--eval_batch_size", "8", "--out", str(tmp_path), "--in_process"])
+    data = json.loads(Path(out["json_path"]).read_text())
+    assert set(data["arms"]) == set(bench.ARMS)
+    for name, arm in data["arms"].items():
+        assert "error" not in arm, (name, arm)
+        assert arm["train_tokens_per_s"] > 0 and arm["train_steps"] == 2 and arm["peak_memory_bytes"] > 0
+        if name != "dense":
+            assert arm["eval_examples"] == 24 and arm["eval_examples_per_s"] > 0 and 0 <= arm["accuracy"] <= 1
+    assert data["arms"]["dense"]["train_padding_efficiency"] == 1.0
+    for key, _ in bench.TARGETS.values():
+        assert key in data["ratios"]
+    assert data["machine"]["cpu_count"] and data["machine"]["packages"]["transformers"]
+    md = Path(out["json_path"]).with_suffix(".md").read_text()
+    for label in ("Trainer + PEFT (random batches)", "Trainer + PEFT (group_by_length)", "ft.py", "dense limit"):
+        assert label in md
+    assert md.count("| >= ") == len(bench.TARGETS)

@@ -1,0 +1,84 @@
+"""ft.py --dry_run: weight figure vs the loaded model, no weights read, ZeRO shares, Llama-3-8B sanity."""
+import shutil
+from pathlib import Path
+
+import pytest
+
+import ft
+from qlora_cls import memory
+from qlora_cls.config import TrainConfig
+
+REPO = Path(__file__).resolve().parent.parent
+LLAMA3_8B = REPO / "bench" / "configs" / "llama3-8b"
+
+
+def test_weight_figure_within_5_percent_of_loaded_embedded_model():
+    from qlora_cls.modeling import add_lora, embedded_model_dir, load_base_model, load_tokenizer, parameter_counts
+    path = str(embedded_model_dir())
+    cfg = TrainConfig(bnb_4bit_compute_dtype="float32", gradient_checkpointing=False)
+    est = memory.estimate(cfg, path, 2, train_max_len=64, eval_max_len=64)
+    model = load_base_model(cfg, path, 2, load_tokenizer(path).pad_token_id, {"": "cpu"})
+    measured = model.get_memory_footprint()
+    # get_memory_footprint counts parameters and buffers, not the absmax constants kept beside each
+    # packed weight; add them so that both sides describe the same bytes.
+    constants = sum(m.weight.quant_state.absmax.numel() * m.weight.quant_state.absmax.element_size()
+                    + (m.weight.quant_state.state2.absmax.numel() * 4 if m.weight.quant_state.nested else 0)
+                    for m in model.modules() if hasattr(m.weight if hasattr(m, "weight") else None, "quant_state"))
+    assert constants > 0
+    assert abs(est["weight_bytes"] - measured) / measured < 0.05
+    assert abs(est["weight_bytes"] - (measured + constants)) / (measured + constants) < 0.01
+    counts = parameter_counts(add_lora(model, cfg))
+    assert (est["trainable_params"], est["total_params"]) == (counts["trainable"], counts["total"])
+
+
+def _weightless_copy(model_dir: str, dest: Path) -> Path:
+    """Config and tokenizer only: any attempt to read weights would fail."""
+    dest.mkdir()
+    for f in Path(model_dir).iterdir():
+        if f.suffix not in (".safetensors", ".bin", ".pt"):
+            shutil.copy(f, dest / f.name)
+    return dest
+
+
+def test_dry_run_reads_no_weights_and_creates_no_run(tiny_model, mrpc, tmp_path, capsys):
+    model = _weightless_copy(tiny_model, tmp_path / "no-weights")
+    results = tmp_path / "run"
+    out = ft.main(["--model_dir", str(model), "--dataset", mrpc, "--results_path", str(results), "--dry_run",
+                   "--max_train_samples", "40", "--max_eval_samples", "20"])
+    est = out["dry_run"]
+    printed = capsys.readouterr().out
+    assert "no weights loaded" in printed and "ZeRO-3" in printed and "activations" in printed
+    assert est["trainable_params"] > 0 and est["weight_bytes"] > 0 and est["activation_bytes"] > 0
+    assert 0 < est["train_max_len"] <= 512  # real tokenized lengths, not --max_length
+    assert not results.exists()
+
+
+def test_zero_stages_shard_what_they_should(tiny_model):
+    cfg = TrainConfig(model_dir=tiny_model, bnb_4bit_compute_dtype="float32")
+    est = memory.estimate(cfg, tiny_model, 2, 64, 64)
+    z = est["zero"]
+    assert len({z[f"0/{w}"] for w in (1, 2, 4, 8)}) == 1  # DDP: every process holds everything
+    assert all(z[f"{s}/1"] == z["0/1"] for s in (1, 2, 3))  # one process: nothing to shard
+    for w in (2, 4, 8):
+        assert z[f"0/{w}"] > z[f"1/{w}"] > z[f"2/{w}"] > z[f"3/{w}"]
+    assert z["0/8"] - z["3/8"] == pytest.approx(
+        7 / 8 * (est["weight_bytes"] + est["lora_bytes"] + est["gradient_bytes"] + est["optimizer_bytes"]), abs=4)
+    torch_adam = memory.estimate(TrainConfig(model_dir=tiny_model, bnb_4bit_compute_dtype="float32",
+                                             optim="adamw_torch"), tiny_model, 2, 64, 64)
+    # the tiny model's tensors are all below bitsandbytes' 4096-element 8-bit threshold: same state here
+    assert torch_adam["optimizer_bytes"] == 8 * est["trainable_params"] >= est["optimizer_bytes"]
+    no_ckpt = memory.estimate(TrainConfig(model_dir=tiny_model, bnb_4bit_compute_dtype="float32",
+                                          gradient_checkpointing=False), tiny_model, 2, 64, 64)
+    assert no_ckpt["activation_bytes"] > est["activation_bytes"]
+
+
+def test_llama3_8b_config_folder_estimate_is_sane(mrpc, capsys):
+    out = ft.main(["--model_dir", str(LLAMA3_8B), "--dataset", mrpc, "--dry_run",
+                   "--bnb_4bit_compute_dtype", "bfloat16"])["dry_run"]
+    assert "--max_length" in capsys.readouterr().out  # no tokenizer shipped: the worst-case length is used
+    assert 7.4e9 < out["total_params"] < 7.6e9  # 8.03B minus the LM head a classifier does not have
+    assert out["trainable_params"] == 32 * 8 * (4096 + 4096 + 4096 + 1024) + 4096 * 2  # LoRA q,v r=8 + head
+    gib = 1024 ** 3
+    assert out["optimizer_bytes"] < 2.1 * out["trainable_params"]  # 8-bit AdamW: 2 bytes per parameter
+    assert 5.0 * gib < out["weight_bytes"] < 5.6 * gib
+    assert 6 * gib < out["per_process_bytes"] < 18 * gib
