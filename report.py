@@ -14,7 +14,6 @@ from __future__ import annotations
 import argparse
 import csv
 import io
-import json
 import logging
 import sys
 from datetime import datetime
@@ -168,16 +167,15 @@ def _table(header: list[str], rows: list[list[str]]) -> str:
 
 
 def _markdown(col, rows, base, problems, metrics, metric, figures) -> str:
-    from qlora_cls import report as rp
     runs = [r for r in col.runs if r.finished]
     lines = [f"# Report: {col.root}", "",
              f"Generated {datetime.now():%Y-%m-%d %H:%M} by report.py from {len(col.runs)} run folder(s) "
              f"({len(runs)} finished) in {len(rows)} configuration(s). Swept fields: "
              f"{', '.join(col.swept) or 'none'}" + (" (inferred: the fields that vary; no sweep.json found)"
                                                     if col.swept_inferred else "") + ".",
-             "", f"Values are mean ± sample standard deviation (n-1) over seeds of the final adapter on each run's "
-                 f"eval split; a single run shows no ±. Throughput is the mean over training-log windows. Epochs count from 1 "
-                 f"(metrics.json counts from 0); best epoch – means no selection (final protocol).", ""]
+             "", "Values are mean ± sample standard deviation (n-1) over seeds of the final adapter on each run's "
+                 "eval split; a single run shows no ±. Throughput is the mean over training-log windows. Epochs count from 1 "
+                 "(metrics.json counts from 0); best epoch – means no selection (final protocol).", ""]
     for w in col.warnings:
         lines.append(f"> **Warning:** {w}.")
     if col.warnings:
@@ -231,7 +229,7 @@ def _markdown(col, rows, base, problems, metrics, metric, figures) -> str:
         lines.append("")
     differing = [k for g in col.groups for k in g.differs]
     if differing:
-        lines += [f"Rows flagged in 'differs in' were run with settings the others were not: compare them with care.", ""]
+        lines += ["Rows flagged in 'differs in' were run with settings the others were not: compare them with care.", ""]
     lines += ["Files: report.csv (this table, numbers unrounded), evals.csv (every adapter under every prompt). "
               f"{'' if not col.manifests else 'Sweep manifest(s): ' + ', '.join(str(p / 'sweep.json') for p in col.manifests) + '.'}",
               ""]
