@@ -13,7 +13,6 @@ DeepSpeed loads those files with its own (pickle-based) loader.
 from __future__ import annotations
 
 import json
-import os
 import random
 import shutil
 from pathlib import Path
@@ -97,7 +96,7 @@ def trainable_state(model) -> dict[str, torch.Tensor]:
 
 def save(accelerator, run_dir: Path, model, optimizer, scheduler, progress: dict, keep: int) -> Path | None:
     """Collective: every process calls it; the main process writes."""
-    from .files import atomic_write_json, make_temp_dir
+    from .files import atomic_write_json, make_temp_dir, replace_dir
     from accelerate.utils import broadcast_object_list
     rngs = accelerator.gather_for_metrics([_rng_state()], use_gather_object=True)
     deepspeed = _is_deepspeed(accelerator)
@@ -127,13 +126,7 @@ def save(accelerator, run_dir: Path, model, optimizer, scheduler, progress: dict
             shutil.rmtree(tmp, ignore_errors=True)
         raise
     if accelerator.is_main_process:
-        old = None
-        if path.exists():  # the same step saved again (a checkpoint step that is also an epoch end)
-            old = path.with_name(f".{path.name}.old")
-            os.replace(path, old)
-        os.replace(tmp, path)
-        if old is not None:
-            shutil.rmtree(old, ignore_errors=True)
+        replace_dir(tmp, path)  # the same step may be saved again (a checkpoint step that ends an epoch)
         for old in checkpoints(run_dir)[:-keep]:
             shutil.rmtree(old, ignore_errors=True)
     accelerator.wait_for_everyone()
