@@ -13,6 +13,10 @@ Arms, run one after another, each in its own subprocess (clean peak memory, no s
    ``round(real tokens / B)`` of its own tokens, built before the clock starts): no data loading, no
    padding, no bookkeeping, so it bounds what any training loop can reach.
 
+Optional (``--arms ...,ft_torch_dropout``): ``ft.py --fast_cpu_dropout false``, to check the fast CPU
+LoRA dropout side by side: its speed-up, and that the loss curve (means over windows of steps) and
+the accuracy stay within noise of torch's dropout.
+
 All arms: the same 4-bit NF4 base (double quantization, float32 compute on CPU), LoRA r=8/alpha 16/
 dropout 0.1 on q_proj,v_proj, head trained in full, 8-bit AdamW, lr 3e-4 with linear warm-up over
 6 % of the steps, gradient clipping 1.0, batch 8, the same tokenization (the toolkit's prompt
@@ -44,6 +48,8 @@ REPO = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(REPO))
 
 ARMS = ("trainer_default", "trainer_grouped", "ft", "dense")
+OPTIONAL_ARMS = ("ft_torch_dropout",)
+LOSS_WINDOW = 25  # steps per window when loss curves are compared
 TARGETS = {  # name: (ratio key, minimum)
     "train tokens/s vs Trainer default": ("train_tokens_per_s_ft_over_trainer_default", 1.25),
     "train tokens/s vs Trainer grouped": ("train_tokens_per_s_ft_over_trainer_grouped", 1.0),
@@ -73,14 +79,15 @@ def parse_args(argv=None):
                    help="same for every arm; off by default (CPU memory is plenty, recomputation only costs time)")
     p.add_argument("--max_train_samples", type=int, default=None, help="(tests) use only the first N training examples")
     p.add_argument("--max_eval_samples", type=int, default=None, help="(tests) evaluate only the first N examples")
-    p.add_argument("--arms", default=",".join(ARMS), help=f"comma-separated subset of {','.join(ARMS)}")
+    p.add_argument("--arms", default=",".join(ARMS),
+                   help=f"comma-separated subset of {','.join(ARMS + OPTIONAL_ARMS)}")
     p.add_argument("--out", default=str(REPO / "bench" / "results"), help="folder for <timestamp>.json and .md")
     p.add_argument("--in_process", action="store_true",
                    help="(tests) run the arms in this process: faster start, but peak memory is then cumulative")
     p.add_argument("--run_arm", default=None, help=argparse.SUPPRESS)  # internal: run one arm in this process
     p.add_argument("--arm_out", default=None, help=argparse.SUPPRESS)
     args = p.parse_args(argv)
-    bad = [a for a in args.arms.split(",") if a not in ARMS]
+    bad = [a for a in args.arms.split(",") if a not in ARMS + OPTIONAL_ARMS]
     if bad or args.steps <= 0:
         p.error(f"unknown arm(s) {bad}" if bad else "--steps must be > 0")
     return args
@@ -227,7 +234,7 @@ def run_trainer(args, grouped: bool) -> dict:
 
 
 # -- arm 3: ft.py --------------------------------------------------------------------------------------
-def run_ft(args) -> dict:
+def run_ft(args, extra: tuple[str, ...] = ()) -> dict:
     import ft
     from qlora_cls.batching import padding_efficiency
     cfg = _train_config(args)
@@ -240,7 +247,7 @@ def run_ft(args) -> dict:
                 "--eval_batch_size", str(args.eval_batch_size), "--lr", str(args.lr),
                 "--warmup_ratio", str(args.warmup_ratio), "--seed", str(args.seed),
                 "--max_length", str(args.max_length), "--gradient_checkpointing", args.gradient_checkpointing,
-                "--log_every", "1"]  # one log line per step: per-step throughput (see _derive)
+                "--log_every", "1", *extra]  # one log line per step: per-step throughput (see _derive)
         for flag in ("model_dir", "max_train_samples", "max_eval_samples"):
             if getattr(args, flag) is not None:
                 argv += [f"--{flag}", str(getattr(args, flag))]
@@ -345,7 +352,7 @@ def _derive(r: dict) -> dict:
 def ratios(arms: dict) -> dict:
     out = {}
     ft = arms.get("ft", {})
-    for other in ("trainer_default", "trainer_grouped", "dense"):
+    for other in ("trainer_default", "trainer_grouped", "dense", "ft_torch_dropout"):
         o = arms.get(other, {})
         if ft.get("train_tokens_per_s") and o.get("train_tokens_per_s"):
             out[f"train_tokens_per_s_ft_over_{other}"] = ft["train_tokens_per_s"] / o["train_tokens_per_s"]
@@ -358,14 +365,23 @@ def ratios(arms: dict) -> dict:
         if "accuracy" in ft and "accuracy" in o:
             out[f"accuracy_points_ft_minus_{other}"] = 100 * (ft["accuracy"] - o["accuracy"])
             out[f"f1_points_ft_minus_{other}"] = 100 * (ft["f1"] - o["f1"])
+    if ft.get("loss_curve") and arms.get("ft_torch_dropout", {}).get("loss_curve"):
+        a, b = (window_means(arms[k]["loss_curve"]) for k in ("ft", "ft_torch_dropout"))
+        out["loss_window_max_abs_diff_ft_vs_ft_torch_dropout"] = max(abs(x - y) for x, y in zip(a, b))
     return out
+
+
+def window_means(losses: list[float], window: int = LOSS_WINDOW) -> list[float]:
+    """Mean training loss over consecutive windows of steps (a loss curve with the step-to-step noise averaged)."""
+    return [sum(losses[i:i + window]) / len(losses[i:i + window]) for i in range(0, len(losses), window)]
 
 
 def markdown(result: dict) -> str:
     m, s = result["machine"], result["settings"]
     arms = result["arms"]
     names = {"trainer_default": "Trainer + PEFT (random batches)", "trainer_grouped": "Trainer + PEFT (group_by_length)",
-             "ft": "ft.py", "dense": "dense limit (no padding, no loop)"}
+             "ft": "ft.py", "dense": "dense limit (no padding, no loop)",
+             "ft_torch_dropout": "ft.py, torch dropout (--fast_cpu_dropout false)"}
 
     def f(v, fmt="{:.1f}"):
         return "–" if v is None else fmt.format(v)
@@ -399,6 +415,10 @@ def markdown(result: dict) -> str:
     other = {k: v for k, v in result["ratios"].items() if k not in {key for key, _ in TARGETS.values()}}
     if other:
         lines += ["", "Other ratios: " + ", ".join(f"{k} = {v:.2f}" for k, v in sorted(other.items()))]
+    curves = {k: window_means(arms[k]["loss_curve"]) for k in ("ft", "ft_torch_dropout") if arms.get(k, {}).get("loss_curve")}
+    if len(curves) == 2:
+        lines += ["", f"Training loss, mean per {LOSS_WINDOW} steps: "
+                  + "; ".join(f"{names[k]}: " + ", ".join(f"{v:.3f}" for v in c) for k, c in curves.items())]
     return "\n".join(lines) + "\n"
 
 
@@ -418,7 +438,8 @@ def run_arm(args, arm: str) -> dict:
     import logging
     logging.basicConfig(level=logging.WARNING)
     fn = {"trainer_default": lambda: run_trainer(args, False), "trainer_grouped": lambda: run_trainer(args, True),
-          "ft": lambda: run_ft(args), "dense": lambda: run_dense(args)}[arm]
+          "ft": lambda: run_ft(args), "dense": lambda: run_dense(args),
+          "ft_torch_dropout": lambda: run_ft(args, ("--fast_cpu_dropout", "false"))}[arm]
     load_before = os.getloadavg()[0]
     result = fn()
     result["peak_memory_bytes"] = _peak_memory()

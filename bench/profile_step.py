@@ -35,18 +35,23 @@ def main(argv=None) -> dict:
     p.add_argument("--lengths", type=int, nargs="+", default=[16, 48, 96])
     p.add_argument("--repeats", type=int, default=3)
     p.add_argument("--gradient_checkpointing", default="false")
+    p.add_argument("--compute_dtype", default="float32", choices=("float32", "bfloat16", "float16"),
+                   help="bnb_4bit_compute_dtype (ft.py's default on CPU is float32)")
+    p.add_argument("--fast_cpu_dropout", default="true", choices=("true", "false"), help="as ft.py's flag")
+    p.add_argument("--no_profile", action="store_true", help="skip the torch.profiler table")
     p.add_argument("--out", default=str(REPO / "bench" / "results"))
     args = p.parse_args(argv)
     path = args.model_dir or str(embedded_model_dir())
-    cfg = TrainConfig(model_dir=path, bnb_4bit_compute_dtype="float32",
-                      gradient_checkpointing=args.gradient_checkpointing == "true")
+    cfg = TrainConfig(model_dir=path, bnb_4bit_compute_dtype=args.compute_dtype,
+                      gradient_checkpointing=args.gradient_checkpointing == "true",
+                      fast_cpu_dropout=args.fast_cpu_dropout == "true")
     tok = load_tokenizer(path)
     torch.manual_seed(0)
     model = add_lora(load_base_model(cfg, path, 2, tok.pad_token_id, {"": "cpu"}), cfg)
     trainable = [p for p in model.parameters() if p.requires_grad]
     opt = bnb.optim.AdamW8bit(trainable, lr=1e-4)
     vocab = model.config.vocab_size
-    result = {"started": datetime.now().isoformat(timespec="seconds"), "train": {}, "eval": {}}
+    result = {"started": datetime.now().isoformat(timespec="seconds"), "settings": vars(args), "train": {}, "eval": {}}
 
     def batch(b, n):
         x = torch.randint(100, vocab - 1, (b, n))
@@ -88,12 +93,13 @@ def main(argv=None) -> dict:
             result["eval"][n] = min(ts)
             print(f"eval {args.eval_batch_size}x{n}: forward {min(ts):.3f}s", flush=True)
     model.train()
-    from torch.profiler import ProfilerActivity, profile
-    with profile(activities=[ProfilerActivity.CPU]) as prof:
-        step(batch(args.batch_size, args.lengths[-1]), {})
-    table = prof.key_averages().table(sort_by="self_cpu_time_total", row_limit=15)
-    print(table)
-    result["profile_top_ops"] = table
+    if not args.no_profile:
+        from torch.profiler import ProfilerActivity, profile
+        with profile(activities=[ProfilerActivity.CPU]) as prof:
+            step(batch(args.batch_size, args.lengths[-1]), {})
+        table = prof.key_averages().table(sort_by="self_cpu_time_total", row_limit=15)
+        print(table)
+        result["profile_top_ops"] = table
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
     path = out / f"profile-step-{datetime.now():%Y%m%d-%H%M%S}.json"

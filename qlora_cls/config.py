@@ -48,6 +48,9 @@ class TrainConfig:
     r: int = field(default=8, metadata=_help("LoRA rank"))
     lora_alpha: float = field(default=16, metadata=_help("LoRA scaling numerator (scale = alpha / r)"))
     lora_dropout: float = field(default=0.1, metadata=_help("dropout on the LoRA input, in [0, 1)"))
+    fast_cpu_dropout: bool = field(default=True, metadata=_help(
+        "on a CPU, draw LoRA dropout masks from 16-bit random numbers: ~4x faster than torch's (saves ~1/20 of a "
+        "training step here); drop probability within 2^-17 of lora_dropout (qlora_cls/fast_dropout.py)"))
     target_modules: list[str] = field(default_factory=lambda: ["q_proj", "v_proj"], metadata=_help(
         "names of the linear layers that get LoRA (e.g. q_proj k_proj v_proj o_proj), or all-linear"))
     # -- data --------------------------------------------------------------------------------------

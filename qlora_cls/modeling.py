@@ -186,7 +186,11 @@ def load_base_model(cfg, model_path: str, num_labels: int, pad_token_id: int, de
 def add_lora(model, cfg):
     from peft import get_peft_model
     check_target_modules(model, list(cfg.target_modules))
-    return get_peft_model(model, lora_config(cfg))
+    model = get_peft_model(model, lora_config(cfg))
+    if cfg.fast_cpu_dropout:
+        from .fast_dropout import use_fast_dropout
+        use_fast_dropout(model)
+    return model
 
 
 def load_adapter(model, adapter_dir: str):

@@ -23,3 +23,18 @@ def test_bench_smoke_writes_all_arms_and_ratios(tiny_model, mrpc, tmp_path):
     for label in ("Trainer + PEFT (random batches)", "Trainer + PEFT (group_by_length)", "ft.py", "dense limit"):
         assert label in md
     assert md.count("| >= ") == len(bench.TARGETS)
+
+
+def test_optional_torch_dropout_arm_compares_loss_curves(tiny_model, mrpc, tmp_path):
+    out = bench.main(["--steps", "3", "--model_dir", tiny_model, "--dataset", mrpc, "--max_train_samples", "32",
+                      "--max_eval_samples", "16", "--eval_batch_size", "8", "--out", str(tmp_path), "--in_process",
+                      "--arms", "ft,ft_torch_dropout"])
+    fast, torch_dropout = (out["arms"][k]["loss_curve"] for k in ("ft", "ft_torch_dropout"))
+    # Same seed and data: step 1 is identical (LoRA B starts at zero, so no dropout mask reaches the
+    # output yet); later steps differ because the two dropouts draw different masks.
+    assert fast[0] == torch_dropout[0] and fast != torch_dropout
+    diff = out["ratios"]["loss_window_max_abs_diff_ft_vs_ft_torch_dropout"]
+    assert diff == abs(sum(fast) / 3 - sum(torch_dropout) / 3)
+    assert "train_tokens_per_s_ft_over_ft_torch_dropout" in out["ratios"]
+    assert "Training loss, mean per 25 steps" in Path(out["json_path"]).with_suffix(".md").read_text()
+    assert bench.window_means([1, 2, 3, 4, 5], 2) == [1.5, 3.5, 5]
