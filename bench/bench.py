@@ -268,6 +268,18 @@ def run_ft(args, extra: tuple[str, ...] = ()) -> dict:
     }
 
 
+def train_step(forward, batch, trainable, optimizer, scheduler, max_grad_norm):
+    """One plain optimizer step (no accumulation, no loop bookkeeping); returns the loss tensor."""
+    import torch
+    loss = forward(**batch).loss
+    loss.backward()
+    torch.nn.utils.clip_grad_norm_(trainable, max_grad_norm)
+    optimizer.step()
+    scheduler.step()
+    optimizer.zero_grad(set_to_none=True)
+    return loss
+
+
 # -- arm 4: the dense limit -------------------------------------------------------------------------------
 def run_dense(args) -> dict:
     import torch
@@ -298,12 +310,7 @@ def run_dense(args) -> dict:
     step_seconds = []
     for batch in batches:
         t0 = time.perf_counter()
-        loss = model(**batch).loss
-        loss.backward()
-        torch.nn.utils.clip_grad_norm_(trainable, cfg.max_grad_norm)
-        optimizer.step()
-        scheduler.step()
-        optimizer.zero_grad(set_to_none=True)
+        loss = train_step(model, batch, trainable, optimizer, scheduler, cfg.max_grad_norm)
         step_seconds.append(time.perf_counter() - t0)
     if device.type == "cuda":
         torch.cuda.synchronize()

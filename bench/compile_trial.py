@@ -27,7 +27,7 @@ def run(args, compiled: bool) -> dict:
     import torch
     from transformers import get_linear_schedule_with_warmup
 
-    from bench.bench import _data, _train_config, ft_plan
+    from bench.bench import _data, _train_config, ft_plan, train_step
     from qlora_cls.data import Batcher
     from qlora_cls.modeling import add_lora, load_base_model
 
@@ -53,12 +53,7 @@ def run(args, compiled: bool) -> dict:
     for rows in plan:
         batch = batcher(rows)
         start = time.perf_counter()
-        loss = forward(**batch).loss
-        loss.backward()
-        torch.nn.utils.clip_grad_norm_(trainable, cfg.max_grad_norm)
-        optimizer.step()
-        scheduler.step()
-        optimizer.zero_grad(set_to_none=True)
+        loss = train_step(forward, batch, trainable, optimizer, scheduler, cfg.max_grad_norm)
         losses.append(float(loss))
         seconds.append(time.perf_counter() - start)
     return {"losses": losses, "seconds": seconds}
