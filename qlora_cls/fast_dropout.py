@@ -18,14 +18,28 @@ import torch
 _LEVELS = 1 << 16
 
 
-def keep_mask(shape: torch.Size, p: float, dtype: torch.dtype, device: torch.device) -> torch.Tensor:
-    """A ``shape`` tensor of ``0`` (dropped) and ``1 / keep probability`` (kept) values."""
+def keep_mask(shape: torch.Size, p: float, device: torch.device) -> tuple[torch.Tensor, float]:
+    """A boolean ``shape`` tensor, True where an element is kept, and ``1 / keep probability``."""
     threshold = round(p * _LEVELS)
     numel = shape.numel()
     words = torch.empty((numel + 3) // 4, dtype=torch.int64, device=device).random_(-(1 << 63), None)
     uniform16 = words.view(torch.int16)[:numel].view(shape)  # each lane uniform on [-32768, 32767]
-    keep = uniform16 >= threshold - (_LEVELS // 2)
-    return keep.to(dtype).mul_(_LEVELS / (_LEVELS - threshold))
+    return uniform16 >= threshold - (_LEVELS // 2), _LEVELS / (_LEVELS - threshold)
+
+
+class _ScaledMask(torch.autograd.Function):
+    """``x * keep * scale``, saving only the boolean mask for backward (1 byte per element, as torch's dropout)."""
+
+    @staticmethod
+    def forward(ctx, x, keep, scale):
+        ctx.save_for_backward(keep)
+        ctx.scale = scale
+        return x * keep * scale
+
+    @staticmethod
+    def backward(ctx, grad):
+        (keep,) = ctx.saved_tensors
+        return grad * keep * ctx.scale, None, None
 
 
 class FastDropout(torch.nn.Dropout):
@@ -33,7 +47,8 @@ class FastDropout(torch.nn.Dropout):
         if (not self.training or self.inplace or x.device.type != "cpu"
                 or not 0 < round(self.p * _LEVELS) < _LEVELS):
             return super().forward(x)
-        return x * keep_mask(x.shape, self.p, x.dtype, x.device)
+        keep, scale = keep_mask(x.shape, self.p, x.device)
+        return _ScaledMask.apply(x, keep, scale)
 
 
 def use_fast_dropout(model) -> int:
