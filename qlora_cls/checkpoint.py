@@ -57,6 +57,8 @@ def checkpoints(run_dir: Path) -> list[Path]:
 # Fields that may change between the interrupted command and the resuming one: they do not change
 # what is computed. Anything else differing would silently mix two experiments in one folder.
 RESUME_MAY_CHANGE = ("resume", "log_every", "checkpoint_every", "keep_checkpoints", "eval_batch_size")
+# Fields added after runs already existed: the value that reproduces what those runs did.
+FIELDS_ADDED_LATER = {"fast_cpu_dropout": False}
 
 
 def check_resumable(run_dir: Path, config: dict) -> None:
@@ -65,7 +67,8 @@ def check_resumable(run_dir: Path, config: dict) -> None:
     run_dir = Path(run_dir)
     if (run_dir / "metrics.json").is_file():
         raise UsageError(f"--resume: {run_dir} already finished (metrics.json exists); nothing to resume")
-    saved = json.loads((run_dir / "config.json").read_text())["config"]
+    # A run saved before a field existed ran with that field's old behaviour, not with its new default.
+    saved = {**FIELDS_ADDED_LATER, **json.loads((run_dir / "config.json").read_text())["config"]}
     differ = sorted(k for k in set(saved) | set(config)
                     if k not in RESUME_MAY_CHANGE and saved.get(k) != config.get(k))
     if differ:

@@ -221,3 +221,19 @@ def test_truncate_log_keeps_steps_up_to_the_checkpoint(tmp_path):
     log.write_text("".join(json.dumps({"step": s, "loss": 1.0}) + "\n" for s in range(1, 8)))
     truncate_log(log, 4)
     assert [json.loads(x)["step"] for x in log.read_text().splitlines()] == [1, 2, 3, 4]
+
+
+def test_run_saved_before_a_field_existed_resumes_with_the_old_behaviour(tmp_path):
+    """A config.json without fast_cpu_dropout came from torch's dropout: resuming needs --fast_cpu_dropout false."""
+    from dataclasses import asdict
+
+    from qlora_cls.checkpoint import check_resumable
+    from qlora_cls.config import TrainConfig
+    from qlora_cls.errors import UsageError
+
+    old = asdict(TrainConfig())
+    del old["fast_cpu_dropout"]
+    (tmp_path / "config.json").write_text(json.dumps({"config": old}))
+    check_resumable(tmp_path, asdict(TrainConfig(fast_cpu_dropout=False)))
+    with pytest.raises(UsageError, match="fast_cpu_dropout False -> True"):
+        check_resumable(tmp_path, asdict(TrainConfig()))
