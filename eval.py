@@ -69,7 +69,7 @@ def evaluate_run(ecfg: EvalConfig) -> Optional[dict]:
         template = parse_template(resolved.get("prompt_name", "run"),
                                   (run_dir / "prompt.txt").read_text(encoding="utf-8").rstrip("\r\n"))
     else:
-        template = load_template(ecfg.prompt)
+        template = load_template(ecfg.prompt, cfg.glue_task)
     suffix = "-base" if ecfg.base_only else ("" if ecfg.adapter == "adapter" else "-best")
     out_dir = Path(ecfg.output_dir) if ecfg.output_dir else run_dir / "evals" / f"{ecfg.split}-{template.name}{suffix}"
     if out_dir.exists() and any(out_dir.iterdir()) and not ecfg.overwrite:
@@ -82,7 +82,7 @@ def evaluate_run(ecfg: EvalConfig) -> Optional[dict]:
     model_path, tokenizer = tokenizer_for(cfg)
     data = prepare_data(DataSource.from_config(cfg), template, tokenizer, [ecfg.split], cfg.max_length,
                         {ecfg.split: ecfg.max_eval_samples}, accelerator)
-    spec, label_names = data.task.spec, data.task.label_names
+    spec, label_names, template = data.task.spec, data.task.label_names, data.template
     batcher = data.batchers[ecfg.split]
 
     # -- model: built like ft.py built it (same seed, so --base_only gets the same fresh head) ---------

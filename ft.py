@@ -72,13 +72,14 @@ def train(cfg: TrainConfig) -> Optional[dict]:
     from qlora_cls.evaluation import predict, prediction_table
     from qlora_cls.files import append_jsonl, atomic_write_csv, atomic_write_json, atomic_write_text
     from qlora_cls.metrics import compute_metrics
-    from qlora_cls.modeling import lora_config, meta_model, check_target_modules, parameter_counts, quantization_config
+    from qlora_cls.modeling import meta_model, parameter_counts, plan_model, quantization_config
     from qlora_cls.pipeline import build_model, check_model_paths, prepare_data, tokenizer_for
     from qlora_cls.preflight import preflight
     from qlora_cls.prompts import load_template
+    from qlora_cls.tasks import GLUE_TASKS
 
     # -- 1. Everything cheap first: a bad flag must not cost a model load. ----------------------------
-    template = load_template(cfg.prompt)
+    template = load_template(cfg.prompt, cfg.glue_task)
     check_model_paths(cfg.model_dir, cfg.tokenizer_dir)
     source = DataSource.from_config(cfg)
     accelerator = Accelerator(gradient_accumulation_steps=cfg.gradient_accumulation_steps,
@@ -96,16 +97,19 @@ def train(cfg: TrainConfig) -> Optional[dict]:
         from qlora_cls.memory import dry_run
         return dry_run(cfg, source, template, cfg.train_splits, eval_split, accelerator)
     model_path, tokenizer = tokenizer_for(cfg)
-    splits = list(dict.fromkeys(cfg.train_splits + [eval_split]))
+    # MNLI is also scored on its mismatched genres at the end (not when the validation splits are trained on).
+    extra_splits = [] if cfg.trains_on_eval_data or cfg.train_file else [
+        s for s in GLUE_TASKS[cfg.task].extra_eval_splits if s not in cfg.train_splits + [eval_split]]
+    splits = list(dict.fromkeys(cfg.train_splits + [eval_split] + extra_splits))
     data = prepare_data(source, template, tokenizer, splits, cfg.max_length,
-                        {s: cfg.max_train_samples for s in cfg.train_splits} | {eval_split: cfg.max_eval_samples},
-                        accelerator)
-    spec, label_names = data.task.spec, data.task.label_names
+                        {s: cfg.max_train_samples for s in cfg.train_splits}
+                        | {s: cfg.max_eval_samples for s in [eval_split] + extra_splits}, accelerator)
+    spec, label_names, template = data.task.spec, data.task.label_names, data.template
     for s in cfg.train_splits:
         check_trainable(data.task.splits[s], s, cfg.label_column)
-    arch = meta_model(model_path, spec.num_labels, cfg.trust_remote_code)
-    check_target_modules(arch, list(cfg.target_modules))
-    del arch
+    # Head and LoRA targets resolved from the architecture (meta device, no weights read): a bad
+    # --target_modules fails here, and config.json records what the presets meant for this model.
+    plan = plan_model(meta_model(model_path, spec.num_labels, cfg.trust_remote_code), cfg.target_modules)
 
     # Final protocol: with the validation split trained on, the only held-out split is the test set, and
     # picking an epoch on it would tune on test data: adapter/ is the last epoch and nothing is selected.
@@ -116,7 +120,7 @@ def train(cfg: TrainConfig) -> Optional[dict]:
                  " ".join(cfg.train_splits), eval_split)
     run_dir = _results_dir(cfg, template.name, accelerator, broadcast_object_list)
     if cfg.resume:
-        checkpoint.check_resumable(run_dir, asdict(cfg))
+        checkpoint.check_resumable(run_dir, asdict(cfg), plan.target_modules)
     resuming = cfg.resume and bool(checkpoint.checkpoints(run_dir))
     set_seed(cfg.seed)
 
@@ -153,6 +157,7 @@ def train(cfg: TrainConfig) -> Optional[dict]:
                      "task": spec.name, "num_labels": spec.num_labels, "label_names": label_names,
                      "text_columns": list(spec.text_columns), "metrics": list(spec.metrics),
                      "main_metric": spec.main_metric, "pad_token_id": tokenizer.pad_token_id,
+                     **plan.to_dict(), "not_quantized": list(plan.head) if cfg.load_in_4bit else None,
                      "pad_token_in_inputs": data.pad_in_inputs, "parameters": counts,
                      "train_examples": len(train_rows), "eval_examples": len(eval_batcher),
                      "steps_per_epoch": steps_per_epoch, "total_steps": total_steps, "warmup_steps": warmup_steps,
@@ -163,9 +168,11 @@ def train(cfg: TrainConfig) -> Optional[dict]:
     }
     if accelerator.is_main_process and not resuming:
         atomic_write_json(run_dir / "config.json", records)
-        quant = quantization_config(cfg)
+        quant = quantization_config(cfg, plan.head)
         atomic_write_json(run_dir / "quant_config.json", quant.to_dict() if quant else {"load_in_4bit": False})
-        atomic_write_json(run_dir / "lora_config.json", lora_config(cfg).to_dict())
+        lora = accelerator.unwrap_model(model).peft_config["default"].to_dict()
+        atomic_write_json(run_dir / "lora_config.json",
+                          {k: sorted(v) if isinstance(v, set) else v for k, v in lora.items()})
         atomic_write_text(run_dir / "prompt.txt", template.text + "\n")
     accelerator.project_configuration.project_dir = accelerator.project_configuration.logging_dir = str(run_dir)
     accelerator.init_trackers("tensorboard")
@@ -280,6 +287,16 @@ def train(cfg: TrainConfig) -> Optional[dict]:
         from safetensors.torch import save_file
         save_file(checkpoint.trainable_state(accelerator.unwrap_model(model)),
                   Path(os.environ["QLORA_DEBUG_RANK_FILES"]) / f"rank{rank}.safetensors")
+    # The final weights on the task's other evaluation splits (MNLI mismatched), reported beside the main one.
+    extra = {}
+    for split in extra_splits:
+        extra_logits, extra_stats = predict(accelerator.unwrap_model(model), data.batchers[split],
+                                            cfg.eval_batch_size, accelerator)
+        if accelerator.is_main_process:
+            extra[split] = {**compute_metrics(spec, extra_logits, data.batchers[split].labels.numpy()), **extra_stats}
+            atomic_write_csv(run_dir / f"predictions_{split}.csv",
+                             *prediction_table(spec, label_names, data.batchers[split], extra_logits))
+            log.info("final weights on %s: %s", split, ", ".join(f"{k}={extra[split][k]:.4f}" for k in spec.metrics))
     final = progress["history"][-1]
     best = progress["best"]
     summary = {
@@ -287,6 +304,7 @@ def train(cfg: TrainConfig) -> Optional[dict]:
         "epochs": progress["history"],
         "best_epoch": best["epoch"] if best else None,
         "final": {k: v for k, v in final.items()},
+        "other_splits": extra,
         "parameters": counts, "train_seconds": progress["train_seconds"], "skipped_steps": progress["skipped_steps"],
         "train_padding_efficiency": records["resolved"].get("train_padding_efficiency"),
         "peak_memory_bytes": max(accelerator.gather_for_metrics([utils.peak_memory_bytes(accelerator.device)],

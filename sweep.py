@@ -75,14 +75,15 @@ def run_sweep(argv: Optional[Sequence[str]]) -> int:
     opts, rest = build_parser().parse_known_args(argv)
     if opts.accelerate_config and not Path(opts.accelerate_config).is_file():
         raise UsageError(f"--accelerate_config {opts.accelerate_config}: no such file")
-    for name in opts.eval_prompts:
-        load_template(name)
     grid = sweeps.make_grid(rest, opts.grid)
     pts = sweeps.points(grid)
     sweep_dir = Path(opts.sweep_dir or REPO / "results" / f"sweep-{datetime.now():%Y%m%d-%H%M%S}")
     if sweep_dir.exists() and not sweep_dir.is_dir():
         raise UsageError(f"--sweep_dir {sweep_dir} is a file")
     configs = sweeps.validate(grid, pts, sweep_dir)  # every point's ft.py command line parses, or nothing runs
+    for cfg in configs:  # and every evaluation prompt exists for each point's task
+        for name in opts.eval_prompts:
+            load_template(name, cfg.glue_task)
     if opts.dry_run:
         for p in pts:
             print(f"{p.name}: ft.py {' '.join(p.argv(grid, sweep_dir / p.name))}")

@@ -58,7 +58,7 @@ def main(argv=None) -> dict:
         trainer_model = get_peft_model(
             prepare_model_for_kbit_training(trainer_model, use_gradient_checkpointing=False),
             LoraConfig(task_type=TaskType.SEQ_CLS, r=cfg.r, lora_alpha=cfg.lora_alpha, lora_dropout=cfg.lora_dropout,
-                       target_modules=list(cfg.target_modules)))
+                       target_modules=["q_proj", "v_proj"]))
         return trainer_model
 
     models = {} if args.trainer_model_last else {"trainer_model": trainer_recipe_model()}

@@ -114,8 +114,8 @@ def _data(cfg):
     from qlora_cls.prompts import load_template
     model_path = resolve_model_dir(cfg.model_dir)
     tokenizer = load_tokenizer(model_path)
-    template = load_template(cfg.prompt)
     task = load_task_data(DataSource.from_config(cfg), ["train", "validation"])
+    template = load_template(cfg.prompt, cfg.glue_task).bind(task.spec.text_columns, task.label_names)
     out = {}
     for split, n in (("train", cfg.max_train_samples), ("validation", cfg.max_eval_samples)):
         out[split] = tokenize(select(task.splits[split], n), template, tokenizer, cfg.label_column, cfg.max_length,
@@ -184,7 +184,7 @@ def run_trainer(args, grouped: bool) -> dict:
     model = prepare_model_for_kbit_training(model, use_gradient_checkpointing=cfg.gradient_checkpointing,
                                             gradient_checkpointing_kwargs={"use_reentrant": False})
     model = get_peft_model(model, LoraConfig(task_type=TaskType.SEQ_CLS, r=cfg.r, lora_alpha=cfg.lora_alpha,
-                                             lora_dropout=cfg.lora_dropout, target_modules=list(cfg.target_modules)))
+                                             lora_dropout=cfg.lora_dropout, target_modules=["q_proj", "v_proj"]))
     train = data["train"].remove_columns(["row", "idx"])
     val = data["validation"].remove_columns(["row", "idx"])
     collator = _CountingCollator(DataCollatorWithPadding(tokenizer))

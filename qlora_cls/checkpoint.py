@@ -61,14 +61,22 @@ RESUME_MAY_CHANGE = ("resume", "log_every", "checkpoint_every", "keep_checkpoint
 FIELDS_ADDED_LATER = {"fast_cpu_dropout": False}
 
 
-def check_resumable(run_dir: Path, config: dict) -> None:
-    """Refuse to resume a finished run, or one started with different settings."""
+def check_resumable(run_dir: Path, config: dict, target_modules=None) -> None:
+    """Refuse to resume a finished run, or one started with different settings.
+
+    With ``target_modules`` (the LoRA targets resolved for the model), the targets are compared as
+    resolved: a run saved with ``q_proj v_proj`` resumes under the ``attention-qv`` preset that means them.
+    """
     from .errors import UsageError
     run_dir = Path(run_dir)
     if (run_dir / "metrics.json").is_file():
         raise UsageError(f"--resume: {run_dir} already finished (metrics.json exists); nothing to resume")
     # A run saved before a field existed ran with that field's old behaviour, not with its new default.
-    saved = {**FIELDS_ADDED_LATER, **json.loads((run_dir / "config.json").read_text())["config"]}
+    records = json.loads((run_dir / "config.json").read_text())
+    saved = {**FIELDS_ADDED_LATER, **records["config"]}
+    if target_modules is not None:
+        saved["target_modules"] = records.get("resolved", {}).get("target_modules", saved.get("target_modules"))
+        config = {**config, "target_modules": list(target_modules)}
     differ = sorted(k for k in set(saved) | set(config)
                     if k not in RESUME_MAY_CHANGE and saved.get(k) != config.get(k))
     if differ:

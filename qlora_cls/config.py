@@ -51,8 +51,11 @@ class TrainConfig:
     fast_cpu_dropout: bool = field(default=True, metadata=_help(
         "on a CPU, draw LoRA dropout masks from 16-bit random numbers: ~4x faster than torch's (saves ~1/20 of a "
         "training step here); drop probability within 2^-17 of lora_dropout (qlora_cls/fast_dropout.py)"))
-    target_modules: list[str] = field(default_factory=lambda: ["q_proj", "v_proj"], metadata=_help(
-        "names of the linear layers that get LoRA (e.g. q_proj k_proj v_proj o_proj), or all-linear"))
+    target_modules: list[str] = field(default_factory=lambda: ["attention-qv"], metadata=_help(
+        "linear layers that get LoRA: a preset resolved from the model (attention-qv = the query and value "
+        "projections under the model's own names, q_proj/v_proj in Llama, query/value in BERT, c_attn in GPT-2; "
+        "attention = q, k, v and output projections; all-linear = every linear layer outside the head) or "
+        "layer names (e.g. q_proj k_proj v_proj o_proj); recorded resolved in config.json"))
     # -- data --------------------------------------------------------------------------------------
     dataset: str = field(default="nyu-mll/glue", metadata=_help("hub id or local folder in hub layout"))
     task: str = field(default="mrpc", metadata=_help(
@@ -65,7 +68,9 @@ class TrainConfig:
     label_column: str = field(default="label", metadata=_help("label column"))
     label_names: Optional[list[str]] = field(default=None, metadata=_help(
         "class names of local files, index = label id; one name = regression"))
-    prompt: str = field(default="perfect", metadata=_help("template name in prompts/ or a path to a template file"))
+    prompt: str = field(default="perfect", metadata=_help(
+        "template name (prompts/<task>/NAME.txt, else prompts/any/NAME.txt: none, perfect, conflicting, "
+        "insufficient) or a path to a template file"))
     max_length: int = field(default=512, metadata=_help("truncate inputs to this many tokens"))
     max_train_samples: Optional[int] = field(default=None, metadata=_help("use only the first N training examples"))
     max_eval_samples: Optional[int] = field(default=None, metadata=_help("use only the first N evaluation examples"))
@@ -157,6 +162,11 @@ class TrainConfig:
         """Turn ``auto`` into a concrete dtype for this device; the resolved value is what gets saved."""
         if self.bnb_4bit_compute_dtype == "auto":
             self.bnb_4bit_compute_dtype = "bfloat16" if device_type == "cuda" else "float32"
+
+    @property
+    def glue_task(self) -> Optional[str]:
+        """The GLUE task whose prompts/<task>/ templates apply; None for local files."""
+        return None if self.train_file else self.task
 
     @property
     def trains_on_eval_data(self) -> bool:

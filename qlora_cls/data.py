@@ -83,8 +83,10 @@ def load_task_data(source: DataSource, splits: Sequence[str]) -> TaskData:
         raise UsageError(f"split(s) {', '.join(missing)} not found; the data have: {', '.join(raw)}")
     if source.files:
         text_columns = list(source.text_columns or ())
+        raw, string_names = _string_labels_to_ids(raw, source.label_column, source.label_names)
         first = raw[splits[0]]
-        label_names = list(source.label_names) if source.label_names else _infer_label_names(first, source.label_column)
+        label_names = (string_names or (list(source.label_names) if source.label_names else None)
+                       or _infer_label_names(first, source.label_column))
         spec = custom_task(text_columns, 1 if label_names is None or len(label_names) == 1 else len(label_names))
         if spec.is_regression:
             label_names = None
@@ -98,8 +100,32 @@ def load_task_data(source: DataSource, splits: Sequence[str]) -> TaskData:
         if not spec.is_regression and label_names is None:
             label_names = [str(i) for i in range(spec.num_labels)]
     for split in splits:
-        _check_split(raw[split], split, spec, source.label_column, label_names)
+        where = f"split {split!r}" + (f" ({source.files[split]})" if split in source.files else "")
+        _check_split(raw[split], where, spec, source.label_column, label_names)
     return TaskData(spec=spec, label_names=label_names, splits={s: raw[s] for s in splits})
+
+
+def _string_labels_to_ids(raw, label_column: str, given: Optional[Sequence[str]]):
+    """A label column of names (``neg``/``pos``, AG News' ``World``...): ids in ``--label_names`` order,
+    or in sorted order when no names are given (config.json records the names either way)."""
+    string_splits = [s for s in raw if label_column in raw[s].column_names
+                     and getattr(raw[s].features[label_column], "dtype", None) in ("string", "large_string")]
+    if not string_splits:
+        return raw, None
+    values = {v for s in string_splits for v in raw[s][label_column] if v is not None}
+    names = list(given) if given else sorted(values)
+    unknown = sorted(values - set(names))
+    if unknown:
+        raise UsageError(f"label value(s) {', '.join(map(repr, unknown[:5]))} in column {label_column!r} are not among "
+                         f"--label_names {' '.join(names)}; give every class name, in label-id order")
+    index = {name: i for i, name in enumerate(names)}
+
+    def encode(batch):
+        return {label_column: [float("nan") if v is None else index[v] for v in batch[label_column]]}
+
+    for split in string_splits:
+        raw[split] = raw[split].map(encode, batched=True, desc="label names to ids")
+    return raw, names
 
 
 def _infer_label_names(ds, label_column: str) -> Optional[list[str]]:
@@ -112,22 +138,29 @@ def _infer_label_names(ds, label_column: str) -> Optional[list[str]]:
     return None  # real-valued labels: regression
 
 
-def _check_split(ds, split: str, spec: TaskSpec, label_column: str, label_names) -> None:
+def _check_split(ds, where: str, spec: TaskSpec, label_column: str, label_names) -> None:
     columns = ds.column_names
     needed = list(spec.text_columns) + [label_column]
     absent = [c for c in needed if c not in columns]
     if absent:
-        raise UsageError(f"split {split!r} lacks column(s) {', '.join(absent)}; found: {', '.join(columns)}")
+        raise UsageError(f"{where} lacks column(s) {', '.join(absent)}; found: {', '.join(columns)}")
     if len(ds) == 0:
-        raise UsageError(f"split {split!r} is empty")
+        raise UsageError(f"{where} is empty")
+    for column in spec.text_columns:
+        # An empty CSV cell arrives as None (NaN) and would be rendered as the text "None".
+        empty = [i for i, v in enumerate(ds[column]) if v is None or not str(v).strip() or v != v]
+        if empty:
+            raise UsageError(f"{where}: column {column!r} is empty in {len(empty)} row(s), first data row(s) "
+                             f"{', '.join(str(i + 1) for i in empty[:5])} (1-based, header not counted); "
+                             f"fill or remove them")
     labels = np.asarray(ds[label_column], dtype=np.float64)
     if np.isnan(labels).any():
-        raise UsageError(f"split {split!r} has missing labels in column {label_column!r}")
+        raise UsageError(f"{where} has missing labels in column {label_column!r}")
     if not spec.is_regression:
         visible = labels[labels != HIDDEN_LABEL]
         bad = visible[(visible < 0) | (visible >= len(label_names)) | (visible != np.round(visible))]
         if len(bad):
-            raise UsageError(f"split {split!r} has label {bad[0]:g} outside the label set 0..{len(label_names) - 1} "
+            raise UsageError(f"{where} has label {bad[0]:g} outside the label set 0..{len(label_names) - 1} "
                              f"({', '.join(label_names)})")
 
 

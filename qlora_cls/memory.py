@@ -72,8 +72,9 @@ def weight_breakdown(model, cfg, skip: list[str]) -> dict:
     quantized = packed = constants = other = 0
     largest = 0
     seen: set[int] = set()
+    from .modeling import is_linear
     for name, module in model.named_modules():
-        if not isinstance(module, torch.nn.Linear):
+        if not is_linear(module):  # nn.Linear and GPT-2's Conv1D: both become Linear4bit
             continue
         is_skipped = any(name == s or name.endswith("." + s) or name.startswith(s + ".") for s in skip)
         if cfg.load_in_4bit and not is_skipped:
@@ -124,16 +125,15 @@ def estimate(cfg, model_path: str, num_labels: int, train_max_len: int, eval_max
     """All figures of the dry-run, in bytes (per process)."""
     from accelerate import init_empty_weights
     from peft import get_peft_model
-    from transformers.quantizers.base import get_keys_to_not_convert
 
-    from .modeling import check_target_modules, lora_config, meta_model
+    from .modeling import lora_config, meta_model, plan_model
 
     arch = meta_model(model_path, num_labels, cfg.trust_remote_code)
-    check_target_modules(arch, list(cfg.target_modules))
-    skip = get_keys_to_not_convert(arch) if cfg.load_in_4bit else []
+    plan = plan_model(arch, cfg.target_modules)
+    skip = list(plan.head) if cfg.load_in_4bit else []  # what load_base_model keeps out of 4 bit
     weights = weight_breakdown(arch, cfg, skip)
     with init_empty_weights():
-        peft_model = get_peft_model(arch, lora_config(cfg))
+        peft_model = get_peft_model(arch, lora_config(cfg, plan))
     trainable_params = [p for p in peft_model.parameters() if p.requires_grad]
     trainable = sum(p.numel() for p in trainable_params)
     total = sum(p.numel() for p in peft_model.parameters())

@@ -1,8 +1,9 @@
 """The model: embedded default, tokenizer with a pad token, 4-bit base, classification head, LoRA.
 
-The head (``score`` for decoder models, ``classifier`` for encoders) is a ``modules_to_save`` of the
-PEFT SEQ_CLS task, so it is trained in full precision and saved inside ``adapter/`` with the LoRA
-weights: an adapter without its head would evaluate at chance level after reloading.
+The head (every top-level module outside the base model: ``score`` for decoders, ``classifier`` and
+friends for encoders, see ``head_modules``) is kept out of 4-bit quantization and is a
+``modules_to_save`` of the PEFT SEQ_CLS task, so it is trained in full precision and saved inside
+``adapter/`` with the LoRA weights: an adapter without its head would evaluate at chance level.
 """
 from __future__ import annotations
 
@@ -12,7 +13,8 @@ import os
 import shutil
 import tempfile
 from pathlib import Path
-from typing import Optional
+from dataclasses import dataclass
+from typing import Optional, Sequence
 
 import torch
 
@@ -84,11 +86,18 @@ def load_tokenizer(path: str, trust_remote_code: bool = False):
 
 
 # -- base model ---------------------------------------------------------------------------------------
-def quantization_config(cfg):
+def quantization_config(cfg, keep_in_full_precision: Sequence[str] = ()):
+    """The bitsandbytes config; ``keep_in_full_precision`` (the head) is never quantized.
+
+    transformers' default would skip only the module of the model's last parameter, so a multi-layer
+    head (RoBERTa's classifier.dense, DistilBERT's pre_classifier) was quantized and then broke in
+    PEFT's modules_to_save wrapper (PEFT #602/#1720).
+    """
     if not cfg.load_in_4bit:
         return None
     from transformers import BitsAndBytesConfig
     kwargs = dict(load_in_4bit=True, bnb_4bit_quant_type=cfg.bnb_4bit_quant_type,
+                  llm_int8_skip_modules=list(keep_in_full_precision) or None,
                   bnb_4bit_use_double_quant=cfg.bnb_4bit_use_double_quant,
                   bnb_4bit_compute_dtype=DTYPE[cfg.bnb_4bit_compute_dtype])
     if cfg.bnb_4bit_quant_storage:
@@ -96,30 +105,124 @@ def quantization_config(cfg):
     return BitsAndBytesConfig(**kwargs)
 
 
-def lora_config(cfg):
-    from peft import LoraConfig, TaskType
-    targets = "all-linear" if cfg.target_modules == ["all-linear"] else list(cfg.target_modules)
-    return LoraConfig(task_type=TaskType.SEQ_CLS, r=cfg.r, lora_alpha=cfg.lora_alpha,
-                      lora_dropout=cfg.lora_dropout, target_modules=targets, bias="none")
+# -- what the model is made of: its head, and the layers LoRA targets -----------------------------------
+# Target presets name roles, not layers: each architecture family names its projections differently.
+PRESETS = ("attention-qv", "attention", "all-linear")
+ROLE_NAMES = {
+    "query": ("q_proj", "query", "q_lin", "query_proj"),
+    "key": ("k_proj", "key", "k_lin", "key_proj"),
+    "value": ("v_proj", "value", "v_lin", "value_proj"),
+    "qkv": ("c_attn", "qkv_proj", "query_key_value", "Wqkv", "W_pack"),  # fused q,k,v (GPT-2, Phi-3, Falcon)
+    "output": ("o_proj", "out_proj", "out_lin", "attention.output.dense", "attn.c_proj", "self_attn.dense",
+               "attention.dense"),
+}
+
+
+@dataclass(frozen=True)
+class ModelPlan:
+    """What add_lora and the 4-bit loader need to know about an architecture, resolved from the model."""
+    head: tuple[str, ...]  # top-level modules outside the base model: fresh, trained in full, never quantized
+    target_modules: tuple[str, ...]  # LoRA targets as PEFT matches them (dotted suffixes of module names)
+
+    def to_dict(self) -> dict:
+        return {"head_modules": list(self.head), "target_modules": list(self.target_modules)}
+
+
+def is_linear(module) -> bool:
+    from transformers.pytorch_utils import Conv1D  # GPT-2's transposed linear layer
+    return isinstance(module, (torch.nn.Linear, Conv1D))  # bitsandbytes' Linear4bit is an nn.Linear
+
+
+def _matches(name: str, full: str) -> bool:
+    """PEFT's rule for a target name: the whole module name or a dotted suffix of it."""
+    return full == name or full.endswith("." + name)
+
+
+def head_modules(model) -> list[str]:
+    """The classification head: every top-level module with weights outside the base model.
+
+    A base checkpoint has none of them (``score``; ``classifier``; RoBERTa's ``classifier.dense`` +
+    ``out_proj``; DistilBERT's ``pre_classifier``; DeBERTa's ``pooler``), so they start random and must be
+    trained in full precision. Derived from ``base_model_prefix`` rather than a list of names, so a new
+    architecture's head is found too.
+    """
+    prefix = model.base_model_prefix
+    heads = [name for name, child in model.named_children()
+             if name != prefix and any(True for _ in child.parameters())]
+    if not heads:
+        raise UsageError(f"{type(model).__name__} has no classification head outside its base model {prefix!r}")
+    return heads
+
+
+def _linear_modules(model, head: Sequence[str]) -> tuple[list[str], list[str]]:
+    """Full names of the linear layers of the base model and of the head."""
+    base, in_head = [], []
+    for full, module in model.named_modules():
+        if is_linear(module):
+            (in_head if any(full == h or full.startswith(h + ".") for h in head) else base).append(full)
+    return base, in_head
 
 
 def linear_layer_names(model) -> list[str]:
     """Short names of the model's linear layers that LoRA can target (the head excluded)."""
-    names = set()
-    for full, module in model.named_modules():
-        if isinstance(module, torch.nn.Linear) and full.split(".")[-1] not in ("score", "classifier"):
-            names.add(full.split(".")[-1])
-    return sorted(names)
+    base, _ = _linear_modules(model, head_modules(model))
+    return sorted({full.split(".")[-1] for full in base})
 
 
-def check_target_modules(model, targets: list[str]) -> None:
-    if targets == ["all-linear"]:
-        return
-    available = linear_layer_names(model)
-    missing = [t for t in targets if t not in available]
-    if missing:
-        raise UsageError(f"--target_modules {' '.join(missing)} not in the model; its linear layers are: "
-                         f"{', '.join(available)} (or all-linear)")
+def _suffix_outside(full: str, head_linear: Sequence[str]) -> str:
+    """The shortest dotted suffix of ``full`` that names no head layer (``dense`` -> ``output.dense``)."""
+    parts = full.split(".")
+    for k in range(1, len(parts) + 1):
+        suffix = ".".join(parts[-k:])
+        if not any(_matches(suffix, h) for h in head_linear):
+            return suffix
+    return full
+
+
+def resolve_target_modules(model, targets: Sequence[str]) -> list[str]:
+    """``--target_modules`` as PEFT should match it: presets resolved, head layers never matched."""
+    head = head_modules(model)
+    base, head_linear = _linear_modules(model, head)
+    shown = ", ".join(sorted({full.split(".")[-1] for full in base}))
+    presets = [t for t in targets if t in PRESETS]
+    if presets and len(targets) > 1:
+        raise UsageError(f"--target_modules {' '.join(targets)}: a preset ({', '.join(PRESETS)}) stands alone")
+    if not presets:
+        missing = [t for t in targets if not any(_matches(t, full) for full in base)]
+        if missing:
+            raise UsageError(f"--target_modules {' '.join(missing)} not in the model; its linear layers are: "
+                             f"{shown} (or a preset: {', '.join(PRESETS)})")
+        in_head = [t for t in targets if any(_matches(t, h) for h in head_linear)]
+        if in_head:
+            raise UsageError(f"--target_modules {' '.join(in_head)} also names the classification head "
+                             f"({', '.join(head)}), which is trained in full; name the layers by a longer suffix")
+        return list(targets)
+    preset = presets[0]
+    if preset == "all-linear":
+        return list(dict.fromkeys(_suffix_outside(full, head_linear) for full in base))
+    found = {role: [n for n in names if any(_matches(n, full) for full in base)] for role, names in ROLE_NAMES.items()}
+    roles = ("query", "value") if preset == "attention-qv" else ("query", "key", "value", "output")
+    if not all(found[r] for r in roles):  # fused q,k,v: one layer serves query, key and value
+        roles = ("qkv",) if preset == "attention-qv" else ("qkv", "output")
+    if not all(found[r] for r in roles):
+        raise UsageError(f"--target_modules {preset}: cannot tell the attention projections of "
+                         f"{type(model).__name__} apart; name them: its linear layers are {shown}")
+    picked = [n for r in roles for n in found[r]]
+    # A role name that also names a head layer (RoBERTa's classifier.out_proj) gets a longer suffix.
+    return list(dict.fromkeys(s for n in picked for s in (
+        [n] if not any(_matches(n, h) for h in head_linear)
+        else [_suffix_outside(full, head_linear) for full in base if _matches(n, full)])))
+
+
+def plan_model(model, targets: Sequence[str]) -> ModelPlan:
+    return ModelPlan(head=tuple(head_modules(model)), target_modules=tuple(resolve_target_modules(model, targets)))
+
+
+def lora_config(cfg, plan: ModelPlan, fan_in_fan_out: bool = False):
+    from peft import LoraConfig, TaskType
+    return LoraConfig(task_type=TaskType.SEQ_CLS, r=cfg.r, lora_alpha=cfg.lora_alpha,
+                      lora_dropout=cfg.lora_dropout, target_modules=list(plan.target_modules),
+                      modules_to_save=list(plan.head), fan_in_fan_out=fan_in_fan_out, bias="none")
 
 
 def meta_model(model_path: str, num_labels: int, trust_remote_code: bool = False):
@@ -162,7 +265,7 @@ def load_base_model(cfg, model_path: str, num_labels: int, pad_token_id: int, de
     """The base model with a fresh classification head, 4-bit when ``cfg.load_in_4bit``."""
     from transformers import AutoModelForSequenceClassification
     problem_type = "regression" if num_labels == 1 else "single_label_classification"
-    quant = quantization_config(cfg)
+    quant = quantization_config(cfg, head_modules(meta_model(model_path, num_labels, cfg.trust_remote_code)))
     model = AutoModelForSequenceClassification.from_pretrained(
         model_path, num_labels=num_labels, problem_type=problem_type, quantization_config=quant,
         dtype=DTYPE[cfg.bnb_4bit_compute_dtype], device_map=device_map,
@@ -185,8 +288,12 @@ def load_base_model(cfg, model_path: str, num_labels: int, pad_token_id: int, de
 
 def add_lora(model, cfg):
     from peft import get_peft_model
-    check_target_modules(model, list(cfg.target_modules))
-    model = get_peft_model(model, lora_config(cfg))
+    from transformers.pytorch_utils import Conv1D
+    plan = plan_model(model, cfg.target_modules)
+    # Conv1D (GPT-2 in 16 bit) stores its weight transposed; in 4 bit transformers has made it a Linear4bit.
+    conv1d = any(isinstance(m, Conv1D) for full, m in model.named_modules()
+                 if any(_matches(t, full) for t in plan.target_modules))
+    model = get_peft_model(model, lora_config(cfg, plan, fan_in_fan_out=conv1d))
     if cfg.fast_cpu_dropout:
         from .fast_dropout import use_fast_dropout
         use_fast_dropout(model)

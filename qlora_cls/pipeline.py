@@ -23,6 +23,7 @@ class PreparedData:
     task: TaskData
     batchers: dict[str, Batcher]  # split -> tokenized examples
     pad_in_inputs: bool
+    template: Template  # bound to this data: what every example was rendered with (prompt.txt)
 
 
 def check_model_paths(model_dir: Optional[str], tokenizer_dir: Optional[str]) -> None:
@@ -42,6 +43,7 @@ def prepare_data(source: DataSource, template: Template, tokenizer, splits: Sequ
     """Load and check the splits; tokenize each once (main process first, so the others hit the cache)."""
     with accelerator.main_process_first():
         task = load_task_data(source, list(splits))
+        template = template.bind(task.spec.text_columns, task.label_names)
         for ds in task.splits.values():
             template.check_columns(ds.column_names)
         batchers = {}
@@ -51,7 +53,7 @@ def prepare_data(source: DataSource, template: Template, tokenizer, splits: Sequ
             tok = tokenize(ds, template, tokenizer, source.label_column, max_length, task.spec.is_regression)
             pad_hit |= accelerator.is_main_process and warn_if_pad_in_inputs(tok, tokenizer.pad_token_id)
             batchers[split] = Batcher(tok, tokenizer.pad_token_id, task.spec.is_regression)
-    return PreparedData(task, batchers, pad_hit)
+    return PreparedData(task, batchers, pad_hit, template)
 
 
 def device_map_for(accelerator, zero3: bool = False):

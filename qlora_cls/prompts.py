@@ -1,7 +1,13 @@
-"""Prompt templates: one file per template in ``prompts/``, fields are dataset columns.
+"""Prompt templates: ``prompts/<task>/<name>.txt``, whose ``{fields}`` are dataset columns.
 
-A template is plain text with ``{column}`` fields, e.g.
+A template is plain text with ``{column}`` fields, e.g. ``prompts/mrpc/perfect.txt``:
 ``Does sentence 1 mean the same as sentence 2? Sentence 1: {sentence1} Sentence 2: {sentence2}``.
+The same four names (none, perfect, conflicting, insufficient) exist for every GLUE task, so a prompt
+study is repeated on another task with the same ``--prompt`` names; ``prompts/any/`` holds the forms
+for any other data (local CSV/JSON files), written with two fields filled from the run itself:
+``{_inputs}`` (each text column as ``Column: {column}``) and ``{_labels}`` (the class names).
+``--prompt`` takes a name (looked up in the task's folder, then in ``any/``) or a path to a file.
+
 Rendering is deliberately not ``str.format``: only plain named fields are allowed (no attribute or
 index access, no conversions), so a template can never reach into Python objects.
 """
@@ -10,11 +16,14 @@ from __future__ import annotations
 import string
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Optional, Sequence
 
 from .errors import UsageError
 
 PROMPTS_DIR = Path(__file__).resolve().parent.parent / "prompts"
+GENERIC = "any"  # templates for any task, filled from the run's text columns and label names
 SUFFIX = ".txt"
+INPUTS, LABELS = "_inputs", "_labels"  # fields filled from the run, not from a dataset column
 
 
 @dataclass(frozen=True)
@@ -27,6 +36,33 @@ class Template:
     def fields(self) -> tuple[str, ...]:
         return tuple(f for _, f in self.pieces if f is not None)
 
+    def bind(self, text_columns: Sequence[str], label_names: Optional[Sequence[str]]) -> "Template":
+        """The template for one run: ``{_inputs}``/``{_labels}`` written out, every field a data column.
+
+        The result's ``text`` is a template again (literal braces escaped), which is what ``prompt.txt``
+        records, so eval.py re-reads exactly what the run saw.
+        """
+        columns = list(text_columns)
+        if not (set(self.fields) & (set(columns) | {INPUTS})):
+            fields = ", ".join("{" + c + "}" for c in columns + [INPUTS])
+            raise UsageError(f"prompt template {self.name!r} has no field for the text, so the model would never "
+                             f"see the data; use one of {fields}")
+        labels = ", ".join(label_names) if label_names else "a number"
+
+        def escape(s: str) -> str:
+            return s.replace("{", "{{").replace("}", "}}")
+
+        out = []
+        for literal, f in self.pieces:
+            out.append(escape(literal))
+            if f == INPUTS:
+                out.append(" ".join(f"{escape(c.replace('_', ' ').capitalize())}: {{{c}}}" for c in columns))
+            elif f == LABELS:
+                out.append(escape(labels))
+            elif f is not None:
+                out.append("{" + f + "}")
+        return parse_template(self.name, "".join(out))
+
     def check_columns(self, columns: list[str]) -> None:
         missing = [f for f in self.fields if f not in columns]
         if missing:
@@ -37,8 +73,15 @@ class Template:
         return "".join(literal + ("" if f is None else str(row[f])) for literal, f in self.pieces)
 
 
-def available_templates() -> list[str]:
-    return sorted(p.stem for p in PROMPTS_DIR.glob(f"*{SUFFIX}"))
+def template_folders(task: Optional[str]) -> list[Path]:
+    """Where ``--prompt NAME`` is looked up for ``task`` (None: data that is not a GLUE task)."""
+    return [PROMPTS_DIR / d for d in ([task] if task else []) + [GENERIC] if (PROMPTS_DIR / d).is_dir()]
+
+
+def available_templates(task: Optional[str] = None) -> list[str]:
+    """Template names usable with ``task``; with no task, every name shipped for any task."""
+    folders = template_folders(task) if task else [p for p in PROMPTS_DIR.iterdir() if p.is_dir()]
+    return sorted({p.stem for d in folders for p in d.glob(f"*{SUFFIX}")})
 
 
 def parse_template(name: str, text: str) -> Template:
@@ -55,14 +98,27 @@ def parse_template(name: str, text: str) -> Template:
     return Template(name=name, text=text, pieces=tuple(pieces))
 
 
-def load_template(name_or_path: str) -> Template:
-    """A name in ``prompts/`` (without ``.txt``) or a path to a template file."""
+def template_path(name_or_path: str, task: Optional[str] = None) -> Path:
     path = Path(name_or_path)
-    if not path.is_file():
-        path = PROMPTS_DIR / f"{name_or_path}{SUFFIX}"
-    if not path.is_file():
-        raise UsageError(f"unknown prompt {name_or_path!r}: not a file and not one of "
-                         f"{', '.join(available_templates())} (in {PROMPTS_DIR})")
-    # A template file ends with a newline by convention; the newline is not part of the prompt.
-    text = path.read_text(encoding="utf-8").rstrip("\r\n")
+    if path.is_file():
+        return path
+    for folder in template_folders(task):
+        if (folder / f"{name_or_path}{SUFFIX}").is_file():
+            return folder / f"{name_or_path}{SUFFIX}"
+    where = " and ".join(f"prompts/{f.name}/" for f in template_folders(task))
+    raise UsageError(f"unknown prompt {name_or_path!r}: not a file and not one of "
+                     f"{', '.join(available_templates(task))} (in {where})")
+
+
+def load_template(name_or_path: str, task: Optional[str] = None) -> Template:
+    """A name in ``prompts/<task>/`` or ``prompts/any/`` (without ``.txt``), or a path to a template file."""
+    path = template_path(name_or_path, task)
+    try:
+        # A template file ends with a newline by convention; the newline is not part of the prompt.
+        text = path.read_text(encoding="utf-8").rstrip("\r\n")
+    except UnicodeDecodeError as exc:
+        raise UsageError(f"prompt template {path} is not UTF-8 text (byte {exc.start}); save it as UTF-8")
+    if not text.strip():
+        raise UsageError(f"prompt template {path} is empty; write the prompt with {{column}} fields, e.g. "
+                         f"{(PROMPTS_DIR / 'mrpc' / 'perfect.txt').read_text().strip()!r}")
     return parse_template(path.stem, text)

@@ -203,7 +203,7 @@ def validate(grid: Grid, pts: list[Point], sweep_dir: Path) -> list[TrainConfig]
     configs = []
     for p in pts:
         cfg = parse_dataclass(TrainConfig, p.argv(grid, sweep_dir / p.name), "sweep.py", "")
-        load_template(cfg.prompt)
+        load_template(cfg.prompt, cfg.glue_task)
         configs.append(cfg)
     return configs
 

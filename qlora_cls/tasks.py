@@ -12,6 +12,7 @@ class TaskSpec:
     metrics: tuple[str, ...]  # the first one selects the best epoch
     validation_split: str = "validation"
     test_split: str = "test"
+    extra_eval_splits: tuple[str, ...] = ()  # also evaluated at the end of a run (MNLI: mismatched genres)
 
     @property
     def is_regression(self) -> bool:
@@ -23,13 +24,14 @@ class TaskSpec:
 
 
 GLUE_TASKS: dict[str, TaskSpec] = {
-    "cola": TaskSpec("cola", ("sentence",), 2, ("matthews_correlation", "accuracy")),
+    "cola": TaskSpec("cola", ("sentence",), 2, ("matthews_correlation",)),  # as GLUE scores it
     "sst2": TaskSpec("sst2", ("sentence",), 2, ("accuracy",)),
     "mrpc": TaskSpec("mrpc", ("sentence1", "sentence2"), 2, ("accuracy", "f1")),
     "qqp": TaskSpec("qqp", ("question1", "question2"), 2, ("accuracy", "f1")),
     "stsb": TaskSpec("stsb", ("sentence1", "sentence2"), 1, ("pearson", "spearmanr")),
     "mnli": TaskSpec("mnli", ("premise", "hypothesis"), 3, ("accuracy",),
-                     validation_split="validation_matched", test_split="test_matched"),
+                     validation_split="validation_matched", test_split="test_matched",
+                     extra_eval_splits=("validation_mismatched",)),
     "qnli": TaskSpec("qnli", ("question", "sentence"), 2, ("accuracy",)),
     "rte": TaskSpec("rte", ("sentence1", "sentence2"), 2, ("accuracy",)),
     "wnli": TaskSpec("wnli", ("sentence1", "sentence2"), 2, ("accuracy",)),

@@ -20,6 +20,10 @@ os.environ.setdefault("HF_HUB_DISABLE_TELEMETRY", "1")
 MRPC = str(Path(os.environ.get("QLORA_TEST_DATASET", REPO.parent / "shared" / "data" / "glue")).resolve())
 
 
+def pytest_configure(config):
+    config.addinivalue_line("markers", "slow: a test of more than a few seconds (`make test-quick` skips them)")
+
+
 def build_tiny_model(out: Path, seed: int = 0) -> Path:
     import torch
     from transformers import AutoTokenizer, LlamaConfig, LlamaForCausalLM
@@ -33,6 +37,47 @@ def build_tiny_model(out: Path, seed: int = 0) -> Path:
                          eos_token_id=tok.eos_token_id, tie_word_embeddings=True)
     torch.manual_seed(seed)
     LlamaForCausalLM(config).save_pretrained(out)
+    tok.save_pretrained(out)
+    return out
+
+
+# Tiny random models of every architecture family the toolkit supports, saved as base models without a
+# head (as real checkpoints are), each with the SmolLM2 tokenizer (vocab_size matches it).
+ARCHITECTURES = ("llama", "mistral", "qwen2", "gemma", "gpt2", "bert", "roberta", "distilbert", "deberta-v2")
+
+
+def build_tiny_architecture(arch: str, out: Path, seed: int = 0) -> Path:
+    import torch
+    import transformers as tf
+    from transformers import AutoModel, AutoTokenizer
+
+    from qlora_cls.modeling import embedded_model_dir
+
+    tok = AutoTokenizer.from_pretrained(embedded_model_dir())
+    common = dict(vocab_size=len(tok), pad_token_id=tok.pad_token_id)
+    decoder = dict(hidden_size=64, intermediate_size=128, num_hidden_layers=2, num_attention_heads=4,
+                   num_key_value_heads=2, max_position_embeddings=512, bos_token_id=tok.bos_token_id,
+                   eos_token_id=tok.eos_token_id, **common)
+    encoder = dict(hidden_size=64, intermediate_size=128, num_hidden_layers=2, num_attention_heads=4,
+                   max_position_embeddings=514, **common)
+    config = {
+        "llama": lambda: tf.LlamaConfig(**decoder),
+        "mistral": lambda: tf.MistralConfig(**decoder, sliding_window=256),
+        "qwen2": lambda: tf.Qwen2Config(**decoder),
+        "gemma": lambda: tf.GemmaConfig(**decoder, head_dim=16),
+        "gpt2": lambda: tf.GPT2Config(n_embd=64, n_layer=2, n_head=4, n_positions=512,
+                                      bos_token_id=tok.bos_token_id, eos_token_id=tok.eos_token_id, **common),
+        "bert": lambda: tf.BertConfig(**encoder),
+        "roberta": lambda: tf.RobertaConfig(**encoder),
+        "distilbert": lambda: tf.DistilBertConfig(dim=64, hidden_dim=128, n_layers=2, n_heads=4,
+                                                  max_position_embeddings=512, **common),
+        # DeBERTa-v3's attention: relative positions with content-to-position and position-to-content terms.
+        "deberta-v2": lambda: tf.DebertaV2Config(**encoder, relative_attention=True, pos_att_type=["p2c", "c2p"],
+                                                 position_biased_input=False, max_relative_positions=-1,
+                                                 position_buckets=64, norm_rel_ebd="layer_norm", share_att_key=True),
+    }[arch]()
+    torch.manual_seed(seed)
+    AutoModel.from_config(config).save_pretrained(out)
     tok.save_pretrained(out)
     return out
 
@@ -93,3 +138,56 @@ def tiny_sweep(tiny_model, mrpc, tmp_path_factory):
     second_code = sweep.main(["--launcher", "python", *args])
     return {"dir": sweep_dir, "first_code": first_code, "first_manifest": first_manifest,
             "first_mtimes": first_mtimes, "second_code": second_code, "first_log": (root / "first.log").read_text()}
+
+
+# GLUE in the hub layout (parquet + a README.md whose YAML names configs and ClassLabel names), every task,
+# a few rows each; only MRPC ships real data (../shared).
+GLUE_FIXTURE = {  # task: (text columns, label names or None for regression, splits)
+    "cola": (("sentence",), ["unacceptable", "acceptable"], ("train", "validation", "test")),
+    "sst2": (("sentence",), ["negative", "positive"], ("train", "validation", "test")),
+    "mrpc": (("sentence1", "sentence2"), ["not_equivalent", "equivalent"], ("train", "validation", "test")),
+    "qqp": (("question1", "question2"), ["not_duplicate", "duplicate"], ("train", "validation", "test")),
+    "stsb": (("sentence1", "sentence2"), None, ("train", "validation", "test")),
+    "mnli": (("premise", "hypothesis"), ["entailment", "neutral", "contradiction"],
+             ("train", "validation_matched", "validation_mismatched", "test_matched", "test_mismatched")),
+    "qnli": (("question", "sentence"), ["entailment", "not_entailment"], ("train", "validation", "test")),
+    "rte": (("sentence1", "sentence2"), ["entailment", "not_entailment"], ("train", "validation", "test")),
+    "wnli": (("sentence1", "sentence2"), ["not_entailment", "entailment"], ("train", "validation", "test")),
+}
+
+
+def build_glue_fixture(root: Path, rows: int = 24) -> Path:
+    import random
+
+    import yaml
+    from datasets import ClassLabel, Dataset, Features, Value
+
+    rng = random.Random(0)
+    words = "the cat dog sat ran on a mat park quickly red blue house river old new film good bad".split()
+    card = {"dataset_info": [], "configs": []}
+    for task, (columns, names, splits) in GLUE_FIXTURE.items():
+        label = Value("float32") if names is None else ClassLabel(names=names)
+        features = Features({**{c: Value("string") for c in columns}, "label": label, "idx": Value("int32")})
+        for split in splits:
+            n = rows if split == "train" else rows // 2
+            hidden = split.startswith("test")
+            data = {c: [" ".join(rng.choices(words, k=rng.randint(3, 12))) for _ in range(n)] for c in columns}
+            data["label"] = [-1 if hidden and names else rng.uniform(0, 5) if names is None else i % len(names)
+                             for i in range(n)]
+            data["idx"] = list(range(n))
+            (root / task).mkdir(parents=True, exist_ok=True)
+            Dataset.from_dict(data, features=features).to_parquet(root / task / f"{split}-00000-of-00001.parquet")
+        card["dataset_info"].append({"config_name": task, "features": [
+            {"name": c, "dtype": "string"} for c in columns] + [
+            {"name": "label", "dtype": "float32" if names is None else
+             {"class_label": {"names": {str(i): n for i, n in enumerate(names)}}}},
+            {"name": "idx", "dtype": "int32"}]})
+        card["configs"].append({"config_name": task, "data_files": [
+            {"split": s, "path": f"{task}/{s}-*"} for s in splits]})
+    (root / "README.md").write_text("---\n" + yaml.safe_dump(card, sort_keys=False) + "---\n\n# GLUE fixture\n")
+    return root
+
+
+@pytest.fixture(scope="session")
+def glue_fixture(tmp_path_factory) -> str:
+    return str(build_glue_fixture(tmp_path_factory.mktemp("glue")))

@@ -2,6 +2,7 @@ import json
 
 import pytest
 
+from conftest import REPO
 from qlora_cls.cli import parse_dataclass, strict_bool
 from qlora_cls.config import TrainConfig
 from qlora_cls.errors import UsageError
@@ -14,7 +15,11 @@ def parse(argv):
 def test_defaults_are_the_reference_experiment():
     cfg = parse([])
     assert (cfg.r, cfg.lora_alpha, cfg.lora_dropout) == (8, 16, 0.1)
-    assert cfg.target_modules == ["q_proj", "v_proj"]
+    assert cfg.target_modules == ["attention-qv"]
+    # ... which on the reference architecture (Llama-3-8B's config, shapes only) is q_proj and v_proj
+    from qlora_cls.modeling import meta_model, plan_model
+    plan = plan_model(meta_model(str(REPO / "bench/configs/llama3-8b"), 2), cfg.target_modules)
+    assert plan.target_modules == ("q_proj", "v_proj") and plan.head == ("score",)
     assert cfg.load_in_4bit and cfg.bnb_4bit_use_double_quant and cfg.bnb_4bit_quant_type == "nf4"
     assert (cfg.optim, cfg.lr, cfg.batch_size, cfg.warmup_ratio, cfg.seed) == ("adamw_8bit", 3e-4, 8, 0.06, 42)
     assert cfg.model_dir is None  # the embedded SmolLM2
@@ -43,8 +48,8 @@ def test_unknown_flag_is_named(capsys):
 def test_lora_flags_are_not_ignored():
     cfg = parse(["--r", "16", "--lora_alpha", "32", "--lora_dropout", "0.05", "--target_modules", "q_proj", "k_proj"])
     assert (cfg.r, cfg.lora_alpha, cfg.lora_dropout, cfg.target_modules) == (16, 32, 0.05, ["q_proj", "k_proj"])
-    from qlora_cls.modeling import lora_config
-    lc = lora_config(cfg)
+    from qlora_cls.modeling import ModelPlan, lora_config
+    lc = lora_config(cfg, ModelPlan(head=("score",), target_modules=tuple(cfg.target_modules)))
     assert (lc.r, lc.lora_alpha, lc.lora_dropout, set(lc.target_modules)) == (16, 32, 0.05, {"q_proj", "k_proj"})
 
 

@@ -237,3 +237,20 @@ def test_run_saved_before_a_field_existed_resumes_with_the_old_behaviour(tmp_pat
     check_resumable(tmp_path, asdict(TrainConfig(fast_cpu_dropout=False)))
     with pytest.raises(UsageError, match="fast_cpu_dropout False -> True"):
         check_resumable(tmp_path, asdict(TrainConfig()))
+
+
+def test_lora_targets_are_compared_as_resolved(tmp_path):
+    """A run saved with --target_modules q_proj v_proj (the old default) resumes under the attention-qv
+    preset, which resolves to those layers on a Llama; a preset meaning other layers is refused."""
+    from dataclasses import asdict
+
+    from qlora_cls.checkpoint import check_resumable
+    from qlora_cls.config import TrainConfig
+    from qlora_cls.errors import UsageError
+
+    old = asdict(TrainConfig(target_modules=["q_proj", "v_proj"]))
+    (tmp_path / "config.json").write_text(json.dumps({"config": old}))
+    check_resumable(tmp_path, asdict(TrainConfig()), ("q_proj", "v_proj"))
+    with pytest.raises(UsageError, match="target_modules"):
+        check_resumable(tmp_path, asdict(TrainConfig(target_modules=["attention"])),
+                        ("q_proj", "k_proj", "v_proj", "o_proj"))
