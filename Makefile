@@ -7,7 +7,7 @@ STAMP := $(VENV)/.setup-done
 DATASET ?= $(if $(wildcard ../shared/data/glue),../shared/data/glue,nyu-mll/glue)
 export QLORA_TEST_DATASET := $(DATASET)
 
-.PHONY: setup demo test sweep report bench clean
+.PHONY: setup demo test test-quick sweep report bench clean
 
 setup: $(STAMP)
 	@$(PY) -c "from qlora_cls.modeling import embedded_model_dir; print('embedded model:', embedded_model_dir())"
@@ -27,6 +27,10 @@ demo: setup
 
 test: setup
 	$(PY) -m pytest -q tests
+
+# The tests of a few seconds each (those marked slow skipped), for iteration; `make test` runs them all.
+test-quick: setup
+	$(PY) -m pytest -q -m "not slow" tests
 
 # make sweep ARGS="--prompt none perfect conflicting insufficient --seed 1 2 --sweep_dir results/prompts"
 sweep: setup

@@ -48,7 +48,7 @@ def evaluate_run(ecfg: EvalConfig) -> Optional[dict]:
 
     from qlora_cls.data import DataSource
     from qlora_cls.evaluation import predict, prediction_table
-    from qlora_cls.files import atomic_dir, atomic_write_csv, atomic_write_json
+    from qlora_cls.files import atomic_dir, atomic_write_csv, atomic_write_json, read_json
     from qlora_cls.metrics import compute_metrics
     from qlora_cls.pipeline import build_model, check_model_paths, prepare_data, tokenizer_for
     from qlora_cls.prompts import load_template, parse_template
@@ -62,16 +62,31 @@ def evaluate_run(ecfg: EvalConfig) -> Optional[dict]:
     if ecfg.model_dir is not None:
         cfg.tokenizer_dir = ecfg.model_dir
     adapter_dir = run_dir / ecfg.adapter
+    summary = read_json(run_dir / "metrics.json") if (run_dir / "metrics.json").is_file() else None
     if not ecfg.base_only and not (adapter_dir / "adapter_config.json").is_file():
+        if summary is not None and ecfg.adapter == "adapter_best" and not summary.get("has_adapter_best"):
+            raise UsageError(f"{run_dir} has no adapter_best/: its best epoch ({summary.get('best_epoch')}) was the "
+                             f"final one, so adapter/ holds it (evaluate with --adapter adapter)"
+                             if summary.get("best_epoch") is not None else
+                             f"{run_dir} has no adapter_best/: no epoch was selected (final protocol: trained on "
+                             f"the validation split); adapter/ holds the last epoch")
         raise UsageError(f"{adapter_dir} has no adapter (adapter_config.json); the run may be unfinished "
                          f"(resume it with ft.py --resume) or use --base_only")
+    if summary is None and not ecfg.base_only:
+        log.warning("%s has no metrics.json: the run did not finish; evaluating the weights in %s (saved at the "
+                    "end of an epoch or by the best-epoch selection), not a final model", run_dir, adapter_dir)
+    # By default the evaluation repeats the run's own: its eval split and its number of examples.
+    split = ecfg.split or resolved.get("eval_split") or "validation"
+    max_samples = cfg.max_eval_samples if ecfg.max_eval_samples is None else (ecfg.max_eval_samples or None)
     if ecfg.prompt is None:
         template = parse_template(resolved.get("prompt_name", "run"),
                                   (run_dir / "prompt.txt").read_text(encoding="utf-8").rstrip("\r\n"))
     else:
         template = load_template(ecfg.prompt, cfg.glue_task)
     suffix = "-base" if ecfg.base_only else ("" if ecfg.adapter == "adapter" else "-best")
-    out_dir = Path(ecfg.output_dir) if ecfg.output_dir else run_dir / "evals" / f"{ecfg.split}-{template.name}{suffix}"
+    out_dir = Path(ecfg.output_dir) if ecfg.output_dir else run_dir / "evals" / f"{split}-{template.name}{suffix}"
+    if out_dir.exists() and not out_dir.is_dir():
+        raise UsageError(f"--output_dir {out_dir} is a file; give a folder for metrics.json and predictions.csv")
     if out_dir.exists() and any(out_dir.iterdir()) and not ecfg.overwrite:
         raise UsageError(f"{out_dir} already holds an evaluation; pass --overwrite to replace it "
                          f"or --output_dir to write elsewhere")
@@ -80,10 +95,10 @@ def evaluate_run(ecfg: EvalConfig) -> Optional[dict]:
     accelerator = Accelerator(mixed_precision=resolved.get("mixed_precision"))
     cfg.resolve_compute_dtype(accelerator.device.type)  # runs saved before auto existed are concrete already
     model_path, tokenizer = tokenizer_for(cfg)
-    data = prepare_data(DataSource.from_config(cfg), template, tokenizer, [ecfg.split], cfg.max_length,
-                        {ecfg.split: ecfg.max_eval_samples}, accelerator)
+    data = prepare_data(DataSource.from_config(cfg), template, tokenizer, [split], cfg.max_length,
+                        {split: max_samples}, accelerator)
     spec, label_names, template = data.task.spec, data.task.label_names, data.template
-    batcher = data.batchers[ecfg.split]
+    batcher = data.batchers[split]
 
     # -- model: built like ft.py built it (same seed, so --base_only gets the same fresh head) ---------
     set_seed(cfg.seed)
@@ -93,11 +108,12 @@ def evaluate_run(ecfg: EvalConfig) -> Optional[dict]:
     logits, stats = predict(model, batcher, batch_size, accelerator)
 
     scores = compute_metrics(spec, logits, batcher.labels.numpy())  # {} when every label is hidden (-1)
-    result = {"split": ecfg.split, "prompt": template.name, "adapter": None if ecfg.base_only else ecfg.adapter,
-              "base_only": ecfg.base_only, "examples": len(batcher), "eval_batch_size": batch_size,
+    result = {"split": split, "prompt": template.name, "adapter": None if ecfg.base_only else ecfg.adapter,
+              "base_only": ecfg.base_only, "examples": len(batcher), "max_eval_samples": max_samples,
+              "run_finished": summary is not None, "eval_batch_size": batch_size,
               "metrics": scores, **stats}
     if not scores:
-        result["note"] = f"split {ecfg.split!r} has hidden labels (-1): predictions written, no score"
+        result["note"] = f"split {split!r} has hidden labels (-1): predictions written, no score"
         log.info(result["note"])
     if accelerator.is_main_process:
         out_dir.parent.mkdir(parents=True, exist_ok=True)
@@ -107,10 +123,12 @@ def evaluate_run(ecfg: EvalConfig) -> Optional[dict]:
             atomic_write_json(tmp / "metrics.json", result)
             (tmp / "prompt.txt").write_text(template.text + "\n", encoding="utf-8")
         if scores:
-            print(f"{ecfg.split} ({template.name}{suffix}): " + ", ".join(f"{k}={v:.4f}" for k, v in scores.items()))
+            print(f"{split} ({template.name}{suffix}): " + ", ".join(f"{k}={v:.4f}" for k, v in scores.items()))
         print(f"written: {out_dir}")
     return result
 
 
 if __name__ == "__main__":
+    from qlora_cls.procs import exit_with_parent_if_asked
+    exit_with_parent_if_asked()  # launched by sweep.py: end with it (see qlora_cls/procs.py)
     main()

@@ -461,4 +461,6 @@ class _StopFlag:
 
 
 if __name__ == "__main__":
+    from qlora_cls.procs import exit_with_parent_if_asked
+    exit_with_parent_if_asked()  # launched by sweep.py: end with it (see qlora_cls/procs.py)
     main()

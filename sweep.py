@@ -27,6 +27,7 @@ from datetime import datetime
 from pathlib import Path
 from typing import Optional, Sequence
 
+from qlora_cls import procs
 from qlora_cls.cli import _OneLineParser, strict_bool
 from qlora_cls.errors import UsageError
 
@@ -127,9 +128,12 @@ class Sweep:
             start = out.tell()
             out.write(f"\n### {datetime.now().isoformat(timespec='seconds')} {' '.join(self._command(script, args))}\n")
             out.flush()
-            env = dict(os.environ, PYTHONUNBUFFERED="1")
+            # The child (and, through the variable, ft.py under accelerate launch) gets SIGTERM if we die.
+            env = dict(os.environ, PYTHONUNBUFFERED="1", **{procs.ENV: "1"})
+            me = os.getpid()
             self.proc = subprocess.Popen(self._command(script, args), cwd=REPO, stdout=out, stderr=subprocess.STDOUT,
-                                         stdin=subprocess.DEVNULL, env=env, start_new_session=True)
+                                         stdin=subprocess.DEVNULL, env=env, start_new_session=True,
+                                         preexec_fn=lambda: procs.exit_with_parent(me))
             if point:  # lets a later sweep see that this point is still running if we get SIGKILLed
                 self.manifest.update(point, process_group=self.proc.pid)
             code = self.proc.wait()
@@ -260,9 +264,7 @@ class Sweep:
 def _wait_for_group(pgid: int, timeout: float = 300) -> None:
     deadline = time.monotonic() + timeout
     while time.monotonic() < deadline:
-        try:
-            os.killpg(pgid, 0)
-        except (ProcessLookupError, PermissionError):
+        if not procs.group_alive(pgid):
             return
         time.sleep(0.2)
     try:

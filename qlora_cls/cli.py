@@ -139,26 +139,44 @@ def _named(fn, tp):
     return fn
 
 
-def load_config_file(path: str) -> dict[str, Any]:
+def load_config_file(path: str, flag: str = "--config") -> dict[str, Any]:
+    """A YAML/JSON mapping; errors name ``flag``, the option the file was given with."""
     p = Path(path)
     if not p.is_file():
-        raise UsageError(f"--config {path}: no such file")
+        raise UsageError(f"{flag} {path}: no such file")
     text = p.read_text()
     try:
         data = json.loads(text) if p.suffix == ".json" else yaml.safe_load(text)
     except (json.JSONDecodeError, yaml.YAMLError) as exc:
-        raise UsageError(f"--config {path}: not valid {'JSON' if p.suffix == '.json' else 'YAML'}: {exc}".replace("\n", " "))
+        raise UsageError(f"{flag} {path}: not valid {'JSON' if p.suffix == '.json' else 'YAML'}: {exc}".replace("\n", " "))
     if data is None:
         return {}
     if not isinstance(data, dict):
-        raise UsageError(f"--config {path}: expected a mapping of field names to values, got {type(data).__name__}")
+        raise UsageError(f"{flag} {path}: expected a mapping of field names to values, got {type(data).__name__}")
     return data
+
+
+def _attach_negative_numbers(argv: list[str]) -> list[str]:
+    """``--lr -1e-4`` -> ``--lr=-1e-4``: argparse takes ``-1e-4`` for an option (it only knows plain
+    negative numbers), so the value check would never see it; attached, it gets the real message."""
+    out: list[str] = []
+    for word in argv:
+        if out and out[-1].startswith("--") and "=" not in out[-1] and word.startswith("-"):
+            try:
+                float(word)
+            except ValueError:
+                pass
+            else:
+                out[-1] = f"{out[-1]}={word}"
+                continue
+        out.append(word)
+    return out
 
 
 def parse_dataclass(cls: type, argv: Sequence[str] | None, prog: str, description: str):
     """Defaults < ``--config`` file < command line; then ``cls(**values)`` validates."""
     parser = build_parser(cls, prog, description)
-    args = vars(parser.parse_args(argv))
+    args = vars(parser.parse_args(_attach_negative_numbers(list(sys.argv[1:] if argv is None else argv))))
     values: dict[str, Any] = {}
     config_path = args.pop("config", None)
     if config_path:

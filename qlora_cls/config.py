@@ -151,6 +151,8 @@ class TrainConfig:
             (self.train_file is None or self.text_columns,
              "--train_file needs --text_columns naming the text column(s) of the file"),
             (self.label_names is None or len(self.label_names) != 0, "--label_names needs at least one name"),
+            (not self.resume or self.results_path is not None,
+             "--resume needs --results_path: the folder of the run to continue"),
         ]
         for ok, message in checks:
             if not ok:
@@ -177,7 +179,8 @@ class TrainConfig:
 @dataclass
 class EvalConfig:
     results_path: str = field(default="", metadata=_help("run folder written by ft.py"))
-    split: str = field(default="validation", metadata=_help(f"split to evaluate: {SPLITS_HINT}"))
+    split: Optional[str] = field(default=None, metadata=_help(
+        f"split to evaluate: {SPLITS_HINT}; none = the run's own eval split"))
     prompt: Optional[str] = field(default=None, metadata=_help(
         "template name in prompts/ or a path; none = the run's own template"))
     eval_batch_size: Optional[int] = field(default=None, metadata=_help("examples per forward; none = the run's"))
@@ -185,7 +188,8 @@ class EvalConfig:
     base_only: bool = field(default=False, metadata=_help("evaluate the un-tuned base model (new, untrained head)"))
     dataset: Optional[str] = field(default=None, metadata=_help("dataset hub id or folder; none = the run's"))
     model_dir: Optional[str] = field(default=None, metadata=_help("base model location; none = the run's"))
-    max_eval_samples: Optional[int] = field(default=None, metadata=_help("evaluate only the first N examples"))
+    max_eval_samples: Optional[int] = field(default=None, metadata=_help(
+        "evaluate only the first N examples; none = as the run did (its --max_eval_samples), 0 = every example"))
     output_dir: Optional[str] = field(default=None, metadata=_help(
         "where to write; none = <results_path>/evals/<split>-<prompt>[-base]"))
     overwrite: bool = field(default=False, metadata=_help("replace an existing evaluation with the same name"))
@@ -195,7 +199,7 @@ class EvalConfig:
             raise UsageError("--results_path is required: the run folder written by ft.py")
         if self.eval_batch_size is not None and self.eval_batch_size <= 0:
             raise UsageError(f"--eval_batch_size must be > 0, got {self.eval_batch_size}")
-        if self.max_eval_samples is not None and self.max_eval_samples <= 0:
-            raise UsageError(f"--max_eval_samples must be > 0, got {self.max_eval_samples}")
+        if self.max_eval_samples is not None and self.max_eval_samples < 0:
+            raise UsageError(f"--max_eval_samples must be >= 0 (0 = every example), got {self.max_eval_samples}")
         if self.adapter not in ("adapter", "adapter_best"):
             raise UsageError(f"--adapter must be adapter or adapter_best, got {self.adapter!r}")

@@ -59,11 +59,19 @@ def _load(source: DataSource):
         builder = "csv" if suffixes <= {".csv"} else "json" if suffixes <= {".json", ".jsonl"} else None
         if builder is None:
             raise UsageError(f"data files must all be .csv or all .json/.jsonl, got {', '.join(sorted(suffixes))}")
+        _check_data_files(source.files, builder)
         try:
             return datasets.load_dataset(builder, data_files=dict(source.files))
-        except Exception as exc:  # a malformed file: show the library's first line
-            raise UsageError(f"could not read data files {', '.join(source.files.values())}: "
-                             f"{str(exc).splitlines()[0] if str(exc) else type(exc).__name__}")
+        except Exception as exc:  # a malformed file: name the file and the first cause that says something
+            for split, f in source.files.items():
+                if builder == "json":
+                    _check_json_lines(split, f)
+            cause, seen = exc, []
+            while cause is not None and cause not in seen:
+                seen.append(cause)
+                cause = cause.__cause__ or cause.__context__
+            detail = next((str(c).splitlines()[0] for c in reversed(seen) if str(c).strip()), type(exc).__name__)
+            raise UsageError(f"could not read data files {', '.join(source.files.values())}: {detail}")
     check_dataset_source(source.dataset)
     try:
         return datasets.load_dataset(source.dataset, source.task)
@@ -73,6 +81,46 @@ def _load(source: DataSource):
     except Exception as exc:
         raise UsageError(f"could not load --dataset {source.dataset} --task {source.task}: "
                          f"{type(exc).__name__}: {str(exc).splitlines()[0] if str(exc) else ''}")
+
+
+def _check_data_files(files: dict[str, str], builder: str) -> None:
+    """What the datasets library reports only as "An error occurred while generating the dataset":
+    an empty file, a CSV with a header and no rows, CSV files whose columns differ."""
+    import csv
+    headers = {}
+    for split, f in files.items():
+        if Path(f).stat().st_size == 0:
+            raise UsageError(f"--{split}_file {f} is empty (0 bytes); it needs a header line and rows")
+        if builder != "csv":
+            continue
+        with open(f, newline="", encoding="utf-8", errors="replace") as fh:
+            rows = csv.reader(fh)
+            headers[split] = next(rows, [])
+            if next(rows, None) is None:
+                raise UsageError(f"--{split}_file {f} has a header ({', '.join(headers[split])}) but no rows")
+    first = next(iter(headers), None)
+    for split, header in headers.items():
+        if header != headers[first]:
+            raise UsageError(f"--{split}_file {files[split]} has columns {', '.join(header)} but --{first}_file "
+                             f"{files[first]} has {', '.join(headers[first])}; every file needs the same columns")
+
+
+def _check_json_lines(split: str, f: str) -> None:
+    import json
+    with open(f, encoding="utf-8", errors="replace") as fh:
+        text = fh.read()
+    try:
+        json.loads(text)  # one JSON document (a list of rows) is valid as a whole
+        return
+    except json.JSONDecodeError:
+        pass
+    for number, line in enumerate(text.splitlines(), 1):
+        if line.strip():
+            try:
+                json.loads(line)
+            except json.JSONDecodeError as exc:
+                raise UsageError(f"--{split}_file {f} line {number} is not valid JSON: {exc.msg} (column {exc.colno}); "
+                                 f"JSON Lines need one complete object per line")
 
 
 def load_task_data(source: DataSource, splits: Sequence[str]) -> TaskData:

@@ -44,6 +44,11 @@ def prepare_data(source: DataSource, template: Template, tokenizer, splits: Sequ
     with accelerator.main_process_first():
         task = load_task_data(source, list(splits))
         template = template.bind(task.spec.text_columns, task.label_names)
+        # A --max_length that leaves no room for the inputs trains on the prompt alone: every example the same.
+        fixed = len(tokenizer(template.render({f: "" for f in template.fields}))["input_ids"])
+        if max_length <= fixed:
+            raise UsageError(f"--max_length {max_length} leaves no room for the inputs: the prompt {template.name!r} "
+                             f"alone is {fixed} tokens; use a --max_length well above {fixed}")
         for ds in task.splits.values():
             template.check_columns(ds.column_names)
         batchers = {}
@@ -52,6 +57,10 @@ def prepare_data(source: DataSource, template: Template, tokenizer, splits: Sequ
             ds = select(task.splits[split], max_samples.get(split))
             tok = tokenize(ds, template, tokenizer, source.label_column, max_length, task.spec.is_regression)
             pad_hit |= accelerator.is_main_process and warn_if_pad_in_inputs(tok, tokenizer.pad_token_id)
+            cut = sum(n >= max_length for n in tok["length"])
+            if cut and accelerator.is_main_process:
+                log.warning("%d of %d %s examples (%.1f%%) reached --max_length %d and were cut there", cut, len(tok),
+                            split, 100 * cut / len(tok), max_length)
             batchers[split] = Batcher(tok, tokenizer.pad_token_id, task.spec.is_regression)
     return PreparedData(task, batchers, pad_hit, template)
 

@@ -40,4 +40,6 @@ def main(argv=None) -> int:
 
 
 if __name__ == "__main__":
+    from qlora_cls.procs import exit_with_parent_if_asked
+    exit_with_parent_if_asked()  # launched by sweep.py: end with it (see qlora_cls/procs.py)
     raise SystemExit(main())

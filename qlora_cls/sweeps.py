@@ -114,7 +114,7 @@ def grid_from_file(path: str) -> dict[str, list[list[str]]]:
     A list field's values are lists: ``target_modules: [[q_proj, v_proj], [q_proj, k_proj, v_proj, o_proj]]``
     sweeps two combinations; ``target_modules: [q_proj, v_proj]`` is one (fixed) combination.
     """
-    data = load_config_file(path)
+    data = load_config_file(path, "--grid")
     if not data:
         raise UsageError(f"--grid {path} is empty; give field: [values] pairs, e.g. prompt: [none, perfect]")
     out: dict[str, list[list[str]]] = {}
@@ -305,16 +305,12 @@ class Manifest:
         return held()
 
     def check_orphans(self) -> None:
-        """A sweep killed with SIGKILL leaves its running point behind (it has its own process group, so
-        Ctrl-C reaches it only through the sweep); training it twice at once would corrupt its folder."""
-        import os
+        """A point of a sweep killed with SIGKILL gets SIGTERM (procs.py) and checkpoints, which takes a
+        while; training it twice at once would corrupt its folder, so a re-run waits for it to end."""
+        from .procs import group_alive
         for name, p in self.data["points"].items():
             pgid = p.get("process_group")
-            if p.get("status") == "running" and pgid:
-                try:
-                    os.killpg(pgid, 0)
-                except (ProcessLookupError, PermissionError):
-                    continue
+            if p.get("status") == "running" and pgid and group_alive(pgid):
                 raise UsageError(f"point {name} is still running (process group {pgid}) from an earlier sweep "
                                  f"that was killed; wait for it or stop it (kill -TERM -{pgid}), then re-run")
 

@@ -109,7 +109,7 @@ def test_compute_dtype_auto_resolves_per_device():
 
 
 def test_bare_boolean_flag_means_true():
-    assert parse(["--resume", "--load_in_4bit", "false"]).resume is True
+    assert parse(["--resume", "--load_in_4bit", "false", "--results_path", "r"]).resume is True
     assert parse(["--skip_nonfinite"]).skip_nonfinite is True
 
 

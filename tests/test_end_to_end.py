@@ -131,7 +131,7 @@ def test_local_files_errors_and_run(tiny_model, tmp_path, capsys):
     assert "lacks column" in _ft_error(args("b", train, val, "--label_column", "gold"), capsys)
     empty = tmp_path / "empty.csv"
     empty.write_text("text,label\n")
-    assert "empty" in _ft_error(args("c", train, str(empty)), capsys)
+    assert "has a header (text, label) but no rows" in _ft_error(args("c", train, str(empty)), capsys)
     summary = ft.main(args("ok"))
     assert summary["final"]["split"] == "validation" and "accuracy" in summary["final"]
 

@@ -82,3 +82,13 @@ def test_unknown_prompt_lists_valid_ones():
 
 def test_literal_braces():
     assert parse_template("b", "{{x}} {sentence1}").render(ROW) == "{x} A cat sat."
+
+
+def test_prompts_readme_lists_every_shipped_template():
+    from qlora_cls.prompts import PROMPTS_DIR
+    table = (PROMPTS_DIR / "README.md").read_text()
+    files = sorted(PROMPTS_DIR.glob("*/*.txt"))
+    assert len(files) == 40
+    for f in files:
+        text = f.read_text(encoding="utf-8").rstrip("\n")
+        assert f"| {f.parent.name} | {f.stem} | `{text}` |" in table, f

@@ -176,3 +176,63 @@ def test_point_left_running_by_a_killed_sweep_is_not_started_twice(tmp_path, cap
     m = sweeps.Manifest.open(tmp_path / "s", g, pts, sweeps.validate(g, pts, tmp_path / "s"), [])
     m.update("seed=1", status="running", process_group=os.getpgrp())  # a live group: this test's own
     assert "seed=1 is still running" in _usage_error(args, capsys)
+
+
+def test_a_finished_point_left_as_a_zombie_is_not_running():
+    """In a container whose PID 1 reaps late, an ended point is a zombie that still answers kill(pid, 0)."""
+    import os
+    import subprocess
+    import time
+
+    from qlora_cls.procs import group_alive
+    child = subprocess.Popen([sys.executable, "-c", "pass"], start_new_session=True)
+    deadline = time.monotonic() + 30
+    while time.monotonic() < deadline:  # wait for it to end without reaping it (no wait()/poll())
+        with open(f"/proc/{child.pid}/stat") as f:
+            if f.read().rsplit(")", 1)[1].split()[0] == "Z":
+                break
+        time.sleep(0.05)
+    os.killpg(child.pid, 0)  # the zombie still answers the signal test ...
+    assert not group_alive(child.pid)  # ... but is not counted as running
+    assert group_alive(os.getpgrp())  # this test's own group is
+    child.wait()
+
+
+@pytest.mark.slow
+def test_sigkilled_sweep_leaves_no_orphan_and_resumes(tiny_model, mrpc, tmp_path):
+    """kill -9 of sweep.py mid-point: the point gets SIGTERM, checkpoints and ends within a minute; the
+    same command then resumes it from that checkpoint and finishes."""
+    import os
+    import signal
+    import subprocess
+    import time
+
+    from qlora_cls.procs import group_alive
+    d = tmp_path / "s"
+    args = ["--sweep_dir", str(d), "--launcher", "python", "--eval_prompts", "--base_eval", "false",
+            "--seed", "1", "2", "--model_dir", tiny_model, "--dataset", mrpc, "--max_train_samples", "400",
+            "--max_eval_samples", "16", "--max_steps", "50", "--log_every", "2"]
+    with open(tmp_path / "first.log", "w") as log:
+        proc = subprocess.Popen([sys.executable, str(REPO / "sweep.py"), *args], cwd=tmp_path, stdout=log,
+                                stderr=subprocess.STDOUT)
+        point_log = d / "seed=1" / "train_log.jsonl"
+        deadline = time.monotonic() + 300
+        while proc.poll() is None and not point_log.is_file() and time.monotonic() < deadline:
+            time.sleep(0.05)
+        proc.send_signal(signal.SIGKILL)
+        proc.wait()
+    pgid = json.loads((d / "sweep.json").read_text())["points"]["seed=1"]["process_group"]
+    deadline = time.monotonic() + 60
+    while group_alive(pgid) and time.monotonic() < deadline:
+        time.sleep(0.2)
+    assert not group_alive(pgid), f"point process group {pgid} outlived its sweep"
+    assert json.loads((d / "sweep.json").read_text())["points"]["seed=1"]["status"] == "running"  # as left
+    assert any((d / "seed=1" / "checkpoints").glob("checkpoint-*/progress.json"))  # written on SIGTERM
+    assert not (d / "seed=1" / "metrics.json").exists()
+    assert sweep.main(args) == 0
+    manifest = json.loads((d / "sweep.json").read_text())
+    assert all(p["status"] == "finished" for p in manifest["points"].values())
+    second = (d / "logs" / "seed=1.log").read_text()
+    assert "--resume" in second and "resumed from checkpoint-" in second
+    steps = [json.loads(line)["step"] for line in (d / "seed=1" / "train_log.jsonl").read_text().splitlines()]
+    assert steps == list(range(2, 51, 2))  # every step logged once, none lost or repeated

@@ -1,0 +1,61 @@
+"""Child processes of a sweep: they end with it, and a finished one is not taken for a running one.
+
+A sweep runs each point in its own process group (so a Ctrl-C reaches it only through the sweep, which
+asks it to checkpoint). If the sweep itself is killed (``kill -9``, an OOM killer) nothing would stop
+that group: on Linux each child therefore asks the kernel for SIGTERM when its parent dies
+(``PR_SET_PDEATHSIG``), and ft.py answers SIGTERM by checkpointing and exiting, so re-running the sweep
+resumes the point. The sweep sets ``QLORA_CLS_EXIT_WITH_PARENT=1`` for its children; ft.py and the
+evaluations then do the same for their own parent (the ``accelerate launch`` process in between).
+"""
+from __future__ import annotations
+
+import os
+import signal
+from pathlib import Path
+
+ENV = "QLORA_CLS_EXIT_WITH_PARENT"
+_PR_SET_PDEATHSIG = 1
+
+
+def exit_with_parent(parent_pid: int | None = None) -> bool:
+    """SIGTERM to this process when its parent dies (Linux only; elsewhere a no-op returning False)."""
+    try:
+        import ctypes
+        libc = ctypes.CDLL(None, use_errno=True)
+        if libc.prctl(_PR_SET_PDEATHSIG, int(signal.SIGTERM), 0, 0, 0) != 0:
+            return False
+    except (OSError, AttributeError):
+        return False
+    if parent_pid is not None and os.getppid() != parent_pid:
+        os.kill(os.getpid(), signal.SIGTERM)  # the parent died before the request was in place
+    return True
+
+
+def exit_with_parent_if_asked() -> None:
+    """Called first by ft.py and the evaluation scripts: only sweeps ask (a plain ``nohup python ft.py``
+    must outlive its shell)."""
+    if os.environ.get(ENV) == "1":
+        exit_with_parent()
+
+
+def group_alive(pgid: int) -> bool:
+    """Whether any process of the group still runs. A zombie does not count: in a container whose PID 1
+    reaps orphans late, a finished point stays a zombie that still answers ``kill(pid, 0)``."""
+    proc = Path("/proc")
+    if not (proc / "self" / "stat").is_file():  # no procfs: the signal test, zombies included
+        try:
+            os.killpg(pgid, 0)
+            return True
+        except (ProcessLookupError, PermissionError):
+            return False
+    for entry in proc.iterdir():
+        if not entry.name.isdigit():
+            continue
+        try:
+            stat = (entry / "stat").read_text()
+        except OSError:
+            continue
+        fields = stat.rsplit(")", 1)[1].split()  # after "pid (comm)": state ppid pgrp ...
+        if int(fields[2]) == pgid and fields[0] not in ("Z", "X"):
+            return True
+    return False
