@@ -93,11 +93,14 @@ def grid_from_cli(groups: dict[str, list[str]]) -> dict[str, list[list[str]]]:
 
     A scalar field with several words is swept over them. A list field (target_modules, train_splits)
     takes its words as ONE value, as ft.py does, unless they are comma-joined combinations:
-    ``--target_modules q_proj,v_proj q_proj,k_proj,v_proj,o_proj`` sweeps two combinations.
+    ``--target_modules q_proj,v_proj q_proj,k_proj,v_proj,o_proj`` sweeps two combinations. Target presets
+    stand alone, so ``--target_modules attention-qv attention all-linear`` sweeps the three presets.
     """
+    from .modeling import PRESETS
     out: dict[str, list[list[str]]] = {}
     for name, words in groups.items():
-        if _is_list_field(name) and any("," in w for w in words):
+        if _is_list_field(name) and (any("," in w for w in words)
+                                     or (name == "target_modules" and any(w in PRESETS for w in words))):
             out[name] = [[p for p in w.split(",") if p] for w in words]
         elif _is_list_field(name):
             out[name] = [words]

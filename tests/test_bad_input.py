@@ -120,3 +120,11 @@ def test_eval_of_an_unfinished_run_says_so(finished_run, tmp_path, caplog):
     result = eval_cli.main(["--results_path", str(copy)])
     assert result["run_finished"] is False
     assert any("did not finish" in r.getMessage() and "adapter" in r.getMessage() for r in caplog.records)
+
+
+def test_truncation_is_counted_in_a_warning(tiny_model, mrpc, tmp_path, caplog):
+    """MRPC's 'perfect' prompt is ~22 tokens and its examples 50-100: at --max_length 40 nearly all are cut."""
+    ft.main(tiny_args(tiny_model, mrpc, tmp_path / "r", "--max_length", "40", "--dry_run"))
+    lines = [r.getMessage() for r in caplog.records if "reached --max_length 40" in r.getMessage()]
+    assert any(line.startswith("37 of 37 validation examples (100.0%)") for line in lines), lines
+    assert not (tmp_path / "r").exists()  # a dry run writes nothing

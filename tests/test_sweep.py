@@ -130,6 +130,8 @@ def test_grid_forms(tmp_path, capsys):
     configs = sweeps.validate(g, sweeps.points(g), tmp_path)
     assert configs[-1].target_modules == ["q_proj", "k_proj", "v_proj", "o_proj"] and configs[-1].r == 8
     assert configs[0].train_splits == ["train", "validation"] and configs[0].lr == 1e-4
+    presets = sweeps.make_grid(["--target_modules", "attention-qv", "attention", "all-linear"], None)
+    assert presets.swept == {"target_modules": [["attention-qv"], ["attention"], ["all-linear"]]}
     # --dry_run lists the points and runs nothing
     assert sweep.main(["--sweep_dir", str(tmp_path / "dry"), "--dry_run", "--r", "4", "8"]) == 0
     assert "r=4: ft.py" in capsys.readouterr().out and not (tmp_path / "dry").exists()
