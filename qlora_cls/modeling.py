@@ -163,12 +163,6 @@ def _linear_modules(model, head: Sequence[str]) -> tuple[list[str], list[str]]:
     return base, in_head
 
 
-def linear_layer_names(model) -> list[str]:
-    """Short names of the model's linear layers that LoRA can target (the head excluded)."""
-    base, _ = _linear_modules(model, head_modules(model))
-    return sorted({full.split(".")[-1] for full in base})
-
-
 def _suffix_outside(full: str, head_linear: Sequence[str]) -> str:
     """The shortest dotted suffix of ``full`` that names no head layer (``dense`` -> ``output.dense``)."""
     parts = full.split(".")

@@ -53,7 +53,7 @@ def test_mrpc_padding_efficiency(mrpc):
     from qlora_cls.modeling import load_tokenizer, embedded_model_dir
     from qlora_cls.prompts import load_template
     tok = load_tokenizer(str(embedded_model_dir()))
-    t = load_template("perfect")
+    t = load_template("perfect", "mrpc")
     ds = datasets.load_dataset(mrpc, "mrpc")["train"]
     lengths = [len(x) for x in tok([t.render(r) for r in ds])["input_ids"]]
     grouped = padding_efficiency(train_batches(lengths, 16, 42, 0), lengths)
