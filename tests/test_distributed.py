@@ -4,7 +4,11 @@ import os
 import subprocess
 import sys
 
+import pytest
+
 from conftest import REPO, tiny_args
+
+pytestmark = pytest.mark.slow  # real training runs of a minute or more (make test-quick skips them)
 
 
 def test_two_process_run(tiny_model, mrpc, tmp_path):

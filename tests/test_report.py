@@ -15,6 +15,7 @@ def _rows(path):
         return list(csv.DictReader(f))
 
 
+@pytest.mark.slow
 def test_report_of_the_tiny_sweep_matches_the_runs(tiny_sweep, tmp_path):
     d = tiny_sweep["dir"]
     out = report.main([str(d)])["out"]

@@ -94,6 +94,7 @@ def reference_run(tiny_model, mrpc, tmp_path_factory) -> Path:
     return run
 
 
+@pytest.mark.slow
 def test_sigkill_mid_epoch_then_resume_matches_uninterrupted(reference_run, tiny_model, mrpc, tmp_path):
     run = tmp_path / "run"
     cmd = [sys.executable, FT, *tiny_args(tiny_model, mrpc, run, *RUN_FLAGS)]
@@ -104,6 +105,7 @@ def test_sigkill_mid_epoch_then_resume_matches_uninterrupted(reference_run, tiny
     _assert_same_run(reference_run, run)
 
 
+@pytest.mark.slow
 def test_sigkill_then_resume_on_two_processes(tiny_model, mrpc, tmp_path):
     ref, run = tmp_path / "ref", tmp_path / "run"
     _run([*LAUNCH_2, FT, *tiny_args(tiny_model, mrpc, ref, *RUN_FLAGS, "--max_train_samples", "96")], tmp_path)
@@ -115,6 +117,7 @@ def test_sigkill_then_resume_on_two_processes(tiny_model, mrpc, tmp_path):
     _assert_same_run(ref, run)
 
 
+@pytest.mark.slow
 def test_sigterm_saves_a_checkpoint_and_exits_cleanly(reference_run, tiny_model, mrpc, tmp_path):
     run = tmp_path / "run"
     cmd = [sys.executable, FT, *tiny_args(tiny_model, mrpc, run, *RUN_FLAGS)]
@@ -181,6 +184,7 @@ def test_unwritable_results_path_is_one_clear_error(tiny_model, mrpc, tmp_path, 
     assert blocker.read_text() == "user data\n"
 
 
+@pytest.mark.slow
 def test_full_disk_leaves_no_truncated_file_and_resume_recovers(reference_run, tiny_model, mrpc, tmp_path,
                                                                monkeypatch, capsys):
     """The disk fills up while metrics.json is written: clear error, no partial metrics.json, resumable."""

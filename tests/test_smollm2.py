@@ -1,7 +1,11 @@
 """The real embedded SmolLM2-135M (4-bit NF4) on 64 real MRPC examples: the training loss falls."""
 import json
 
+import pytest
+
 import ft
+
+pytestmark = pytest.mark.slow  # real training runs of a minute or more (make test-quick skips them)
 
 
 def test_real_model_loss_falls(mrpc, tmp_path):

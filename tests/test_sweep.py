@@ -11,6 +11,7 @@ from conftest import REPO, sweep_flags, tiny_args
 POINTS = ["prompt=none,seed=1", "prompt=none,seed=2", "prompt=perfect,seed=1", "prompt=perfect,seed=2"]
 
 
+@pytest.mark.slow
 def test_interrupted_sweep_resumes_without_rerunning_finished_points(tiny_sweep):
     d = tiny_sweep["dir"]
     assert tiny_sweep["first_code"] == 128 + 15, tiny_sweep["first_log"][-3000:]
@@ -54,6 +55,7 @@ def test_interrupted_sweep_resumes_without_rerunning_finished_points(tiny_sweep)
     assert e == {k: final[k] for k in e}
 
 
+@pytest.mark.slow
 def test_tensorboard_hparams_name_the_swept_values(tiny_sweep):
     from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
     from tensorboard.plugins.hparams import plugin_data_pb2
@@ -68,6 +70,7 @@ def test_tensorboard_hparams_name_the_swept_values(tiny_sweep):
     assert {"r", "lr", "lora_alpha", "lora_dropout", "target_modules", "max_steps"} <= set(hparams)
 
 
+@pytest.mark.slow
 def test_failing_point_is_recorded_and_others_continue(tiny_model, mrpc, tmp_path, capsys):
     d = tmp_path / "s"
     fixed = sweep_flags(tiny_model, mrpc)[2:]  # all but --model_dir, which is swept: one missing, one real
@@ -137,6 +140,7 @@ def test_grid_forms(tmp_path, capsys):
     assert "r=4: ft.py" in capsys.readouterr().out and not (tmp_path / "dry").exists()
 
 
+@pytest.mark.slow
 def test_resuming_with_a_different_grid_is_refused(tiny_sweep, capsys, tiny_model, mrpc):
     d = str(tiny_sweep["dir"])
     before = (tiny_sweep["dir"] / "sweep.json").read_text()
