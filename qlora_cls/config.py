@@ -48,7 +48,7 @@ class TrainConfig:
         choices=DTYPES + ("uint8",)))
     gradient_checkpointing: Union[bool, str] = field(default="auto", metadata=_help(
         "recompute activations in backward: saves memory, costs ~1.4x a step; auto = off on a CPU, on a GPU on "
-        "when the --dry_run estimate without it exceeds 80% of the device memory; true/false force it"))
+        "when the --dry_run estimate without it exceeds half the device memory; true/false force it"))
     # -- LoRA --------------------------------------------------------------------------------------
     r: int = field(default=8, metadata=_help("LoRA rank"))
     lora_alpha: float = field(default=16, metadata=_help("LoRA scaling numerator (scale = alpha / r)"))

@@ -160,7 +160,7 @@ def test_gradient_checkpointing_bad_word_is_one_line(capsys, tmp_path):
 
 
 def test_gradient_checkpointing_auto_on_a_gpu_follows_the_memory_estimate(monkeypatch, tiny_model):
-    """On a GPU, auto = on when the dry-run estimate without checkpointing exceeds 80 % of the device."""
+    """On a GPU, auto = on when the dry-run estimate without checkpointing exceeds half the device's memory."""
     import types
 
     import torch
@@ -172,7 +172,8 @@ def test_gradient_checkpointing_auto_on_a_gpu_follows_the_memory_estimate(monkey
     monkeypatch.setattr(preflight, "zero_stage", lambda acc: 0)
     need = memory.estimate(TrainConfig(model_dir=tiny_model, bnb_4bit_compute_dtype="bfloat16",
                                        gradient_checkpointing=False), tiny_model, 2, 100, 100)["per_process_bytes"]
-    for capacity, expected in ((need / 0.8 * 1.01, False), (need / 0.8 * 0.99, True)):
+    for capacity, expected in ((need / hardware.GPU_MEMORY_SHARE * 1.01, False),
+                               (need / hardware.GPU_MEMORY_SHARE * 0.99, True)):
         monkeypatch.setattr(torch.cuda, "get_device_properties",
                             lambda device, c=capacity: types.SimpleNamespace(total_memory=int(c)))
         cfg = TrainConfig(model_dir=tiny_model, bnb_4bit_compute_dtype="bfloat16")
