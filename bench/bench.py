@@ -1,6 +1,6 @@
 """Benchmark: ft.py against the transformers Trainer + PEFT QLoRA recipe, on the same model, data and steps.
 
-    make bench                                   # BENCH_STEPS=80 (~30 min on 2 cores), DATASET=../shared/data/glue
+    make bench                                   # BENCH_STEPS=80 (~25 min, one core), DATASET=../shared/data/glue
     python bench/bench.py --steps 100 --dataset ../shared/data/glue
 
 Arms, run one after another, each in its own subprocess (clean peak memory, no shared caches):

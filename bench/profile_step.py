@@ -2,21 +2,21 @@
 
     python bench/profile_step.py --lengths 16 48 96 --repeats 3
 
-Builds the model exactly as ft.py does (4-bit base + LoRA, 8-bit AdamW, float32 compute on CPU) and
+Builds the model exactly as ft.py does (4-bit base + LoRA, 8-bit AdamW, compute dtype as ft.py's auto) and
 times each phase of a step on batches of ``--batch_size`` x L tokens without padding, so a fixed
 per-step cost (weights de-quantized in every forward and backward, optimizer) shows as the time at
 small L. Also times inference forwards (evaluation) and prints the torch.profiler top operators of
 one step. Writes a JSON next to the benchmark results.
 
-bf16 compute is fast only where the bf16 matrix products run on native bf16 instructions
-(AVX512-BF16 / AMX-BF16) through oneDNN; elsewhere torch runs them on an emulation (AVX512 without
-BF16: oneDNN converts to fp32) or on its reference kernel (no AVX512, or oneDNN off), 5-60x slower
-than fp32. ``--onednn_max_isa`` caps the instruction set oneDNN may use (its ONEDNN_MAX_CPU_ISA), so
-the slow condition can be shown on a CPU that has bf16; ``--mkldnn false`` switches oneDNN off. The
+bf16 compute is fast only where oneDNN runs the bf16 matrix products on AMX-BF16 (~6x fp32's
+GFLOP/s here); with AVX512-BF16 alone they ran at 0.6x fp32, with AVX512 and no BF16 on oneDNN's
+emulation at 0.2x, and with no AVX512 (or oneDNN off) on torch's reference kernel at 0.02-0.1x.
+``--onednn_max_isa`` caps the instruction set oneDNN may use (its ONEDNN_MAX_CPU_ISA), so the slow
+condition can be shown on a CPU that has bf16; ``--mkldnn false`` switches oneDNN off. The
 GEMM table (``--gemm``) times the two matrix products of a 4-bit linear layer, forward A @ W^T and
 backward dY @ W, in fp32 and bf16, which is where the difference is.
 
-    python bench/profile_step.py --compute_dtype bfloat16 --gemm                       # native bf16
+    python bench/profile_step.py --compute_dtype bfloat16 --gemm                       # AMX-BF16
     python bench/profile_step.py --compute_dtype bfloat16 --gemm --onednn_max_isa AVX2  # the slow case
 """
 from __future__ import annotations

@@ -40,8 +40,8 @@ class TrainConfig:
     bnb_4bit_use_double_quant: bool = field(default=True, metadata=_help("quantize the quantization constants too"))
     bnb_4bit_quant_type: str = field(default="nf4", metadata=_help("4-bit data type", choices=QUANT_TYPES))
     bnb_4bit_compute_dtype: str = field(default="auto", metadata=_help(
-        "dtype of 4-bit matmuls; auto = bfloat16 on a GPU (the reference) and on a CPU with AMX-BF16 (~1.7x faster "
-        "steps than float32 here), float32 on other CPUs, where bf16 matmuls ran 1.4x (AVX512-BF16 only) to 30x (no "
+        "dtype of 4-bit matmuls; auto = bfloat16 on a GPU (the reference) and on a CPU with AMX-BF16 (1.7-1.8x faster "
+        "steps than float32 here), float32 on other CPUs, where bf16 steps ran 1.3x (AVX512-BF16 only) to 15x (no "
         "AVX512) slower (qlora_cls/hardware.py)", choices=("auto",) + DTYPES))
     bnb_4bit_quant_storage: Optional[str] = field(default=None, metadata=_help(
         "dtype that stores packed 4-bit weights; none = uint8 (must equal the compute dtype under ZeRO-3)",
@@ -165,15 +165,19 @@ class TrainConfig:
     def resolve_compute_dtype(self, device_type: str) -> None:
         """Turn ``auto`` into a concrete dtype for this device; the resolved value is what gets saved.
 
-        Also resolves ``--gradient_checkpointing auto`` where the device alone decides (off on a CPU); on
-        a GPU it needs the data's lengths (``hardware.resolve_gradient_checkpointing``).
+        Also resolves ``--gradient_checkpointing auto`` where no estimate is needed: a resumed run's saved
+        value, off on a CPU. On a GPU ``hardware.resolve_gradient_checkpointing`` decides once the data's
+        lengths are known.
         """
         from .hardware import default_compute_dtype
         if self.bnb_4bit_compute_dtype == "auto":
             self.bnb_4bit_compute_dtype = self.saved_setting("bnb_4bit_compute_dtype") or default_compute_dtype(device_type)
-        if self.gradient_checkpointing == "auto" and device_type != "cuda":
+        if self.gradient_checkpointing == "auto":
             saved = self.saved_setting("gradient_checkpointing")
-            self.gradient_checkpointing = saved if isinstance(saved, bool) else False
+            if isinstance(saved, bool):
+                self.gradient_checkpointing = saved
+            elif device_type != "cuda":
+                self.gradient_checkpointing = False  # it only saves memory, and RAM is not what is short on a CPU
 
     def saved_setting(self, name: str):
         """Under --resume, the value the run was started with: ``auto`` keeps deciding the same way even

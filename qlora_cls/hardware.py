@@ -6,13 +6,14 @@ this project's CPU (``bench/profile_step.py --gemm``, one thread, the model's la
 GEMMs ~175 GFLOP/s; bf16 with AMX ~1000 GFLOP/s (a training step 1.8x faster than fp32); bf16
 with oneDNN capped at AVX512-BF16 (what a CPU with avx512_bf16 and no AMX has) ~100 GFLOP/s (a step
 1.4x slower than fp32); at AVX512 without BF16, oneDNN's emulation, ~35; without AVX512 or with
-oneDNN off, torch's reference kernel, 3-17 GFLOP/s (steps 10-30x slower: the old "bf16 is ~25x
-slower on CPU"). So ``auto`` picks bf16 on a CPU only with AMX-BF16 and oneDNN allowed to use it.
+oneDNN off, torch's reference kernel, 3-17 GFLOP/s (a step 15x slower, its backward 29x: the old
+"bf16 is ~25x slower on CPU"). So ``auto`` picks bf16 on a CPU only with AMX-BF16 and oneDNN allowed to use it.
 
 Gradient checkpointing only saves memory and costs a second forward (~1.4x a step). It is worth it
 where the activations would not fit: on a GPU, ``auto`` turns it on when the dry-run estimate
 (``qlora_cls/memory.py``) of a training step without it exceeds ``GPU_MEMORY_SHARE`` of the device's
-memory; on a CPU it is off (system RAM; the estimate for the embedded model is well under 1 GiB).
+memory; on a CPU it is off (RAM is not what is short there: ft.py trains the embedded model in
+3.6 GiB of peak RSS without it, bench/results/20261125-134848).
 """
 from __future__ import annotations
 
@@ -63,21 +64,14 @@ def default_compute_dtype(device_type: str) -> str:
 
 
 def resolve_gradient_checkpointing(cfg, model_path: str, num_labels: int, train_max_len: int, accelerator) -> None:
-    """Turn ``--gradient_checkpointing auto`` into true/false (the resolved value is what gets saved).
+    """Turn ``--gradient_checkpointing auto`` into true/false on a GPU (the resolved value is what gets saved).
 
-    Off on a CPU (``TrainConfig.resolve_compute_dtype`` already did that). On a GPU: on when the dry-run
-    estimate of a training step *without* it (per process, this launch's processes and ZeRO stage,
-    batch x the longest training example) exceeds ``GPU_MEMORY_SHARE`` of the device's memory. A
-    resumed run keeps its saved value.
+    ``TrainConfig.resolve_compute_dtype`` already took a resumed run's saved value and decided a CPU
+    (off); what is left is a GPU: on when the dry-run estimate of a training step *without* it (per
+    process, this launch's processes and ZeRO stage, batch x the longest training example) exceeds
+    ``GPU_MEMORY_SHARE`` of the device's memory.
     """
     if cfg.gradient_checkpointing != "auto":
-        return
-    saved = cfg.saved_setting("gradient_checkpointing")
-    if isinstance(saved, bool):
-        cfg.gradient_checkpointing = saved
-        return
-    if accelerator.device.type != "cuda":
-        cfg.gradient_checkpointing = False
         return
     import dataclasses
 
