@@ -40,9 +40,10 @@ sweep: setup
 report: setup
 	$(PY) report.py $(DIR)
 
-# ft.py vs the transformers Trainer recipe vs the dense limit; writes bench/results/<timestamp>.json and .md.
-# BENCH_STEPS=N sets the optimizer steps per arm (80: ~25 min on two CPU cores, 3.1-4.1 s per step of batch 8
-# with the embedded SmolLM2), DATASET=... points at local GLUE data.
+# ft.py vs the transformers Trainer recipe (bf16 compute as users write it, and float32) vs the dense limit;
+# writes bench/results/<timestamp>.json and .md. BENCH_STEPS=N sets the optimizer steps per arm (80: ~25 min
+# for the six arms on one core of an AMX CPU, 1.6-3.5 s per step of batch 8 with the embedded SmolLM2),
+# DATASET=... points at local GLUE data.
 BENCH_STEPS ?= 80
 bench: setup
 	$(PY) bench/bench.py --steps $(BENCH_STEPS) --dataset $(DATASET)

@@ -70,6 +70,7 @@ def train(cfg: TrainConfig) -> Optional[dict]:
     from qlora_cls.batching import DatasetTooSmall, padding_efficiency, train_batches
     from qlora_cls.data import DataSource, check_trainable
     from qlora_cls.evaluation import predict, prediction_table
+    from qlora_cls.hardware import resolve_gradient_checkpointing
     from qlora_cls.files import append_jsonl, atomic_write_csv, atomic_write_json, atomic_write_text
     from qlora_cls.metrics import compute_metrics
     from qlora_cls.modeling import meta_model, parameter_counts, plan_model, quantization_config
@@ -110,6 +111,8 @@ def train(cfg: TrainConfig) -> Optional[dict]:
     # Head and LoRA targets resolved from the architecture (meta device, no weights read): a bad
     # --target_modules fails here, and config.json records what the presets meant for this model.
     plan = plan_model(meta_model(model_path, spec.num_labels, cfg.trust_remote_code), cfg.target_modules)
+    resolve_gradient_checkpointing(cfg, model_path, spec.num_labels,  # auto: from the estimate on a GPU, off on CPU
+                                   max(max(data.batchers[s].lengths) for s in cfg.train_splits), accelerator)
 
     # Final protocol: with the validation split trained on, the only held-out split is the test set, and
     # picking an epoch on it would tune on test data: adapter/ is the last epoch and nothing is selected.

@@ -1,23 +1,30 @@
 """Benchmark: ft.py against the transformers Trainer + PEFT QLoRA recipe, on the same model, data and steps.
 
-    make bench                                   # BENCH_STEPS=80 (~30 min on 2 cores), DATASET=../shared/data/glue
+    make bench                                   # BENCH_STEPS=80 (~25 min, one core), DATASET=../shared/data/glue
     python bench/bench.py --steps 100 --dataset ../shared/data/glue
 
 Arms, run one after another, each in its own subprocess (clean peak memory, no shared caches):
 
-1. ``trainer_default``: ``transformers.Trainer`` + PEFT, random sampling (what a user would write).
-2. ``trainer_grouped``: the same with ``train_sampling_strategy="group_by_length"``.
-3. ``ft``: ``ft.py`` (``ft.main`` called in the subprocess).
-4. ``dense``: the same model + LoRA + optimizer doing forward+backward+step on batches with no padding
+1. ``trainer_default_bf16``: ``transformers.Trainer`` + PEFT, random sampling, bf16 compute: the
+   recipe as users write it (the reference's ``bnb_4bit_compute_dtype=torch.bfloat16``).
+2. ``trainer_grouped_bf16``: the same with ``train_sampling_strategy="group_by_length"``.
+3. ``trainer_default``, 4. ``trainer_grouped``: the same two in float32 compute (ft.py's CPU default
+   before bf16 was found fast on CPUs with AMX; kept so earlier results stay comparable).
+5. ``ft``: ``ft.py`` with its defaults (``ft.main`` called in the subprocess; compute dtype ``auto``).
+6. ``dense``: the same model + LoRA + optimizer doing forward+backward+step on batches with no padding
    and the same real token count as ft.py's batches (each batch becomes ``B`` sequences of
-   ``round(real tokens / B)`` of its own tokens, built before the clock starts): no data loading, no
-   padding, no bookkeeping, so it bounds what any training loop can reach.
+   ``round(real tokens / B)`` of its own tokens, built before the clock starts), in the dtype
+   ``auto`` picks (the fastest here): no data loading, no padding, no bookkeeping, so it bounds what
+   any training loop can reach.
+
+The targets compare ``ft`` with the bf16 Trainer arms and the dense limit; the float32 Trainer arms
+give "other ratios".
 
 Optional (``--arms ...,ft_torch_dropout``): ``ft.py --fast_cpu_dropout false``, to check the fast CPU
 LoRA dropout side by side: its speed-up, and that the loss curve (means over windows of steps) and
 the accuracy stay within noise of torch's dropout.
 
-All arms: the same 4-bit NF4 base (double quantization, float32 compute on CPU), LoRA r=8/alpha 16/
+All arms: the same 4-bit NF4 base (double quantization; compute dtype per arm as above), LoRA r=8/alpha 16/
 dropout 0.1 on q_proj,v_proj, head trained in full, 8-bit AdamW, lr 3e-4 with linear warm-up over
 6 % of the steps, gradient clipping 1.0, batch 8, the same tokenization (the toolkit's prompt
 rendering and truncation), and the CPU repack guard of ``qlora_cls.modeling`` (without it the
@@ -47,19 +54,23 @@ from pathlib import Path
 REPO = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(REPO))
 
-ARMS = ("trainer_default", "trainer_grouped", "ft", "dense")
+ARMS = ("trainer_default_bf16", "trainer_grouped_bf16", "trainer_default", "trainer_grouped", "ft", "dense")
+TRAINER_ARMS = {  # arm: (group_by_length, compute dtype)
+    "trainer_default_bf16": (False, "bfloat16"), "trainer_grouped_bf16": (True, "bfloat16"),
+    "trainer_default": (False, "float32"), "trainer_grouped": (True, "float32"),
+}
 OPTIONAL_ARMS = ("ft_torch_dropout",)
 LOSS_WINDOW = 25  # steps per window when loss curves are compared
-TARGETS = {  # name: (ratio key, minimum)
-    "train tokens/s vs Trainer default": ("train_tokens_per_s_ft_over_trainer_default", 1.25),
-    "train tokens/s vs Trainer grouped": ("train_tokens_per_s_ft_over_trainer_grouped", 1.0),
+TARGETS = {  # name: (ratio key, minimum); the Trainer as users write it computes in bf16
+    "train tokens/s vs Trainer default (bf16)": ("train_tokens_per_s_ft_over_trainer_default_bf16", 1.25),
+    "train tokens/s vs Trainer grouped (bf16)": ("train_tokens_per_s_ft_over_trainer_grouped_bf16", 1.0),
     "train tokens/s vs dense limit": ("train_tokens_per_s_ft_over_dense", 0.85),
-    "same, median step: vs Trainer default": ("train_tokens_per_s_median_step_ft_over_trainer_default", 1.25),
-    "same, median step: vs Trainer grouped": ("train_tokens_per_s_median_step_ft_over_trainer_grouped", 1.0),
+    "same, median step: vs Trainer default (bf16)": ("train_tokens_per_s_median_step_ft_over_trainer_default_bf16", 1.25),
+    "same, median step: vs Trainer grouped (bf16)": ("train_tokens_per_s_median_step_ft_over_trainer_grouped_bf16", 1.0),
     "same, median step: vs dense limit": ("train_tokens_per_s_median_step_ft_over_dense", 0.85),
-    "eval examples/s vs Trainer evaluate()": ("eval_examples_per_s_ft_over_trainer_default", 3.0),
-    "accuracy minus Trainer default (points)": ("accuracy_points_ft_minus_trainer_default", -1.0),
-    "accuracy minus Trainer grouped (points)": ("accuracy_points_ft_minus_trainer_grouped", -1.0),
+    "eval examples/s vs Trainer evaluate() (bf16)": ("eval_examples_per_s_ft_over_trainer_default_bf16", 3.0),
+    "accuracy minus Trainer default (bf16, points)": ("accuracy_points_ft_minus_trainer_default_bf16", -1.0),
+    "accuracy minus Trainer grouped (bf16, points)": ("accuracy_points_ft_minus_trainer_grouped_bf16", -1.0),
 }
 
 
@@ -75,8 +86,9 @@ def parse_args(argv=None):
     p.add_argument("--warmup_ratio", type=float, default=0.06)
     p.add_argument("--seed", type=int, default=42)
     p.add_argument("--max_length", type=int, default=512)
-    p.add_argument("--gradient_checkpointing", choices=("true", "false"), default="false",
-                   help="same for every arm; off by default (CPU memory is plenty, recomputation only costs time)")
+    p.add_argument("--gradient_checkpointing", choices=("auto", "true", "false"), default="auto",
+                   help="same for every arm; auto = ft.py's rule on CPU (off: RAM is plenty, recomputation only "
+                        "costs time), on on a GPU (the reference)")
     p.add_argument("--max_train_samples", type=int, default=None, help="(tests) use only the first N training examples")
     p.add_argument("--max_eval_samples", type=int, default=None, help="(tests) evaluate only the first N examples")
     p.add_argument("--arms", default=",".join(ARMS),
@@ -94,16 +106,24 @@ def parse_args(argv=None):
 
 
 # -- shared by the arms ------------------------------------------------------------------------------
-def _train_config(args):
+def _train_config(args, compute_dtype: str = "auto"):
     from qlora_cls.config import TrainConfig
     cfg = TrainConfig(model_dir=args.model_dir, dataset=args.dataset, prompt=args.prompt, batch_size=args.batch_size,
                       eval_batch_size=args.eval_batch_size, lr=args.lr, warmup_ratio=args.warmup_ratio, seed=args.seed,
-                      max_length=args.max_length, gradient_checkpointing=args.gradient_checkpointing == "true",
+                      max_length=args.max_length, gradient_checkpointing=_checkpointing(args),
                       max_steps=args.steps, max_train_samples=args.max_train_samples,
-                      max_eval_samples=args.max_eval_samples)
+                      max_eval_samples=args.max_eval_samples, bnb_4bit_compute_dtype=compute_dtype)
     import torch
     cfg.resolve_compute_dtype("cuda" if torch.cuda.is_available() else "cpu")
     return cfg
+
+
+def _checkpointing(args) -> bool:
+    """One value for every arm: ``auto`` is ft.py's rule on a CPU (off); on a GPU the reference's (on)."""
+    if args.gradient_checkpointing == "auto":
+        import torch
+        return torch.cuda.is_available()
+    return args.gradient_checkpointing == "true"
 
 
 def _data(cfg):
@@ -161,7 +181,7 @@ class _CountingCollator:
         return batch
 
 
-def run_trainer(args, grouped: bool) -> dict:
+def run_trainer(args, grouped: bool, compute_dtype: str) -> dict:
     import torch
     from peft import LoraConfig, TaskType, get_peft_model, prepare_model_for_kbit_training
     from transformers import (AutoModelForSequenceClassification, BitsAndBytesConfig, DataCollatorWithPadding,
@@ -169,7 +189,7 @@ def run_trainer(args, grouped: bool) -> dict:
 
     from qlora_cls.modeling import DTYPE, disable_cpu_weight_repacking
 
-    cfg = _train_config(args)
+    cfg = _train_config(args, compute_dtype)
     model_path, tokenizer, spec, data = _data(cfg)
     compute = DTYPE[cfg.bnb_4bit_compute_dtype]
     on_gpu = torch.cuda.is_available()
@@ -223,6 +243,7 @@ def run_trainer(args, grouped: bool) -> dict:
         evaluated = collator.batches
     scores = _scores(spec, pred.predictions, val["labels"])
     return {
+        "compute_dtype": cfg.bnb_4bit_compute_dtype,
         "train_seconds": train_seconds, "train_steps": cfg.max_steps, "train_loss": result.training_loss,
         "train_examples": sum(b[0] for b in trained), "train_real_tokens": sum(b[1] for b in trained),
         "step_seconds": step_seconds, "step_tokens": [b[1] for b in trained],
@@ -246,7 +267,8 @@ def run_ft(args, extra: tuple[str, ...] = ()) -> dict:
                 "--max_steps", str(args.steps), "--batch_size", str(args.batch_size),
                 "--eval_batch_size", str(args.eval_batch_size), "--lr", str(args.lr),
                 "--warmup_ratio", str(args.warmup_ratio), "--seed", str(args.seed),
-                "--max_length", str(args.max_length), "--gradient_checkpointing", args.gradient_checkpointing,
+                "--max_length", str(args.max_length),
+                "--gradient_checkpointing", "true" if _checkpointing(args) else "false",
                 "--log_every", "1", *extra]  # one log line per step: per-step throughput (see _derive)
         for flag in ("model_dir", "max_train_samples", "max_eval_samples"):
             if getattr(args, flag) is not None:
@@ -255,6 +277,7 @@ def run_ft(args, extra: tuple[str, ...] = ()) -> dict:
         log = [json.loads(x) for x in (Path(tmp) / "run" / "train_log.jsonl").read_text().splitlines()]
     final = summary["final"]
     return {
+        "compute_dtype": cfg.bnb_4bit_compute_dtype,  # what ft.py's auto picked (resolved by the same rule)
         "train_seconds": summary["train_seconds"], "train_steps": args.steps, "train_loss": log[-1]["loss"],
         "step_tokens": [sum(lengths[r] for r in b) for b in plan],
         "step_seconds": [sum(lengths[r] for r in b) / e["tokens_per_s"] for b, e in zip(plan, log)],
@@ -315,7 +338,8 @@ def run_dense(args) -> dict:
     if device.type == "cuda":
         torch.cuda.synchronize()
     seconds = time.perf_counter() - start
-    return {"train_seconds": seconds, "train_steps": len(batches), "train_loss": float(loss),
+    return {"compute_dtype": cfg.bnb_4bit_compute_dtype,
+            "train_seconds": seconds, "train_steps": len(batches), "train_loss": float(loss),
             "train_examples": sum(len(b["labels"]) for b in batches), "step_seconds": step_seconds,
             "step_tokens": [b["input_ids"].numel() for b in batches],
             "train_real_tokens": sum(b["input_ids"].numel() for b in batches), "train_padding_efficiency": 1.0}
@@ -330,10 +354,10 @@ def _machine() -> dict:
             if line.startswith("model name"):
                 info["cpu_model"] = line.split(":", 1)[1].strip()
                 break
-        flags = next(l for l in Path("/proc/cpuinfo").read_text().splitlines() if l.startswith("flags"))
-        info["avx512_bf16"] = "avx512_bf16" in flags
-    except (OSError, StopIteration):
+    except OSError:
         pass
+    from qlora_cls.hardware import cpu_bf16_support
+    info.update(cpu_bf16_support())  # avx512_bf16, amx_bf16, oneDNN: what decides the fast dtype
     import torch
     info["torch_threads"] = torch.get_num_threads()
     info["packages"] = utils.package_versions()
@@ -359,7 +383,7 @@ def _derive(r: dict) -> dict:
 def ratios(arms: dict) -> dict:
     out = {}
     ft = arms.get("ft", {})
-    for other in ("trainer_default", "trainer_grouped", "dense", "ft_torch_dropout"):
+    for other in (*TRAINER_ARMS, "dense", "ft_torch_dropout"):
         o = arms.get(other, {})
         if ft.get("train_tokens_per_s") and o.get("train_tokens_per_s"):
             out[f"train_tokens_per_s_ft_over_{other}"] = ft["train_tokens_per_s"] / o["train_tokens_per_s"]
@@ -386,8 +410,11 @@ def window_means(losses: list[float], window: int = LOSS_WINDOW) -> list[float]:
 def markdown(result: dict) -> str:
     m, s = result["machine"], result["settings"]
     arms = result["arms"]
-    names = {"trainer_default": "Trainer + PEFT (random batches)", "trainer_grouped": "Trainer + PEFT (group_by_length)",
-             "ft": "ft.py", "dense": "dense limit (no padding, no loop)",
+    names = {"trainer_default_bf16": "Trainer + PEFT, bf16 (random batches)",
+             "trainer_grouped_bf16": "Trainer + PEFT, bf16 (group_by_length)",
+             "trainer_default": "Trainer + PEFT, float32 (random batches)",
+             "trainer_grouped": "Trainer + PEFT, float32 (group_by_length)",
+             "ft": "ft.py (defaults)", "dense": "dense limit (no padding, no loop)",
              "ft_torch_dropout": "ft.py, torch dropout (--fast_cpu_dropout false)"}
 
     def f(v, fmt="{:.1f}"):
@@ -399,17 +426,18 @@ def markdown(result: dict) -> str:
              f"transformers {m['packages'].get('transformers')}, peft {m['packages'].get('peft')}, "
              f"bitsandbytes {m['packages'].get('bitsandbytes')}; model {s['model']}, data {s['dataset']} "
              f"({s['train_examples']} train / {s['eval_examples']} validation examples used).", "",
-             "| arm | train real tokens/s | (median step) | train examples/s | s/step | train padding eff. | eval examples/s | "
-             "eval real tokens/s | eval padding eff. | peak memory (MiB) | val. accuracy | val. F1 |",
-             "| --- | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: |"]
+             "| arm | compute dtype | train real tokens/s | (median step) | train examples/s | s/step | train padding eff. | "
+             "eval examples/s | eval real tokens/s | eval padding eff. | peak memory (MiB) | val. accuracy | val. F1 |",
+             "| --- | --- | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: |"]
     for name, label in names.items():
         a = arms.get(name)
         if not a:
             continue
         if "error" in a:
-            lines.append(f"| {label} | failed: {a['error'][:80]} |" + " |" * 10)
+            lines.append(f"| {label} | failed: {a['error'][:80]} |" + " |" * 11)
             continue
-        lines.append(f"| {label} | {f(a.get('train_tokens_per_s'))} | {f(a.get('train_tokens_per_s_median_step'))} | "
+        lines.append(f"| {label} | {a.get('compute_dtype', '–')} | {f(a.get('train_tokens_per_s'))} | "
+                     f"{f(a.get('train_tokens_per_s_median_step'))} | "
                      f"{f(a.get('train_examples_per_s'), '{:.2f}')} | "
                      f"{f(a.get('train_seconds_per_step'), '{:.2f}')} | {f(a.get('train_padding_efficiency'), '{:.3f}')} | "
                      f"{f(a.get('eval_examples_per_s'), '{:.2f}')} | {f(a.get('eval_tokens_per_s'))} | "
@@ -444,9 +472,10 @@ def run_arm_subprocess(args, arm: str, argv: list[str], log_path: Path) -> dict:
 def run_arm(args, arm: str) -> dict:
     import logging
     logging.basicConfig(level=logging.WARNING)
-    fn = {"trainer_default": lambda: run_trainer(args, False), "trainer_grouped": lambda: run_trainer(args, True),
-          "ft": lambda: run_ft(args), "dense": lambda: run_dense(args),
-          "ft_torch_dropout": lambda: run_ft(args, ("--fast_cpu_dropout", "false"))}[arm]
+    fns = {name: (lambda g=g, d=d: run_trainer(args, g, d)) for name, (g, d) in TRAINER_ARMS.items()}
+    fns.update(ft=lambda: run_ft(args), dense=lambda: run_dense(args),
+               ft_torch_dropout=lambda: run_ft(args, ("--fast_cpu_dropout", "false")))
+    fn = fns[arm]
     load_before = os.getloadavg()[0]
     result = fn()
     result["peak_memory_bytes"] = _peak_memory()
@@ -471,7 +500,9 @@ def main(argv=None) -> dict:
     result = {"started": datetime.now().isoformat(timespec="seconds"), "machine": _machine(),
               "settings": {**{k: v for k, v in vars(args).items() if k not in ("run_arm", "arm_out", "out")},
                            "model": args.model_dir or "embedded SmolLM2-135M-Instruct",
-                           "compute_dtype": cfg.bnb_4bit_compute_dtype, "optimizer": "bitsandbytes AdamW8bit",
+                           "compute_dtype": {"ft and dense (auto)": cfg.bnb_4bit_compute_dtype,
+                                             **{a: d for a, (_, d) in TRAINER_ARMS.items()}},
+                           "gradient_checkpointing": _checkpointing(args), "optimizer": "bitsandbytes AdamW8bit",
                            "lora": {"r": cfg.r, "alpha": cfg.lora_alpha, "dropout": cfg.lora_dropout,
                                     "target_modules": list(cfg.target_modules)},
                            "train_examples": len(data["train"]), "eval_examples": len(data["validation"]),

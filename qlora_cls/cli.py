@@ -36,6 +36,20 @@ def strict_bool(text: Any) -> bool:
     raise ValueError(f"{text!r} is not a boolean (use true/false, yes/no, 1/0)")
 
 
+AUTO = "auto"
+AUTO_OR_BOOL = typing.Union[bool, str]  # a field type: "auto" (decided at run time) or a strict boolean
+
+
+def auto_or_bool(text: Any) -> bool | str:
+    """``auto`` stays ``auto``; anything else must be a boolean word (see ``strict_bool``)."""
+    if isinstance(text, str) and text.strip().lower() == AUTO:
+        return AUTO
+    try:
+        return strict_bool(text)
+    except ValueError:
+        raise ValueError(f"{text!r} is not auto or a boolean (use auto, true/false, yes/no, 1/0)") from None
+
+
 def _unwrap_optional(tp: Any) -> tuple[Any, bool]:
     """``Optional[X]`` -> (X, True); X -> (X, False)."""
     origin = typing.get_origin(tp)
@@ -49,6 +63,8 @@ def _unwrap_optional(tp: Any) -> tuple[Any, bool]:
 def _converter(tp: Any):
     """A function that turns one command-line word (or a YAML value) into a value of type ``tp``."""
     base, optional = _unwrap_optional(tp)
+    if tp == AUTO_OR_BOOL:
+        return lambda value: auto_or_bool(value)  # a fresh function: _named renames it
 
     def convert(value: Any) -> Any:
         if optional and value is None:
@@ -126,6 +142,8 @@ def build_parser(cls: type, prog: str, description: str) -> argparse.ArgumentPar
             base, _ = _unwrap_optional(hints[f.name])
             if base is bool:  # --flag alone means true; --flag false means false; anything else is an error
                 kwargs.update(metavar="{true,false}", nargs="?", const=True)
+            elif hints[f.name] == AUTO_OR_BOOL:
+                kwargs.update(metavar="{auto,true,false}", nargs="?", const=True)
         if choices:
             kwargs["choices"] = choices
         parser.add_argument(f"--{f.name}", **kwargs)
@@ -135,7 +153,7 @@ def build_parser(cls: type, prog: str, description: str) -> argparse.ArgumentPar
 def _named(fn, tp):
     """argparse reports ``invalid <__name__> value``: give the converter a readable name."""
     base, _ = _unwrap_optional(tp)
-    fn.__name__ = getattr(base, "__name__", str(base))
+    fn.__name__ = "auto-or-bool" if tp == AUTO_OR_BOOL else getattr(base, "__name__", str(base))
     return fn
 
 

@@ -7,10 +7,13 @@ before anything is loaded.
 """
 from __future__ import annotations
 
+import json
 import math
 from dataclasses import dataclass, field
-from typing import Optional
+from pathlib import Path
+from typing import Optional, Union
 
+from .cli import auto_or_bool
 from .errors import UsageError
 from .tasks import GLUE_TASKS
 
@@ -37,13 +40,15 @@ class TrainConfig:
     bnb_4bit_use_double_quant: bool = field(default=True, metadata=_help("quantize the quantization constants too"))
     bnb_4bit_quant_type: str = field(default="nf4", metadata=_help("4-bit data type", choices=QUANT_TYPES))
     bnb_4bit_compute_dtype: str = field(default="auto", metadata=_help(
-        "dtype of 4-bit matmuls; auto = bfloat16 on a GPU (the reference), float32 on a CPU, where bf16 "
-        "backward through bitsandbytes measured ~25x slower", choices=("auto",) + DTYPES))
+        "dtype of 4-bit matmuls; auto = bfloat16 on a GPU (the reference) and on a CPU with AMX-BF16 (1.7-1.8x faster "
+        "steps than float32 here), float32 on other CPUs, where bf16 steps ran 1.3x (AVX512-BF16 only) to 15x (no "
+        "AVX512) slower (qlora_cls/hardware.py)", choices=("auto",) + DTYPES))
     bnb_4bit_quant_storage: Optional[str] = field(default=None, metadata=_help(
         "dtype that stores packed 4-bit weights; none = uint8 (must equal the compute dtype under ZeRO-3)",
         choices=DTYPES + ("uint8",)))
-    gradient_checkpointing: bool = field(default=True, metadata=_help(
-        "recompute activations in backward to save memory (as prepare_model_for_kbit_training does)"))
+    gradient_checkpointing: Union[bool, str] = field(default="auto", metadata=_help(
+        "recompute activations in backward: saves memory, costs ~1.4x a step; auto = off on a CPU, on a GPU on "
+        "when the --dry_run estimate without it exceeds half the device memory; true/false force it"))
     # -- LoRA --------------------------------------------------------------------------------------
     r: int = field(default=8, metadata=_help("LoRA rank"))
     lora_alpha: float = field(default=16, metadata=_help("LoRA scaling numerator (scale = alpha / r)"))
@@ -157,13 +162,39 @@ class TrainConfig:
         for ok, message in checks:
             if not ok:
                 raise UsageError(message)
+        try:  # a config built in Python or read from YAML is parsed as strictly as the flag
+            self.gradient_checkpointing = auto_or_bool(self.gradient_checkpointing)
+        except ValueError as exc:
+            raise UsageError(f"--gradient_checkpointing: {exc}")
         if self.tokenizer_dir is None:
             self.tokenizer_dir = self.model_dir
 
     def resolve_compute_dtype(self, device_type: str) -> None:
-        """Turn ``auto`` into a concrete dtype for this device; the resolved value is what gets saved."""
+        """Turn ``auto`` into a concrete dtype for this device; the resolved value is what gets saved.
+
+        Also resolves ``--gradient_checkpointing auto`` where no estimate is needed: a resumed run's saved
+        value, off on a CPU. On a GPU ``hardware.resolve_gradient_checkpointing`` decides once the data's
+        lengths are known.
+        """
+        from .hardware import default_compute_dtype
         if self.bnb_4bit_compute_dtype == "auto":
-            self.bnb_4bit_compute_dtype = "bfloat16" if device_type == "cuda" else "float32"
+            self.bnb_4bit_compute_dtype = self.saved_setting("bnb_4bit_compute_dtype") or default_compute_dtype(device_type)
+        if self.gradient_checkpointing == "auto":
+            saved = self.saved_setting("gradient_checkpointing")
+            if isinstance(saved, bool):
+                self.gradient_checkpointing = saved
+            elif device_type != "cuda":
+                self.gradient_checkpointing = False  # it only saves memory, and RAM is not what is short on a CPU
+
+    def saved_setting(self, name: str):
+        """Under --resume, the value the run was started with: ``auto`` keeps deciding the same way even
+        when the rule changed since (runs saved before it changed hold concrete values)."""
+        if not (self.resume and self.results_path):
+            return None
+        try:
+            return json.loads((Path(self.results_path) / "config.json").read_text())["config"].get(name)
+        except (OSError, ValueError, KeyError):
+            return None  # no run there yet: check_resumable reports it
 
     @property
     def glue_task(self) -> Optional[str]:

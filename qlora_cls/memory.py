@@ -237,6 +237,8 @@ def dry_run(cfg, source, template, splits: list[str], eval_split: str, accelerat
         spec = GLUE_TASKS.get(cfg.task)
         num_labels = spec.num_labels if spec and not cfg.train_file else max(len(cfg.label_names or [0, 1]), 1)
         train_max = eval_max = cfg.max_length
+    from .hardware import resolve_gradient_checkpointing
+    resolve_gradient_checkpointing(cfg, model_path, num_labels, train_max, accelerator)  # auto: as ft.py decides
     r = estimate(cfg, model_path, num_labels, train_max, eval_max, accelerator.num_processes,
                  zero_stage(accelerator))
     if accelerator.is_main_process:

@@ -259,7 +259,8 @@ def load_base_model(cfg, model_path: str, num_labels: int, pad_token_id: int, de
     """The base model with a fresh classification head, 4-bit when ``cfg.load_in_4bit``."""
     from transformers import AutoModelForSequenceClassification
     problem_type = "regression" if num_labels == 1 else "single_label_classification"
-    quant = quantization_config(cfg, head_modules(meta_model(model_path, num_labels, cfg.trust_remote_code)))
+    head = head_modules(meta_model(model_path, num_labels, cfg.trust_remote_code))
+    quant = quantization_config(cfg, head)
     model = AutoModelForSequenceClassification.from_pretrained(
         model_path, num_labels=num_labels, problem_type=problem_type, quantization_config=quant,
         dtype=DTYPE[cfg.bnb_4bit_compute_dtype], device_map=device_map,
@@ -274,10 +275,27 @@ def load_base_model(cfg, model_path: str, num_labels: int, pad_token_id: int, de
         model = prepare_model_for_kbit_training(
             model, use_gradient_checkpointing=cfg.gradient_checkpointing,
             gradient_checkpointing_kwargs={"use_reentrant": False})
-    elif cfg.gradient_checkpointing:
-        model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
-        model.enable_input_require_grads()
+    else:
+        if cfg.gradient_checkpointing:
+            model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+            model.enable_input_require_grads()
+        _head_in_float32(model, head)
     return model
+
+
+def _head_in_float32(model, head) -> None:
+    """A 16-bit base (no 4 bit) still trains its fresh head in float32, as the 4-bit path does.
+
+    Loaded in bf16 the head would be updated in bf16, where an lr-sized step is below the precision
+    of most weights. The head's input is cast up (a pre-hook), so its output (the logits) is float32 too.
+    """
+    for name in head:
+        module = getattr(model, name)
+        if all(p.dtype == torch.float32 for p in module.parameters()):
+            continue
+        module.float()
+        module.register_forward_pre_hook(
+            lambda _, args: tuple(a.float() if torch.is_floating_point(a) else a for a in args))
 
 
 def add_lora(model, cfg):

@@ -20,8 +20,17 @@ def test_bench_smoke_writes_all_arms_and_ratios(tiny_model, mrpc, tmp_path):
         assert key in data["ratios"]
     assert data["machine"]["cpu_count"] and data["machine"]["packages"]["transformers"]
     md = Path(out["json_path"]).with_suffix(".md").read_text()
-    for label in ("Trainer + PEFT (random batches)", "Trainer + PEFT (group_by_length)", "ft.py", "dense limit"):
+    for label in ("Trainer + PEFT, bf16 (random batches)", "Trainer + PEFT, bf16 (group_by_length)",
+                  "Trainer + PEFT, float32 (random batches)", "Trainer + PEFT, float32 (group_by_length)",
+                  "ft.py (defaults)", "dense limit"):
         assert label in md
+    # the Trainer recipe as users write it computes in bf16; ft.py and the dense limit in what auto picks
+    from qlora_cls.hardware import default_compute_dtype
+    dtypes = {name: arm["compute_dtype"] for name, arm in data["arms"].items()}
+    assert dtypes == {"trainer_default_bf16": "bfloat16", "trainer_grouped_bf16": "bfloat16",
+                      "trainer_default": "float32", "trainer_grouped": "float32",
+                      "ft": default_compute_dtype("cpu"), "dense": default_compute_dtype("cpu")}
+    assert all("_bf16" in key or "dense" in key for key, _ in bench.TARGETS.values() if "_ft_" in key)
     assert md.count("| >= ") == len(bench.TARGETS)
 
 

@@ -57,13 +57,15 @@ def test_zero2_trains_resumes_after_kill_and_saves_an_adapter_eval_loads(tiny_mo
 
 
 def test_zero3_with_4bit_refuses_uint8_storage_then_trains_with_matching_storage(tiny_model, mrpc, tmp_path):
+    from qlora_cls.hardware import default_compute_dtype
+    compute = default_compute_dtype("cpu")  # what auto resolves to here: bf16 with AMX-BF16, else float32
     bad = run(launch("deepspeed_zero3.yaml") + tiny_args(tiny_model, mrpc, tmp_path / "bad"), check=False)
     err = [x for x in bad.stderr.splitlines() if "ft.py: error" in x]
-    assert bad.returncode != 0 and len(err) == 1 and "--bnb_4bit_quant_storage float32" in err[0]
+    assert bad.returncode != 0 and len(err) == 1 and f"--bnb_4bit_quant_storage {compute}" in err[0]
     assert "Loading weights" not in bad.stderr and not (tmp_path / "bad").exists()
 
     out = tmp_path / "z3"
-    run(launch("deepspeed_zero3.yaml") + tiny_args(tiny_model, mrpc, out, "--bnb_4bit_quant_storage", "float32"))
+    run(launch("deepspeed_zero3.yaml") + tiny_args(tiny_model, mrpc, out, "--bnb_4bit_quant_storage", compute))
     from safetensors.torch import load_file
     adapter = load_file(out / "adapter" / "adapter_model.safetensors")
     # LoRA A/B of q,v in both layers + the head, gathered from the ZeRO-3 shards at full shape

@@ -73,8 +73,9 @@ def test_zero_stages_shard_what_they_should(tiny_model):
 
 
 def test_llama3_8b_config_folder_estimate_is_sane(mrpc, capsys):
+    # The reference's settings: bf16 compute and gradient checkpointing (auto would turn it off on this CPU).
     out = ft.main(["--model_dir", str(LLAMA3_8B), "--dataset", mrpc, "--dry_run",
-                   "--bnb_4bit_compute_dtype", "bfloat16"])["dry_run"]
+                   "--bnb_4bit_compute_dtype", "bfloat16", "--gradient_checkpointing", "true"])["dry_run"]
     assert "--max_length" in capsys.readouterr().out  # no tokenizer shipped: the worst-case length is used
     assert 7.4e9 < out["total_params"] < 7.6e9  # 8.03B minus the LM head a classifier does not have
     assert out["trainable_params"] == 32 * 8 * (4096 + 4096 + 4096 + 1024) + 4096 * 2  # LoRA q,v r=8 + head
@@ -82,3 +83,11 @@ def test_llama3_8b_config_folder_estimate_is_sane(mrpc, capsys):
     assert out["optimizer_bytes"] < 2.1 * out["trainable_params"]  # 8-bit AdamW: 2 bytes per parameter
     assert 5.0 * gib < out["weight_bytes"] < 5.6 * gib
     assert 6 * gib < out["per_process_bytes"] < 18 * gib
+
+
+def test_dry_run_resolves_gradient_checkpointing_auto(mrpc, capsys):
+    """auto is off on a CPU; the printed estimate is then the one without checkpointing."""
+    out = ft.main(["--model_dir", str(LLAMA3_8B), "--dataset", mrpc, "--dry_run",
+                   "--bnb_4bit_compute_dtype", "bfloat16"])["dry_run"]
+    assert "gradient checkpointing off" in capsys.readouterr().out
+    assert out["per_process_bytes"] > 30 * 1024 ** 3  # 8 x 512 tokens without checkpointing: ~40 GiB

@@ -27,7 +27,10 @@ def test_results_folder_layout(run):
     assert any((path / "tensorboard").iterdir())
     cfg = json.loads((path / "config.json").read_text())
     assert cfg["config"]["r"] == 8 and cfg["environment"]["world_size"] == 1
-    assert cfg["config"]["bnb_4bit_compute_dtype"] == "float32"  # auto resolved on CPU, and saved resolved
+    from qlora_cls.hardware import default_compute_dtype
+    # auto resolved on CPU (bf16 with AMX-BF16, else float32), and saved resolved
+    assert cfg["config"]["bnb_4bit_compute_dtype"] == default_compute_dtype("cpu")
+    assert cfg["config"]["gradient_checkpointing"] is False  # auto: off on a CPU
     assert json.loads((path / "quant_config.json").read_text())["bnb_4bit_quant_type"] == "nf4"
     assert (path / "prompt.txt").read_text().startswith("Does sentence 1 mean the same")
     metrics = json.loads((path / "metrics.json").read_text())

@@ -258,3 +258,18 @@ def test_lora_targets_are_compared_as_resolved(tmp_path):
     with pytest.raises(UsageError, match="target_modules"):
         check_resumable(tmp_path, asdict(TrainConfig(target_modules=["attention"])),
                         ("q_proj", "k_proj", "v_proj", "o_proj"))
+
+
+@pytest.mark.slow
+def test_run_started_with_the_old_cpu_defaults_resumes_with_a_bare_command(tiny_model, mrpc, tmp_path):
+    """Before auto picked bf16 (AMX CPUs) and no checkpointing on CPU, a bare run saved float32 + checkpointing:
+    resuming it with the same bare command keeps those (auto takes the saved values) instead of refusing."""
+    import ft
+    run = tmp_path / "run"
+    old_defaults = ("--bnb_4bit_compute_dtype", "float32", "--gradient_checkpointing", "true")
+    _start_and_kill([sys.executable, FT, *tiny_args(tiny_model, mrpc, run, *RUN_FLAGS, *old_defaults)], tmp_path, run,
+                    after_step=2)
+    ft.main(tiny_args(tiny_model, mrpc, run, *RUN_FLAGS, "--resume"))
+    saved = json.loads((run / "config.json").read_text())["config"]
+    assert (saved["bnb_4bit_compute_dtype"], saved["gradient_checkpointing"]) == ("float32", True)
+    assert [json.loads(x)["step"] for x in (run / "train_log.jsonl").read_text().splitlines()] == list(range(1, 13))
