@@ -344,11 +344,11 @@ def train(cfg: TrainConfig) -> Optional[dict]:
         if warning:
             log.warning(warning)
         atomic_write_json(run_dir / "metrics.json", summary)  # last: its presence means the run finished
-        tracker = accelerator.get_tracker("tensorboard", unwrap=True)
-        tracker.add_hparams(rec.hparams(cfg, records["resolved"], quant, rec.swept_fields(run_dir)),
-                            {f"hparam/{k}": v for k, v in scores.items()}
-                            | {f"hparam/baseline_{k}": v for k, v in baseline["metrics"].items() if v is not None},
-                            run_name=".")
+        swept = rec.swept_fields(run_dir)
+        rec.write_hparams(accelerator.get_tracker("tensorboard", unwrap=True),
+                          rec.hparams(cfg, records["resolved"], quant, swept),
+                          {f"hparam/{k}": v for k, v in scores.items() if k in spec.metrics}
+                          | {f"hparam/baseline_{k}": v for k, v in baseline["metrics"].items() if v is not None}, swept)
         print(f"results: {run_dir}\ntensorboard: {rec.tensorboard_hint(run_dir, RESULTS_DIR)}")
     accelerator.end_training()
     return summary

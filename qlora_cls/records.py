@@ -256,6 +256,28 @@ def hparams(cfg, resolved: dict, quant: Optional[dict], swept: Sequence[str]) ->
     return out
 
 
+def write_hparams(writer, hparams_: dict, metrics: dict, swept: Sequence[str]) -> None:
+    """HParams into the run's own event file (so the session is named after the run folder).
+
+    TensorBoard takes the experiment definition (the list of hparam columns) from the first run that
+    has one, sorts the columns whose ``differs`` flag is set first and shows those by default; torch's
+    add_hparams leaves ``differs`` unset for every field, so the swept ones are marked here.
+    """
+    from tensorboard.plugins.hparams import plugin_data_pb2
+    from torch.utils.tensorboard.summary import hparams as hparams_summary
+    exp, ssi, sei = hparams_summary(hparams_, metrics)
+    data = plugin_data_pb2.HParamsPluginData.FromString(exp.value[0].metadata.plugin_data.content)
+    for info in data.experiment.hparam_infos:
+        info.differs = info.name in swept
+    exp.value[0].metadata.plugin_data.content = data.SerializeToString()
+    file_writer = writer._get_file_writer()
+    for summary in (exp, ssi, sei):
+        file_writer.add_summary(summary)
+    for k, v in metrics.items():
+        writer.add_scalar(k, v)
+    writer.flush()
+
+
 def tensorboard_layout(writer, metrics: Sequence[str], baseline_scalars: dict) -> None:
     """Custom Scalars tab: each eval metric in one chart with its baseline, the loss with the constant's."""
     charts = {f"{m} vs trivial baseline": ["Multiline", [f"eval/{m}", f"eval/baseline_{m}"]]

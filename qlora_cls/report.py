@@ -421,7 +421,7 @@ def context_markdown(col: Collection) -> list[str]:
              f"training examples ({_one(c['examples_seen'])} examples seen)",
              f"- **Evaluated on:** {_one(c['eval_examples'])} examples of the {_one(c['eval_split'])} split, "
              f"{_one(c['evaluations'])} evaluation{'' if c['evaluations'] == [1] else 's'} per run "
-             f"(at the end of each epoch, and at the last step)",
+             f"(evaluations come at the end of each epoch and at the last step)",
              f"- **Runs:** {len(runs)} finished, {len(col.groups)} configuration(s), "
              f"{_one(seeds)} seed(s) each"]
     return lines

@@ -195,7 +195,7 @@ def test_tensorboard_run_named_after_its_folder_with_baseline_and_resolved_hpara
     mux.Reload()
     assert mux.Runs() and set(mux.Runs()) == {path.name}
     tags = mux.GetAccumulator(path.name).Tags()
-    names = set(tags["scalars"]) | set(tags["tensors"])
+    names = set(tags.get("scalars", [])) | set(tags.get("tensors", []))
     assert {"eval/accuracy", "eval/baseline_accuracy", "train/loss", "train/baseline_loss"} <= names
     # resolved values, not "none": bnb_4bit_quant_storage as quant_config.json has it
     records = json.loads((path / "config.json").read_text())

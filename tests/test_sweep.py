@@ -66,15 +66,18 @@ def test_tensorboard_names_runs_by_folder_and_hparams_lead_with_the_swept_values
     data = [plugin_data_pb2.HParamsPluginData.FromString(v) for v in content.values()]
     hparams = {k: v for s in data if s.HasField("session_start_info") for k, v in s.session_start_info.hparams.items()}
     assert hparams["prompt"].string_value == "perfect" and hparams["seed"].number_value == 2
-    columns = [h.name for s in data if s.HasField("experiment") for h in s.experiment.hparam_infos]
+    infos = [h for s in data if s.HasField("experiment") for h in s.experiment.hparam_infos]
     # the swept fields first, then what tells runs apart; not all 46 settings
-    assert columns == ["prompt", "seed", "model", "task", "method", "r", "lora_alpha", "target_modules", "lr"]
+    assert [h.name for h in infos] == ["prompt", "seed", "model", "task", "method", "r", "lora_alpha",
+                                       "target_modules", "lr"]
+    # TensorBoard shows the columns marked `differs` first and by default: the swept ones
+    assert [h.name for h in infos if h.differs] == ["prompt", "seed"]
     assert hparams["target_modules"].string_value == "q_proj,v_proj"  # the preset as resolved
     assert hparams["method"].string_value == "qlora-4bit-nf4"
     # the baseline is a scalar beside the metric, constant over the run
     baseline = json.loads((tiny_sweep["dir"] / "prompt=perfect,seed=2" / "metrics.json").read_text())["baseline"]
-    values = [e.value for e in acc.Scalars("eval/baseline_accuracy")] if "eval/baseline_accuracy" in \
-        acc.Tags()["scalars"] else [float(e.tensor_proto.float_val[0]) for e in acc.Tensors("eval/baseline_accuracy")]
+    from tensorboard.util import tensor_util
+    values = [float(tensor_util.make_ndarray(e.tensor_proto)) for e in acc.Tensors("eval/baseline_accuracy")]
     assert values and all(abs(v - baseline["metrics"]["accuracy"]) < 1e-6 for v in values)
 
 
