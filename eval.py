@@ -111,7 +111,7 @@ def evaluate_run(ecfg: EvalConfig) -> Optional[dict]:
     from qlora_cls import records as rec
     what = "the un-tuned base model" if ecfg.base_only else f"the run's {ecfg.adapter}/"
     baseline, vs_baseline = rec.eval_baseline(spec, cfg, resolved, logits, batcher.labels.numpy(), scores)
-    result = {"run": rec.describe_eval(cfg, records, what, split, template.name, len(batcher), max_samples),
+    result = {"run": rec.describe_eval(cfg, records, what, split, template.name, len(batcher), max_samples, summary),
               "split": split, "prompt": template.name, "adapter": None if ecfg.base_only else ecfg.adapter,
               "base_only": ecfg.base_only, "examples": len(batcher), "max_eval_samples": max_samples,
               "run_finished": summary is not None, "eval_batch_size": batch_size,

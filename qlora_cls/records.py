@@ -131,9 +131,9 @@ def eval_baseline(spec: TaskSpec, cfg, resolved: dict, logits, labels, scores: d
 
 
 def describe_eval(cfg, records: dict, what: str, split: str, prompt: str, examples: int,
-                  max_samples: Optional[int]) -> dict:
-    """What an eval.py result is: which weights, trained how, scored on what."""
-    trained = records.get("run", {}).get("training")
+                  max_samples: Optional[int], summary: Optional[dict] = None) -> dict:
+    """What an eval.py result is: which weights, trained how (metrics.json; else as planned), scored on what."""
+    trained = ((summary or {}).get("run") or {}).get("training") or records.get("run", {}).get("training")
     if what.startswith("the un-tuned"):
         trained = "not fine-tuned: the base model with a freshly initialised classification head"
     return {"model": model_name(cfg), "model_path": records.get("resolved", {}).get("model_path"),
