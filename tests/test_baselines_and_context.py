@@ -144,6 +144,21 @@ def test_eval_scores_the_baseline_on_its_own_examples(run, mrpc, caplog):
     assert len(warned) == (0 if written["vs_baseline"]["beats"] else 1)
 
 
+def test_eval_of_a_run_saved_before_baselines_reads_the_training_labels_again(run, mrpc, tmp_path):
+    import shutil
+    path, _ = run
+    old = tmp_path / "old-run"
+    shutil.copytree(path, old, ignore=shutil.ignore_patterns("evals"))
+    records = json.loads((old / "config.json").read_text())
+    del records["resolved"]["baseline"], records["run"]
+    (old / "config.json").write_text(json.dumps(records))
+    eval_cli.main(["--results_path", str(old)])
+    written = json.loads((old / "evals/validation-perfect/metrics.json").read_text())
+    majority, acc, f1 = _by_hand(_parquet_labels(mrpc, "train", 48), _parquet_labels(mrpc, "validation", 37))
+    assert written["baseline"]["prediction"] == majority and written["baseline"]["train_examples"] == 48
+    assert written["baseline"]["metrics"]["accuracy"] == pytest.approx(acc)
+
+
 def test_ft_logs_one_warning_line_when_the_run_does_not_beat_the_baseline(tiny_model, mrpc, tmp_path, caplog):
     caplog.set_level("INFO", logger="ft")
     summary = ft.main(tiny_args(tiny_model, mrpc, tmp_path / "r", "--max_steps", "2"))
