@@ -108,10 +108,14 @@ def evaluate_run(ecfg: EvalConfig) -> Optional[dict]:
     logits, stats = predict(model, batcher, batch_size, accelerator)
 
     scores = compute_metrics(spec, logits, batcher.labels.numpy())  # {} when every label is hidden (-1)
-    result = {"split": split, "prompt": template.name, "adapter": None if ecfg.base_only else ecfg.adapter,
+    from qlora_cls import records as rec
+    what = "the un-tuned base model" if ecfg.base_only else f"the run's {ecfg.adapter}/"
+    baseline, vs_baseline = rec.eval_baseline(spec, cfg, resolved, logits, batcher.labels.numpy(), scores)
+    result = {"run": rec.describe_eval(cfg, records, what, split, template.name, len(batcher), max_samples, summary),
+              "split": split, "prompt": template.name, "adapter": None if ecfg.base_only else ecfg.adapter,
               "base_only": ecfg.base_only, "examples": len(batcher), "max_eval_samples": max_samples,
               "run_finished": summary is not None, "eval_batch_size": batch_size,
-              "metrics": scores, **stats}
+              "metrics": scores, "baseline": baseline, "vs_baseline": vs_baseline, **stats}
     if not scores:
         result["note"] = f"split {split!r} has hidden labels (-1): predictions written, no score"
         log.info(result["note"])
@@ -123,7 +127,11 @@ def evaluate_run(ecfg: EvalConfig) -> Optional[dict]:
             atomic_write_json(tmp / "metrics.json", result)
             (tmp / "prompt.txt").write_text(template.text + "\n", encoding="utf-8")
         if scores:
-            print(f"{split} ({template.name}{suffix}): " + ", ".join(f"{k}={v:.4f}" for k, v in scores.items()))
+            print(f"{split} ({template.name}{suffix}): " + ", ".join(f"{k}={v:.4f}" for k, v in scores.items())
+                  + f"   trivial baseline ({rec.baseline_line(baseline)})")
+            warning = rec.warning_text(vs_baseline, baseline, split, what)
+            if warning:
+                log.warning(warning)
         print(f"written: {out_dir}")
     return result
 

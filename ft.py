@@ -77,6 +77,7 @@ def train(cfg: TrainConfig) -> Optional[dict]:
     from qlora_cls.pipeline import build_model, check_model_paths, prepare_data, tokenizer_for
     from qlora_cls.preflight import preflight
     from qlora_cls.prompts import load_template
+    from qlora_cls import records as rec
     from qlora_cls.tasks import GLUE_TASKS
 
     # -- 1. Everything cheap first: a bad flag must not cost a model load. ----------------------------
@@ -130,6 +131,11 @@ def train(cfg: TrainConfig) -> Optional[dict]:
     # -- 2. Data: one training set from all train splits, tokenized once. ----------------------------
     train_rows = _concat_batchers(data.batchers, cfg.train_splits)
     eval_batcher = data.batchers[eval_split]
+    # The trivial baseline: the training labels' majority class (or mean), scored on the eval examples.
+    baseline = rec.score_baseline(spec, rec.baseline_rule(spec, train_rows.labels.numpy(), label_names),
+                                  eval_batcher.labels.numpy())
+    log.info("trivial baseline on the %d %s examples: %s", baseline["eval_examples"], eval_split,
+             rec.baseline_line(baseline))
     world, rank, accum = accelerator.num_processes, accelerator.process_index, cfg.gradient_accumulation_steps
     try:
         batches_per_epoch = len(train_batches(train_rows.lengths, cfg.batch_size, cfg.seed, 0, world, rank, accum,
@@ -165,20 +171,30 @@ def train(cfg: TrainConfig) -> Optional[dict]:
                      "train_examples": len(train_rows), "eval_examples": len(eval_batcher),
                      "steps_per_epoch": steps_per_epoch, "total_steps": total_steps, "warmup_steps": warmup_steps,
                      "global_batch_size": cfg.batch_size * world * accum,
-                     "mixed_precision": accelerator.mixed_precision, "distributed_type": str(accelerator.distributed_type)},
+                     "mixed_precision": accelerator.mixed_precision, "distributed_type": str(accelerator.distributed_type),
+                     "baseline": baseline},
         "environment": {"world_size": world, "packages": utils.package_versions(), "git_commit": utils.git_commit(),
                         "hardware": utils.hardware_info(), "started": datetime.now().isoformat(timespec="seconds")},
     }
+    quant = quantization_config(cfg, plan.head)
+    quant = quant.to_dict() if quant else {"load_in_4bit": False}
+    records = {"run": rec.describe_run(cfg, records["resolved"], quant), **records}  # what was run, at the top
     if accelerator.is_main_process and not resuming:
         atomic_write_json(run_dir / "config.json", records)
-        quant = quantization_config(cfg, plan.head)
-        atomic_write_json(run_dir / "quant_config.json", quant.to_dict() if quant else {"load_in_4bit": False})
+        atomic_write_json(run_dir / "quant_config.json", quant)
         lora = accelerator.unwrap_model(model).peft_config["default"].to_dict()
         atomic_write_json(run_dir / "lora_config.json",
                           {k: sorted(v) if isinstance(v, set) else v for k, v in lora.items()})
         atomic_write_text(run_dir / "prompt.txt", template.text + "\n")
-    accelerator.project_configuration.project_dir = accelerator.project_configuration.logging_dir = str(run_dir)
-    accelerator.init_trackers("tensorboard")
+    # accelerate's tracker writes to <logging_dir>/<project name>: the events land in the run folder itself,
+    # so `tensorboard --logdir results` (or a sweep folder) names the run after its folder.
+    accelerator.project_configuration.project_dir = str(run_dir)
+    accelerator.project_configuration.logging_dir = str(run_dir.parent)
+    accelerator.init_trackers(run_dir.name)
+    baseline_scalars = {f"eval/baseline_{k}": v for k, v in baseline["metrics"].items() if v is not None}
+    if accelerator.is_main_process:
+        rec.tensorboard_layout(accelerator.get_tracker("tensorboard", unwrap=True), spec.metrics, baseline_scalars)
+    accelerator.log({**baseline_scalars, "train/baseline_loss": baseline["train_loss"]}, step=0)
 
     # -- 5. Resume, or start fresh. ------------------------------------------------------------------
     progress = {"epoch": 0, "batch_in_epoch": 0, "global_step": 0, "history": [], "best": None,
@@ -246,8 +262,8 @@ def train(cfg: TrainConfig) -> Optional[dict]:
                 if accelerator.is_main_process:
                     append_jsonl(run_dir / "train_log.jsonl", entry)
                     bar.set_postfix(loss=f"{entry['loss']:.4f}")
-                accelerator.log({f"train/{k}": v for k, v in entry.items() if k not in ("step", "epoch")},
-                                step=global_step)
+                accelerator.log({f"train/{k}": v for k, v in entry.items() if k not in ("step", "epoch")}
+                                | {"train/baseline_loss": baseline["train_loss"]}, step=global_step)
             if stop.requested(accelerator) or (cfg.checkpoint_every and global_step % cfg.checkpoint_every == 0):
                 progress["train_seconds"] += time.perf_counter() - epoch_started
                 epoch_started = time.perf_counter()
@@ -266,10 +282,11 @@ def train(cfg: TrainConfig) -> Optional[dict]:
         scores = broadcast_object_list([scores])[0]
         entry = {"epoch": epoch, "step": global_step, "split": eval_split, **scores, **eval_stats}
         progress["history"].append(entry)
-        accelerator.log({f"eval/{k}": v for k, v in entry.items() if k not in ("epoch", "step", "split")},
-                        step=global_step)
+        accelerator.log({f"eval/{k}": v for k, v in entry.items() if k not in ("epoch", "step", "split")}
+                        | baseline_scalars, step=global_step)
         if scores:
-            log.info("epoch %d: %s", epoch, ", ".join(f"{k}={scores[k]:.4f}" for k in spec.metrics))
+            log.info("epoch %d (step %d): %s (trivial baseline: %s)", epoch, global_step,
+                     ", ".join(f"{k}={scores[k]:.4f}" for k in spec.metrics), rec.baseline_line(baseline))
         elif accelerator.is_main_process:
             log.info("epoch %d: %s has hidden labels: predictions written, no score", epoch, eval_split)
         is_best = select_best and bool(scores) and (progress["best"] is None or scores[spec.main_metric] > progress["best"]["score"])
@@ -302,10 +319,14 @@ def train(cfg: TrainConfig) -> Optional[dict]:
             log.info("final weights on %s: %s", split, ", ".join(f"{k}={extra[split][k]:.4f}" for k in spec.metrics))
     final = progress["history"][-1]
     best = progress["best"]
+    vs_baseline = rec.compare(spec, scores, baseline, rec.model_mse(logits, eval_batcher.labels.numpy())
+                              if spec.is_regression else None)
     summary = {
+        "run": rec.describe_run(cfg, records["resolved"], quant, global_step, len(progress["history"])),
         "task": spec.name, "main_metric": spec.main_metric, "eval_split": eval_split,
+        "baseline": baseline, "vs_baseline": vs_baseline,
         "epochs": progress["history"],
-        "best_epoch": best["epoch"] if best else None,
+        "best_epoch": best["epoch"] if best else None, "best_step": best["step"] if best else None,
         "final": {k: v for k, v in final.items()},
         "other_splits": extra,
         "parameters": counts, "train_seconds": progress["train_seconds"], "skipped_steps": progress["skipped_steps"],
@@ -321,11 +342,17 @@ def train(cfg: TrainConfig) -> Optional[dict]:
         summary["has_adapter_best"] = (run_dir / "adapter_best").is_dir()
         header, rows = prediction_table(spec, label_names, eval_batcher, logits)
         atomic_write_csv(run_dir / f"predictions_{eval_split}.csv", header, rows)
+        rec.write_model_cards(run_dir, records, quant, template.text, summary, baseline)
+        warning = rec.warning_text(vs_baseline, baseline, eval_split, "the final adapter")
+        if warning:
+            log.warning(warning)
         atomic_write_json(run_dir / "metrics.json", summary)  # last: its presence means the run finished
-        tracker = accelerator.get_tracker("tensorboard", unwrap=True)
-        tracker.add_hparams(_hparams(cfg, template.name), {f"hparam/{k}": v for k, v in scores.items()},
-                            run_name=".")
-        print(f"results: {run_dir}\ntensorboard: tensorboard --logdir {run_dir / 'tensorboard'}")
+        swept = rec.swept_fields(run_dir)
+        rec.write_hparams(accelerator.get_tracker("tensorboard", unwrap=True),
+                          rec.hparams(cfg, records["resolved"], quant, swept),
+                          {f"hparam/{k}": v for k, v in scores.items() if k in spec.metrics}
+                          | {f"hparam/baseline_{k}": v for k, v in baseline["metrics"].items() if v is not None}, swept)
+        print(f"results: {run_dir}\ntensorboard: {rec.tensorboard_hint(run_dir, RESULTS_DIR)}")
     accelerator.end_training()
     return summary
 
@@ -393,16 +420,6 @@ def _save_adapter(accelerator, model, path: Path, zero3: bool) -> None:
         with atomic_dir(path) as tmp:
             accelerator.unwrap_model(model).save_pretrained(tmp, safe_serialization=True, state_dict=state_dict)
     accelerator.wait_for_everyone()
-
-
-def _hparams(cfg: TrainConfig, prompt_name: str) -> dict:
-    # Every setting, so whatever field a sweep varies shows up in TensorBoard's HParams view.
-    h = {}
-    for k, v in asdict(cfg).items():
-        if k not in ("results_path", "resume", "model_dir", "tokenizer_dir"):
-            h[k] = ",".join(map(str, v)) if isinstance(v, list) else ("none" if v is None else v)
-    h.update(prompt=prompt_name, model=cfg.model_dir or "embedded")
-    return h
 
 
 class _Window:

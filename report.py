@@ -67,32 +67,50 @@ def write_report(folder: Path, out: Optional[Path], metric: Optional[str]) -> di
     for g in col.groups:
         row = {"label": rp.label(g, col.swept), **{f: g.values.get(f) for f in col.swept},
                "differs_in": "; ".join(f"{k}={rp.value_text(v)}" for k, v in g.differs.items()),
-               **rp.group_row(g, metrics)}
+               **rp.group_row(g, metrics), **rp.baseline_columns(g, metrics)}
         row["eval_rows"] = rp.eval_rows(g, metrics, rp.prompt_order(col))
         rows.append(row)
     base = rp.base_rows(col, metrics)
+    baselines = rp.baseline_rows(col, metrics)
     problems = rp.sweep_problems(col)
+    below = _below_baseline(rows)
 
     figures = {
-        "eval_per_epoch.png": plots.eval_per_epoch(col, metric, out / "eval_per_epoch.png"),
-        "train_loss.png": plots.loss_curves(col, out / "train_loss.png"),
+        "eval_per_epoch.png": plots.eval_per_epoch(col, metric, out / "eval_per_epoch.png", baselines),
+        "train_loss.png": plots.loss_curves(col, out / "train_loss.png", baselines),
         "final_metric.png": plots.final_bars(col, [r for r in rows if r["n_runs"]], base, metric,
-                                             out / "final_metric.png"),
+                                             out / "final_metric.png", baselines),
         "prompt_matrix.png": plots.prompt_matrix([r for r in rows if r["n_runs"]], base, metric,
-                                                 out / "prompt_matrix.png"),
+                                                 out / "prompt_matrix.png", baselines, col),
     }
     for name, written in figures.items():
         if written is None:
             (out / name).unlink(missing_ok=True)  # an old figure must not outlive its data
-    atomic_write_text(out / "report.csv", _csv(_main_header(col.swept, metrics), _main_rows(rows, base, col.swept, metrics)))
-    atomic_write_text(out / "evals.csv", _csv(*_eval_table(rows, base, metrics)))
+    atomic_write_text(out / "report.csv", _csv(_main_header(col.swept, metrics),
+                                               _main_rows(rows, base, col.swept, metrics, baselines)))
+    atomic_write_text(out / "evals.csv", _csv(*_eval_table(rows, base, metrics, baselines)))
     atomic_write_text(out / "report.md", _markdown(col, rows, base, problems, metrics, metric,
-                                                   [n for n, w in figures.items() if w]))
-    for w in col.warnings:
+                                                   [n for n, w in figures.items() if w], baselines, below))
+    for w in col.warnings + below:
         sys.stderr.write(f"report.py: warning: {w}\n")
     print(f"report: {out / 'report.md'} ({len(rows)} configurations, {len(runs)} finished runs"
           f"{f', {len(col.runs) - len(runs)} unfinished' if len(col.runs) > len(runs) else ''})")
-    return {"out": out, "rows": rows, "base": base, "warnings": col.warnings, "problems": problems}
+    return {"out": out, "rows": rows, "base": base, "baselines": baselines, "warnings": col.warnings,
+            "below_baseline": below, "problems": problems}
+
+
+def _below_baseline(rows) -> list[str]:
+    """One line per configuration whose mean does not beat the trivial baseline of its eval examples."""
+    out = []
+    for r in rows:
+        if r.get("beats_baseline") is False:
+            m = r["vs_baseline_metric"]
+            n = r["n_runs"]
+            out.append(f"{r['label']} does not beat the trivial baseline ({r['baseline_name']}): {m} "
+                       f"{r['baseline_' + m] + (r['vs_baseline_margin'] if m != 'mse' else -r['vs_baseline_margin']):.4f}"
+                       f"{' (mean of ' + str(n) + ' runs)' if n > 1 else ''} against {r['baseline_' + m]:.4f} on the same "
+                       f"{r['eval_examples']} {r['eval_split']} examples")
+    return out
 
 
 # -- CSV ------------------------------------------------------------------------------------------------
@@ -115,10 +133,12 @@ def _main_header(swept: list[str], metrics: list[str]) -> list[str]:
     return (["configuration", *swept, "differs_in", "eval_split", "n_runs", "unfinished", "seeds"]
             + [f"{m}_{s}" for m in metrics for s in ("mean", "std")]
             + ["best_epoch", "trainable_params", "total_params", "train_seconds_mean", "examples_per_s_mean",
-               "tokens_per_s_mean", "peak_memory_mib_max", "runs"])
+               "tokens_per_s_mean", "peak_memory_mib_max", "runs"]
+            + [f"baseline_{m}" for m in metrics] + ["beats_baseline", "steps", "epochs_trained", "examples_seen",
+                                                    "eval_examples", "evaluations", "best_step"])
 
 
-def _main_rows(rows, base, swept, metrics) -> list[list[Any]]:
+def _main_rows(rows, base, swept, metrics, baselines) -> list[list[Any]]:
     out = []
     for r in rows:
         out.append([r["label"], *[_cell(r[f]) for f in swept], r["differs_in"], r["eval_split"], r["n_runs"],
@@ -126,26 +146,40 @@ def _main_rows(rows, base, swept, metrics) -> list[list[Any]]:
                     *[r[f"{m}_{s}"] for m in metrics for s in ("mean", "std")],
                     ";".join("" if b is None else str(b) for b in r["best_epoch"]), r["trainable_params"],
                     r["total_params"], r["train_seconds_mean"], r["examples_per_s_mean"], r["tokens_per_s_mean"],
-                    r["peak_memory_mib_max"], ";".join(r["runs"])])
+                    r["peak_memory_mib_max"], ";".join(r["runs"]),
+                    *[r.get(f"baseline_{m}") for m in metrics], r.get("beats_baseline"), r.get("steps"),
+                    r.get("epochs_trained"), r.get("examples_seen"), r.get("eval_examples"), r.get("evaluations"),
+                    ";".join("" if s is None else str(s) for s in r.get("best_step", []))])
     for b in base:
         out.append([f"base model (un-tuned), prompt={b['eval_prompt']}", *[b["eval_prompt"] if f == "prompt" else ""
                                                                            for f in swept],
                     "", b["split"], b["n_runs"], 0, "", *[b[f"{m}_{s}"] for m in metrics for s in ("mean", "std")],
-                    "", "", "", "", "", "", "", ";".join(b["sources"])])
+                    "", "", "", "", "", "", "", ";".join(b["sources"]), *[""] * len(metrics), "", "", "", "",
+                    b.get("examples"), "", ""])
+    for t in baselines:
+        out.append([f"trivial baseline: {t['name']}", *[""] * len(swept), "", t["split"], "", "", "",
+                    *[t[f"{m}_{s}"] for m in metrics for s in ("mean", "std")], "", "", "", "", "", "", "",
+                    ";".join(t["sources"]), *[t[f"{m}_mean"] for m in metrics], "", "", "", "", t["examples"], "", ""])
     return out
 
 
-def _eval_table(rows, base, metrics) -> tuple[list[str], list[list[Any]]]:
+def _eval_table(rows, base, metrics, baselines) -> tuple[list[str], list[list[Any]]]:
     header = ["configuration", "adapter", "split", "eval_prompt", "n_runs"] + \
-             [f"{m}_{s}" for m in metrics for s in ("mean", "std")]
+             [f"{m}_{s}" for m in metrics for s in ("mean", "std")] + ["examples"] + [f"baseline_{m}" for m in metrics]
     out = []
     for r in rows:
         for e in r["eval_rows"]:
             out.append([r["label"], e["adapter"], e["split"], e["eval_prompt"], e["n_runs"],
-                        *[e[f"{m}_{s}"] for m in metrics for s in ("mean", "std")]])
+                        *[e[f"{m}_{s}"] for m in metrics for s in ("mean", "std")], e.get("examples"),
+                        *[e.get(f"baseline_{m}") for m in metrics]])
     for b in base:
         out.append(["base model (un-tuned)", "", b["split"], b["eval_prompt"], b["n_runs"],
-                    *[b[f"{m}_{s}"] for m in metrics for s in ("mean", "std")]])
+                    *[b[f"{m}_{s}"] for m in metrics for s in ("mean", "std")], b.get("examples"),
+                    *[b.get(f"baseline_{m}") for m in metrics]])
+    for t in baselines:
+        out.append([f"trivial baseline: {t['name']}", "", t["split"], "", "",
+                    *[t[f"{m}_{s}"] for m in metrics for s in ("mean", "std")], t["examples"],
+                    *[t[f"{m}_mean"] for m in metrics]])
     return header, out
 
 
@@ -166,42 +200,87 @@ def _table(header: list[str], rows: list[list[str]]) -> str:
                      + ["| " + " | ".join(r) + " |" for r in esc])
 
 
-def _markdown(col, rows, base, problems, metrics, metric, figures) -> str:
+def _signed(v: Optional[float]) -> str:
+    return "–" if v is None else f"{v:+.4f}"
+
+
+def _best_cell(r) -> str:
+    """Best epoch only where there was a choice: a run evaluated once (stopped inside its first epoch)
+    has nothing selected."""
+    cells = []
+    for b, step in zip(r["best_epoch"], r.get("best_step") or [None] * len(r["best_epoch"])):
+        if b is None:
+            cells.append("–")
+        elif r.get("evaluations") == 1:
+            cells.append("– (1 evaluation)")
+        else:
+            cells.append(f"{b}" + (f" (step {step})" if step is not None else ""))
+    return "/".join(sorted(set(cells))) or "–"
+
+
+def _markdown(col, rows, base, problems, metrics, metric, figures, baselines, below) -> str:
+    from qlora_cls import report as rp
     runs = [r for r in col.runs if r.finished]
-    lines = [f"# Report: {col.root}", "",
-             f"Generated {datetime.now():%Y-%m-%d %H:%M} by report.py from {len(col.runs)} run folder(s) "
-             f"({len(runs)} finished) in {len(rows)} configuration(s). Swept fields: "
-             f"{', '.join(col.swept) or 'none'}" + (" (inferred: the fields that vary; no sweep.json found)"
-                                                    if col.swept_inferred else "") + ".",
-             "", "Values are mean ± sample standard deviation (n-1) over seeds of the final adapter on each run's "
-                 "eval split; a single run shows no ±. Throughput is the mean over training-log windows. Epochs count from 1 "
-                 "(metrics.json counts from 0); best epoch – means no selection (final protocol).", ""]
+    lines = [f"# Report: {col.root}", "", "## What was run", "", *rp.context_markdown(col),
+             f"- **Swept fields:** {', '.join(col.swept) or 'none'}" + (
+                 " (inferred: the fields that vary; no sweep.json found)" if col.swept_inferred else ""), ""]
+    if baselines:
+        lines += ["**Trivial baseline** (what a classifier that never reads the text scores on the same examples; "
+                  "every score below is to be read against it):", ""]
+        for t in baselines:
+            values = ", ".join(f"{m} {'undefined' if t.get(m + '_mean') is None else format(t[m + '_mean'], '.4f')}"
+                               for m in metrics + (["mse"] if t.get("kind") == "training_mean" else []))
+            lines.append(f"- {t['description']}: {values} on {t['examples']} {t['split']} examples")
+        lines.append("")
+    else:
+        lines += ["No trivial baseline recorded (these runs predate it); compare with care.", ""]
+    for w in below:
+        lines.append(f"> **Warning:** {w}.")
     for w in col.warnings:
         lines.append(f"> **Warning:** {w}.")
-    if col.warnings:
+    if col.warnings or below:
         lines.append("")
-    header = ["configuration", "n", *metrics, "best epoch", "trainable params", "train time (s)",
-              "examples/s", "tokens/s", "peak memory (MiB)"]
+    header = ["configuration", "n", *metrics, f"vs baseline ({rows[0].get('vs_baseline_metric') or metric})" if rows
+              else "vs baseline", "steps", "best epoch", "trainable params", "train time (s)", "examples/s",
+              "tokens/s", "peak memory (MiB)"]
     if any(r["differs_in"] for r in rows):
         header.insert(1, "differs in")
     table = []
     for r in rows:
+        margin = r.get("vs_baseline_margin")
         cells = [r["label"], f"{r['n_runs']}" + (f" (+{r['unfinished']} unfinished)" if r["unfinished"] else ""),
                  *[_pm(r[f"{m}_mean"], r[f"{m}_std"]) for m in metrics],
-                 "/".join(sorted({"–" if b is None else str(b) for b in r["best_epoch"]})) or "–",
+                 _signed(margin) + (" **below**" if r.get("beats_baseline") is False else ""),
+                 "–" if r.get("steps") is None else str(r["steps"]),
+                 _best_cell(r),
                  _num(r["trainable_params"], ",d") if isinstance(r["trainable_params"], int) else str(r["trainable_params"]),
                  _pm(r["train_seconds_mean"], r["train_seconds_std"], 1), _num(r["examples_per_s_mean"], ".1f"),
                  _num(r["tokens_per_s_mean"], ",.0f"), _num(r["peak_memory_mib_max"], ",.0f")]
         if "differs in" in header:
             cells.insert(1, r["differs_in"] or "")
         table.append(cells)
-    for b in base:
-        cells = [f"base model (un-tuned), prompt={b['eval_prompt']}, {b['split']}", str(b["n_runs"]),
-                 *[_pm(b[f"{m}_mean"], b[f"{m}_std"]) for m in metrics], "–", "–", "–", "–", "–", "–"]
+    for t in baselines:
+        cells = [f"trivial baseline: {t['name']}, {t['split']}, {t['examples']} examples", "–",
+                 *[_pm(t[f"{m}_mean"], None) if t.get(f"{m}_mean") is not None else "undefined" for m in metrics],
+                 "0", "–", "–", "–", "–", "–", "–", "–"]
         if "differs in" in header:
             cells.insert(1, "")
         table.append(cells)
-    lines += ["## Configurations", "", _table(header, table), ""]
+    for b in base:
+        cells = [f"base model (un-tuned), prompt={b['eval_prompt']}, {b['split']}", str(b["n_runs"]),
+                 *[_pm(b[f"{m}_mean"], b[f"{m}_std"]) for m in metrics],
+                 _signed(None if b.get(f"{metric}_mean") is None or b.get(f"baseline_{metric}") is None
+                         else b[f"{metric}_mean"] - b[f"baseline_{metric}"]), "0", "–", "–", "–", "–", "–", "–"]
+        if "differs in" in header:
+            cells.insert(1, "")
+        table.append(cells)
+    lines += ["## Configurations", "", _table(header, table), "",
+              "Values are mean ± sample standard deviation (n-1) over seeds of the final adapter on each run's eval "
+              "split; a single run shows no ±. 'vs baseline': the mean minus the trivial baseline on the same examples "
+              "(for regression: the baseline's mean squared error minus the model's). 'steps': optimizer steps "
+              "trained. 'best epoch' counts from 1 and names the selected epoch's step; '– (1 evaluation)': the run "
+              "was evaluated once (it trained one epoch or less), so there was no epoch to choose; '–' alone: "
+              "no selection (final protocol). Throughput is the mean over training-log windows.", ""]
     if base:
         lines += ["Base-model rows: the un-tuned model with a freshly initialised classification head, evaluated "
                   "by `eval.py --base_only` on the same examples (\"before fine-tuning\").", ""]
@@ -210,11 +289,14 @@ def _markdown(col, rows, base, problems, metrics, metric, figures) -> str:
         for e in r["eval_rows"]:
             eval_table.append([r["label"], e["eval_prompt"], e["split"] + ("" if e["adapter"] == "adapter" else
                                                                              f" ({e['adapter']})"),
-                               str(e["n_runs"]), *[_pm(e[f"{m}_mean"], e[f"{m}_std"]) for m in metrics]])
+                               str(e["n_runs"]), str(e.get("examples") or "–"),
+                               *[_pm(e[f"{m}_mean"], e[f"{m}_std"]) for m in metrics],
+                               _pm(e.get(f"baseline_{metric}"), None)])
     if eval_table:
         lines += ["## Every adapter under every evaluated prompt", "",
-                  _table(["trained configuration", "evaluated with prompt", "split", "n", *metrics], eval_table), ""]
-    for name, caption in (("eval_per_epoch.png", f"{metric} on the eval split after each epoch"),
+                  _table(["trained configuration", "evaluated with prompt", "split", "n", "examples", *metrics,
+                          f"trivial baseline ({metric})"], eval_table), ""]
+    for name, caption in (("eval_per_epoch.png", f"{metric} at each evaluation, with the trivial baseline"),
                           ("train_loss.png", "training loss"), ("final_metric.png", f"final {metric} per configuration"),
                           ("prompt_matrix.png", f"{metric} of each adapter under each prompt")):
         if name in figures:
@@ -230,7 +312,9 @@ def _markdown(col, rows, base, problems, metrics, metric, figures) -> str:
     differing = [k for g in col.groups for k in g.differs]
     if differing:
         lines += ["Rows flagged in 'differs in' were run with settings the others were not: compare them with care.", ""]
-    lines += ["Files: report.csv (this table, numbers unrounded), evals.csv (every adapter under every prompt). "
+    lines += [f"Generated {datetime.now():%Y-%m-%d %H:%M} by report.py from {len(col.runs)} run folder(s) "
+              f"({len(runs)} finished). Files: report.csv (this table, numbers unrounded), evals.csv (every adapter "
+              "under every prompt). "
               f"{'' if not col.manifests else 'Sweep manifest(s): ' + ', '.join(str(p / 'sweep.json') for p in col.manifests) + '.'}",
               ""]
     return "\n".join(lines)

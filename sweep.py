@@ -178,7 +178,8 @@ class Sweep:
             return 128 + self.signum
         failed = m.failed()
         summary = m.counts()
-        print(f"sweep: {summary}; manifest {m.path}\nreport: python report.py {self.dir}", flush=True)
+        print(f"sweep: {summary}; manifest {m.path}\nreport: python report.py {self.dir}\n"
+              f"tensorboard: tensorboard --logdir {self.dir}   (each point named after its folder)", flush=True)
         return 1 if failed else 0
 
     def _train(self, i: int, total: int, p, run_dir: Path) -> None:

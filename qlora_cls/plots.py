@@ -6,6 +6,7 @@ configuration names never cover the data); lines are the mean over seeds, bands 
 from __future__ import annotations
 
 import io
+import math
 import statistics
 from pathlib import Path
 from typing import Optional
@@ -67,39 +68,87 @@ def _n_text(groups: list[Group]) -> str:
     return f"{ns[0]} seed{'s' if ns[0] != 1 else ''}" if len(ns) == 1 else f"{ns[0]}-{ns[-1]} seeds"
 
 
-def eval_per_epoch(col: Collection, metric: str, path: Path) -> Optional[Path]:
+ZERO_ONE = {"accuracy", "f1"}
+
+
+def _limits(values: list, metric: str, min_span: float = 0.3) -> tuple[float, float]:
+    """An axis from just below the lowest of data and baseline to just above the highest, on 0.1 steps,
+    at least ``min_span`` wide: a difference of a few examples stays a small step, not a cliff."""
+    vals = [v for v in values if isinstance(v, (int, float)) and math.isfinite(v)]
+    floor, ceil = (0.0, 1.0) if metric in ZERO_ONE else (-1.0, 1.0) if metric in BOUNDED else (None, None)
+    if not vals:
+        return (floor if floor is not None else 0.0), (ceil if ceil is not None else 1.0)
+    lo = math.floor((min(vals) - 0.05) * 10) / 10
+    hi = math.ceil((max(vals) + 0.05) * 10) / 10
+    while hi - lo < min_span - 1e-9:
+        lo, hi = lo - 0.05, hi + 0.05
+    if floor is not None:
+        lo, hi = max(lo, floor), min(hi, ceil)
+        if hi - lo < min_span:
+            lo, hi = (max(floor, hi - min_span), hi) if hi >= ceil else (lo, min(ceil, lo + min_span))
+    return lo, hi
+
+
+def _baseline_value(baselines: Optional[list], metric: str) -> list[tuple[str, float]]:
+    out = []
+    for b in baselines or []:
+        v = b.get(f"{metric}_mean")
+        if v is not None:
+            out.append((f"trivial baseline: {b['name']} ({v:.3f})", v, b["name"]))
+    return out
+
+
+def _titles(fig, ax, title: str, col: Collection, note: str = "") -> None:
+    from .report import context_line
+    ax.set_title(context_line(col) + (f"\n{note}" if note else ""), fontsize="small", color="dimgray")
+    fig.suptitle(title, fontsize="medium", fontweight="bold")
+
+
+def eval_per_epoch(col: Collection, metric: str, path: Path, baselines: Optional[list] = None) -> Optional[Path]:
+    """The metric at each evaluation (end of each epoch, or --max_steps) against optimizer steps."""
     groups = [g for g in col.groups if g.finished]
     if not groups:
         return None
     splits = sorted({r.metrics.get("eval_split", "validation") for g in groups for r in g.finished})
-    fig, ax = plt.subplots(figsize=(8, 4.5))
+    fig, ax = plt.subplots(figsize=(10, 4.8), layout="constrained")
     colors = plt.get_cmap("tab10" if len(groups) <= 10 else "tab20")
-    epochs: set = set()
+    steps: set = set()
+    values: list = []
+    series_of = {}
+    for g in groups:
+        series = [{e["step"]: e[metric] for e in r.metrics.get("epochs", []) if metric in e} for r in g.finished]
+        series_of[g.key] = [s for s in series if s]
+        for s in series_of[g.key]:
+            steps.update(s)
+    top = max(steps) if steps else 1
     for i, g in enumerate(groups):
-        series = [{e["epoch"] + 1: e[metric] for e in r.metrics.get("epochs", []) if metric in e} for r in g.finished]
-        series = [s for s in series if s]
-        if series:
+        if series_of[g.key]:
             # Configurations often score alike: a small sideways shift keeps every one visible.
-            dodge = 0.06 * (i - (len(groups) - 1) / 2) if len(groups) > 1 else 0.0
-            xs, means, stds = _aggregate(series)
-            epochs.update(xs)
+            dodge = 0.012 * top * (i - (len(groups) - 1) / 2) if len(groups) > 1 else 0.0
+            xs, means, stds = _aggregate(series_of[g.key])
+            values += [m - s for m, s in zip(means, stds)] + [m + s for m, s in zip(means, stds)]
             _line(ax, xs, means, stds, label(g, col.swept), colors(i % colors.N), dodge)
-    if epochs:
-        ax.set_xticks(sorted(epochs))
-        ax.set_xlim(min(epochs) - 0.5, max(epochs) + 0.5)
-    ax.set_title(f"{'/'.join(splits).capitalize()} {metric} after each epoch (mean ± std over {_n_text(groups)})")
-    ax.set_xlabel("epoch (1 = first; evaluated at its end, or at --max_steps; points shifted sideways to stay visible)")
+    for text, v, _ in _baseline_value(baselines, metric):
+        ax.axhline(v, color="black", linestyle="--", linewidth=1.2, label=text, zorder=1)
+        values.append(v)
+    if steps:
+        ax.set_xlim(0, top * 1.08)
+    ax.set_ylim(*_limits(values, metric))
+    ax.xaxis.get_major_locator().set_params(integer=True)
+    _titles(fig, ax, f"{'/'.join(splits).capitalize()} {metric} at each evaluation "
+                     f"(mean ± std over {_n_text(groups)})", col)
+    ax.set_xlabel("optimizer step")
     ax.set_ylabel(_unit(metric))
     ax.grid(alpha=0.3)
     _legend(ax)
     return _save(fig, path)
 
 
-def loss_curves(col: Collection, path: Path) -> Optional[Path]:
+def loss_curves(col: Collection, path: Path, baselines: Optional[list] = None) -> Optional[Path]:
     groups = [g for g in col.groups if any(r.train_log for r in g.finished)]
     if not groups:
         return None
-    fig, ax = plt.subplots(figsize=(8, 4.5))
+    fig, ax = plt.subplots(figsize=(10, 4.8), layout="constrained")
     colors = plt.get_cmap("tab10" if len(groups) <= 10 else "tab20")
     regression = any(r.resolved.get("num_labels") == 1 for g in groups for r in g.finished)
     for i, g in enumerate(groups):
@@ -107,7 +156,13 @@ def loss_curves(col: Collection, path: Path) -> Optional[Path]:
         series = [s for s in series if s]
         if series:
             _line(ax, *_aggregate(series), label(g, col.swept), colors(i % colors.N))
-    ax.set_title(f"Training loss (mean over each logging window; mean ± std over {_n_text(groups)})")
+    for b in baselines or []:
+        if b.get("train_loss") is not None:
+            what = "label variance" if b.get("kind") == "training_mean" else "entropy of the training labels"
+            ax.axhline(b["train_loss"], color="black", linestyle="--", linewidth=1.2,
+                       label=f"constant predictor ({what}): {b['train_loss']:.3f}", zorder=1)
+    ax.set_ylim(bottom=0)
+    _titles(fig, ax, f"Training loss (mean per logging window; mean ± std over {_n_text(groups)})", col)
     ax.set_xlabel("optimizer step")
     ax.set_ylabel("loss (mean squared error)" if regression else "loss (cross-entropy, nats)")
     ax.xaxis.get_major_locator().set_params(integer=True)
@@ -116,33 +171,48 @@ def loss_curves(col: Collection, path: Path) -> Optional[Path]:
     return _save(fig, path)
 
 
-def final_bars(col: Collection, rows: list[dict], base: list[dict], metric: str, path: Path) -> Optional[Path]:
-    """Horizontal bars (long names stay readable): one per configuration, then the base model's."""
+def final_bars(col: Collection, rows: list[dict], base: list[dict], metric: str, path: Path,
+               baselines: Optional[list] = None) -> Optional[Path]:
+    """Horizontal bars from zero (long names stay readable): one per configuration, then the base model's;
+    the trivial baseline as a dashed line."""
     bars = [(r["label"], r.get(f"{metric}_mean"), r.get(f"{metric}_std"), False) for r in rows
             if r.get(f"{metric}_mean") is not None]
     bars += [(f"base model, prompt={b['eval_prompt']} ({b['split']})", b.get(f"{metric}_mean"),
               b.get(f"{metric}_std"), True) for b in base if b.get(f"{metric}_mean") is not None]
     if not bars:
         return None
-    fig, ax = plt.subplots(figsize=(8, 1.2 + 0.45 * len(bars)))
+    fig, ax = plt.subplots(figsize=(9, 2.2 + 0.45 * len(bars)), layout="constrained")
     ys = list(range(len(bars)))[::-1]
     for y, (text, mean, std, is_base) in zip(ys, bars):
         ax.barh(y, mean, xerr=std if std else None, color="lightgray" if is_base else "tab:blue",
                 hatch="//" if is_base else None, edgecolor="gray", capsize=4, height=0.7)
         ax.text(mean + (std or 0) + 0.01, y, f"{mean:.3f}" + (f" ± {std:.3f}" if std else ""), va="center",
-                fontsize="small")
+                fontsize="small", clip_on=False, zorder=4, bbox=dict(facecolor="white", edgecolor="none", pad=1, alpha=0.8))
+    for text, v, _ in _baseline_value(baselines, metric):
+        ax.axvline(v, color="black", linestyle="--", linewidth=1.4, label=text, zorder=3)
     ax.set_yticks(ys, [b[0] for b in bars], fontsize="small")
-    top = max(m + (s or 0) for _, m, s, _ in bars)
-    ax.set_xlim(min(0, min(m for _, m, _, _ in bars)), max(1.0, top) * 1.18)
+    lows = [m - (s or 0) for _, m, s, _ in bars]
+    highs = [m + (s or 0) for _, m, s, _ in bars] + [v for _, v, _ in _baseline_value(baselines, metric)]
+    bounded = metric in ZERO_ONE or metric in BOUNDED
+    left = min(0.0, min(lows)) if not bounded or min(lows) >= 0 else max(-1.0, math.floor(min(lows) * 10) / 10)
+    right = 1.0 if bounded and max(highs) <= 1.0 else max(highs) * 1.05
+    ax.set_xlim(left, right)
     splits = sorted({r.get("eval_split") for r in rows if r.get("eval_split")})
-    ax.set_xlabel(f"{_unit(metric)} on {'/'.join(map(str, splits)) or 'the eval split'}, final adapter")
-    ax.set_title(f"Final {metric} per configuration (bars: mean, whiskers: ± std over seeds; hatched: un-tuned base)")
+    examples = sorted({r.get("eval_examples") for r in rows if r.get("eval_examples")})
+    ax.set_xlabel(f"{metric} ({'/'.join(map(str, splits)) or 'eval split'}"
+                  f"{', ' + '/'.join(map(str, examples)) + ' examples' if examples else ''})")
+    _titles(fig, ax, f"Final {metric} per configuration", col,
+            "bar: mean, whiskers: ± std over seeds; hatched: the un-tuned base model")
     ax.grid(axis="x", alpha=0.3)
+    if _baseline_value(baselines, metric):
+        fig.legend(loc="outside lower center", fontsize="small", frameon=False)
     return _save(fig, path)
 
 
-def prompt_matrix(rows: list[dict], base: list[dict], metric: str, path: Path) -> Optional[Path]:
-    """Heat map: each trained configuration (and the base model) evaluated under each prompt."""
+def prompt_matrix(rows: list[dict], base: list[dict], metric: str, path: Path, baselines: Optional[list] = None,
+                  col: Optional[Collection] = None) -> Optional[Path]:
+    """Heat map: each trained configuration (and the base model) evaluated under each prompt; colours are
+    centred on the trivial baseline (white), red below it, blue above."""
     prompts: list[str] = []
     for r in rows:
         for e in r["eval_rows"]:
@@ -153,24 +223,44 @@ def prompt_matrix(rows: list[dict], base: list[dict], metric: str, path: Path) -
     table = [(r["label"], {e["eval_prompt"]: e for e in r["eval_rows"] if e["adapter"] == "adapter"}) for r in rows]
     if base:
         table.append(("base model (un-tuned)", {b["eval_prompt"]: b for b in base}))
+    ref = _baseline_value(baselines, metric)
+    if ref:
+        table.append((f"trivial baseline ({ref[0][2]})",
+                      {p: {f"{metric}_mean": ref[0][1]} for p in prompts}))
     values = [[cells[p].get(f"{metric}_mean") if p in cells else None for p in prompts] for _, cells in table]
     import numpy as np
+    from matplotlib.colors import Normalize, TwoSlopeNorm
     grid = np.array([[np.nan if v is None else v for v in row] for row in values], dtype=float)
-    fig, ax = plt.subplots(figsize=(1.6 + 1.5 * len(prompts), 1.4 + 0.55 * len(table)))
-    image = ax.imshow(grid, cmap="viridis", aspect="auto", vmin=np.nanmin(grid) if np.isfinite(grid).any() else 0,
-                      vmax=np.nanmax(grid) if np.isfinite(grid).any() else 1)
+    finite = np.isfinite(grid).any()
+    vmin, vmax = (float(np.nanmin(grid)), float(np.nanmax(grid))) if finite else (0.0, 1.0)
+    if ref:
+        center = ref[0][1]
+        spread = max(abs(vmax - center), abs(center - vmin), 0.05)
+        lo, hi = center - spread, center + spread
+        if metric in ZERO_ONE or metric in BOUNDED:  # the colour bar does not run past what the metric can reach
+            lo, hi = max(lo, 0.0 if metric in ZERO_ONE else -1.0), min(hi, 1.0)
+        norm = TwoSlopeNorm(vcenter=center, vmin=min(lo, center - 1e-6), vmax=max(hi, center + 1e-6))
+        cmap = "RdBu"
+    else:
+        norm, cmap = Normalize(vmin=vmin, vmax=vmax if vmax > vmin else vmin + 1e-9), "viridis"
+    fig, ax = plt.subplots(figsize=(2.6 + 1.5 * len(prompts), 1.8 + 0.55 * len(table)), layout="constrained")
+    image = ax.imshow(grid, cmap=cmap, norm=norm, aspect="auto")
     for i, (_, cells) in enumerate(table):
         for j, p in enumerate(prompts):
             if p in cells and cells[p].get(f"{metric}_mean") is not None:
                 std = cells[p].get(f"{metric}_std")
                 v = cells[p][f"{metric}_mean"]
-                bright = (v - np.nanmin(grid)) > 0.5 * (np.nanmax(grid) - np.nanmin(grid) or 1)
+                strong = abs(float(norm(v)) - 0.5) > 0.3 if ref else float(norm(v)) < 0.5
                 ax.text(j, i, f"{v:.3f}" + (f"\n± {std:.3f}" if std else ""), ha="center", va="center",
-                        fontsize="small", color="black" if bright else "white")
+                        fontsize="small", color="white" if strong else "black")
     ax.set_xticks(range(len(prompts)), prompts)
     ax.set_yticks(range(len(table)), [t[0] for t in table], fontsize="small")
-    ax.set_xlabel("prompt template used for evaluation")
+    ax.set_xlabel("prompt used for evaluation")
     ax.set_ylabel("trained configuration")
-    ax.set_title(f"{metric.capitalize()} of each adapter under each prompt (mean over seeds; blank: not evaluated)")
-    fig.colorbar(image, ax=ax, label=_unit(metric))
+    title = f"{metric.capitalize()} of each adapter under each prompt (mean over seeds; blank: not evaluated)"
+    if col is not None:
+        _titles(fig, ax, title, col)
+    else:
+        ax.set_title(title)
+    fig.colorbar(image, ax=ax, label=_unit(metric) + (" (white: trivial baseline)" if ref else ""))
     return _save(fig, path)

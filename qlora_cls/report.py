@@ -306,9 +306,11 @@ def eval_rows(g: Group, metrics: list[str], order: Optional[list[str]] = None) -
             by_key.setdefault((e.get("split"), e.get("prompt"), e.get("adapter")), []).append(e)
     rows = []
     for (split, prompt, adapter), entries in sorted(by_key.items(), key=_by_prompt(order or [])):
-        row = {"split": split, "eval_prompt": prompt, "adapter": adapter, "n_runs": len(entries)}
+        row = {"split": split, "eval_prompt": prompt, "adapter": adapter, "n_runs": len(entries),
+               "examples": _common(e.get("examples") for e in entries)}
         for m in metrics:
             row[f"{m}_mean"], row[f"{m}_std"] = mean_std([e["metrics"].get(m) for e in entries])
+            row[f"baseline_{m}"], _ = mean_std([(e.get("baseline") or {}).get("metrics", {}).get(m) for e in entries])
         rows.append(row)
     return rows
 
@@ -324,6 +326,7 @@ def base_rows(col: Collection, metrics: list[str]) -> list[dict]:
                "sources": sorted({e["source"] for e in entries})}
         for m in metrics:
             row[f"{m}_mean"], row[f"{m}_std"] = mean_std([e["metrics"].get(m) for e in entries])
+            row[f"baseline_{m}"], _ = mean_std([(e.get("baseline") or {}).get("metrics", {}).get(m) for e in entries])
         rows.append(row)
     return rows
 
@@ -344,3 +347,140 @@ def sweep_problems(col: Collection) -> list[str]:
             elif not (path / name / "metrics.json").is_file():
                 out.append(f"{path.name}/{name}: {status or 'pending'} (not finished; re-run the sweep to continue)")
     return out
+
+
+# -- what was run, and the trivial baseline ---------------------------------------------------------------
+def run_info(r: Run) -> dict:
+    """The run's 'run' block (metrics.json: what was trained; else config.json: what was planned), with
+    the same keys rebuilt from older run folders that predate it."""
+    info = dict(r.records.get("run") or {})
+    info.update((r.metrics or {}).get("run") or {})
+    res, cfg = r.resolved, r.config
+    history = (r.metrics or {}).get("epochs") or []
+    if "model" not in info:
+        info["model"] = cfg.get("model_dir") or "SmolLM2-135M-Instruct (embedded)"
+    info.setdefault("task", res.get("task"))
+    info.setdefault("prompt", res.get("prompt_name", cfg.get("prompt")))
+    info.setdefault("eval_split", (r.metrics or {}).get("eval_split") or res.get("eval_split"))
+    info.setdefault("eval_examples", res.get("eval_examples"))
+    if "steps" not in info and history:
+        info["steps"] = history[-1].get("step")
+    if "epochs_trained" not in info and info.get("steps") and res.get("steps_per_epoch"):
+        info["epochs_trained"] = round(info["steps"] / res["steps_per_epoch"], 4)
+    info.setdefault("evaluations", len(history) if history else None)
+    return info
+
+
+def baseline_of(r: Run) -> Optional[dict]:
+    return (r.metrics or {}).get("baseline") or r.resolved.get("baseline")
+
+
+def _distinct(values) -> list:
+    out: list = []
+    for v in values:
+        if v is not None and v not in out:
+            out.append(v)
+    return out
+
+
+def context(col: Collection) -> dict[str, list]:
+    """Each field of the runs' 'run' blocks with its distinct values (finished runs, else all)."""
+    runs = [r for r in col.runs if r.finished] or col.runs
+    infos = [run_info(r) for r in runs]
+    keys = ("model", "task", "labels", "prompt", "method", "steps", "epochs_trained", "examples_seen", "train_examples",
+            "eval_split", "eval_examples", "evaluations")
+    return {k: _distinct(i.get(k) for i in infos) for k in keys}
+
+
+def _one(values: list, fmt=str) -> str:
+    return "/".join(fmt(v) for v in values) if values else "?"
+
+
+def context_line(col: Collection) -> str:
+    """Short, for a figure's subtitle."""
+    c = context(col)
+    epochs = _one(c["epochs_trained"], lambda v: f"{v:.3g}")
+    plural = "" if c["epochs_trained"] == [1] else "s"
+    return (f"{_one(c['model'])} · {_one(c['task'])} · {_one(c['steps'])} steps ({epochs} epoch{plural}) · "
+            f"{_one(c['eval_examples'])} {_one(c['eval_split'])} examples")
+
+
+def context_markdown(col: Collection) -> list[str]:
+    """'What was run' lines for the top of report.md."""
+    c = context(col)
+    runs = [r for r in col.runs if r.finished] or col.runs
+    seeds = sorted({len([r for r in g.finished]) for g in col.groups if g.finished})
+    epochs = _one(c["epochs_trained"], lambda v: f"{v:.3g}")
+    lines = [f"- **Model:** {_one(c['model'])}",
+             f"- **Task:** {_one(c['task'])}" + (f" (labels: {', '.join(c['labels'][0])})" if c["labels"] and
+                                                 len(c["labels"]) == 1 and c["labels"][0] else ""),
+             f"- **Prompt:** {_one(c['prompt'])}" + (" (swept)" if "prompt" in col.swept else ""),
+             f"- **Method:** {_one(c['method'])}" if c["method"] else "- **Method:** see config.json",
+             f"- **Training:** {_one(c['steps'])} optimizer steps = {epochs} "
+             f"epoch{'' if c['epochs_trained'] == [1] else 's'} of {_one(c['train_examples'])} "
+             f"training examples ({_one(c['examples_seen'])} examples seen)",
+             f"- **Evaluated on:** {_one(c['eval_examples'])} examples of the {_one(c['eval_split'])} split, "
+             f"{_one(c['evaluations'])} evaluation{'' if c['evaluations'] == [1] else 's'} per run "
+             f"(evaluations come at the end of each epoch and at the last step)",
+             f"- **Runs:** {len(runs)} finished, {len(col.groups)} configuration(s), "
+             f"{_one(seeds)} seed(s) each"]
+    return lines
+
+
+def _baseline_key(b: dict) -> tuple:
+    return (b.get("description"), b.get("eval_examples"), json.dumps(b.get("metrics"), sort_keys=True))
+
+
+def baseline_rows(col: Collection, metrics: list[str]) -> list[dict]:
+    """The trivial baseline of each distinct set of eval examples (usually one row)."""
+    found: dict[tuple, dict] = {}
+    for r in col.runs:
+        b = baseline_of(r) if r.finished else None
+        if b:
+            found.setdefault(_baseline_key(b), {"baseline": b, "split": run_info(r).get("eval_split"),
+                                                "sources": []})["sources"].append(r.path.name)
+    for e in col.base_evals:
+        b = e.get("baseline")
+        if b:
+            found.setdefault(_baseline_key(b), {"baseline": b, "split": e.get("split"), "sources": []}
+                             )["sources"].append(e.get("source"))
+    rows = []
+    for item in found.values():
+        b = item["baseline"]
+        row = {"split": item["split"], "examples": b.get("eval_examples"), "description": b.get("description"),
+               "kind": b.get("kind"), "name": baseline_name(b), "train_loss": b.get("train_loss"),
+               "sources": sorted(set(item["sources"]))}
+        for m in [*metrics, "mse"]:
+            row[f"{m}_mean"], row[f"{m}_std"] = b.get("metrics", {}).get(m), None
+        rows.append(row)
+    return rows
+
+
+def baseline_name(b: dict) -> str:
+    if b.get("kind") == "majority_class":
+        return f"always '{b.get('prediction_name')}'"
+    return f"always {b.get('prediction', 0):.3g} (training mean)"
+
+
+def baseline_columns(g: Group, metrics: list[str]) -> dict:
+    """Per configuration: the baseline of its eval examples, its runs against it, how long they trained."""
+    done = g.finished
+    bls = [baseline_of(r) for r in done]
+    row: dict[str, Any] = {}
+    for m in [*metrics, "mse"]:
+        row[f"baseline_{m}"], _ = mean_std([b.get("metrics", {}).get(m) for b in bls if b])
+    vs = [(r.metrics or {}).get("vs_baseline") or {} for r in done]
+    model, _ = mean_std([v.get("model") for v in vs])
+    base, _ = mean_std([v.get("baseline") for v in vs])
+    metric = _common(v.get("metric") for v in vs)
+    row["vs_baseline_metric"] = metric
+    row["vs_baseline_margin"] = None if model is None or base is None else (
+        base - model if metric == "mse" else model - base)
+    row["beats_baseline"] = None if row["vs_baseline_margin"] is None else row["vs_baseline_margin"] > 0
+    row["below_baseline_runs"] = sum(1 for v in vs if v.get("beats") is False)
+    row["baseline_name"] = _common(baseline_name(b) for b in bls if b)
+    infos = [run_info(r) for r in done]
+    for k in ("steps", "epochs_trained", "examples_seen", "eval_examples", "evaluations"):
+        row[k] = _common(i.get(k) for i in infos)
+    row["best_step"] = [(r.metrics or {}).get("best_step") for r in done]
+    return row

@@ -31,7 +31,8 @@ def test_two_process_run(tiny_model, mrpc, tmp_path):
     a1 = load_file(tmp_path / "rank1.safetensors")
     assert a0.keys() == a1.keys() and all((a0[k] == a1[k]).all() for k in a0)
     # only rank 0 wrote into the run folder: one event-file writer, no stray files from rank 1
+    events = [p.name for p in run.glob("events.out.tfevents.*")]
     assert sorted(p.name for p in run.iterdir()) == sorted([
         "adapter", "config.json", "lora_config.json", "metrics.json", "predictions_validation.csv", "prompt.txt",
-        "quant_config.json", "tensorboard", "train_log.jsonl"])
-    assert len(list((run / "tensorboard").glob("events.out.tfevents.*"))) == 2  # scalars + hparams, rank 0 only
+        "quant_config.json", "train_log.jsonl", *events])
+    assert len(events) == 1  # scalars + hparams, rank 0 only, in the run folder (TensorBoard names the run after it)

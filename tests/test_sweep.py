@@ -44,7 +44,7 @@ def test_interrupted_sweep_resumes_without_rerunning_finished_points(tiny_sweep)
         for prompt in ("none", "perfect"):  # every adapter under every eval prompt, same examples
             e = json.loads((run / "evals" / f"validation-{prompt}" / "metrics.json").read_text())
             assert e["prompt"] == prompt and e["examples"] == 37 and not e["base_only"]
-        assert list((run / "tensorboard").glob("events.out.tfevents.*"))  # one logdir per point, by name
+        assert list(run.glob("events.out.tfevents.*"))  # one logdir per point, named after its folder
     for prompt in ("none", "perfect"):  # the base model once per sweep and prompt
         e = json.loads((d / "base" / f"validation-{prompt}-base" / "metrics.json").read_text())
         assert e["base_only"] and e["examples"] == 37
@@ -56,18 +56,31 @@ def test_interrupted_sweep_resumes_without_rerunning_finished_points(tiny_sweep)
 
 
 @pytest.mark.slow
-def test_tensorboard_hparams_name_the_swept_values(tiny_sweep):
-    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+def test_tensorboard_names_runs_by_folder_and_hparams_lead_with_the_swept_values(tiny_sweep):
+    from tensorboard.backend.event_processing.plugin_event_multiplexer import EventMultiplexer
     from tensorboard.plugins.hparams import plugin_data_pb2
-    run = tiny_sweep["dir"] / "prompt=perfect,seed=2" / "tensorboard"
-    acc = EventAccumulator(str(run))
-    acc.Reload()
+    # `tensorboard --logdir <sweep_dir>`: one run per point, named exactly as its folder
+    mux = EventMultiplexer().AddRunsFromDirectory(str(tiny_sweep["dir"]))
+    mux.Reload()
+    assert sorted(mux.Runs()) == sorted(POINTS)
+    acc = mux.GetAccumulator("prompt=perfect,seed=2")
     content = acc.PluginTagToContent("hparams")
-    session = [plugin_data_pb2.HParamsPluginData.FromString(v) for v in content.values()]
-    hparams = {k: v for s in session if s.HasField("session_start_info")
-               for k, v in s.session_start_info.hparams.items()}
+    data = [plugin_data_pb2.HParamsPluginData.FromString(v) for v in content.values()]
+    hparams = {k: v for s in data if s.HasField("session_start_info") for k, v in s.session_start_info.hparams.items()}
     assert hparams["prompt"].string_value == "perfect" and hparams["seed"].number_value == 2
-    assert {"r", "lr", "lora_alpha", "lora_dropout", "target_modules", "max_steps"} <= set(hparams)
+    infos = [h for s in data if s.HasField("experiment") for h in s.experiment.hparam_infos]
+    # the swept fields first, then what tells runs apart; not all 46 settings
+    assert [h.name for h in infos] == ["prompt", "seed", "model", "task", "method", "r", "lora_alpha",
+                                       "target_modules", "lr"]
+    # TensorBoard shows the columns marked `differs` first and by default: the swept ones
+    assert [h.name for h in infos if h.differs] == ["prompt", "seed"]
+    assert hparams["target_modules"].string_value == "q_proj,v_proj"  # the preset as resolved
+    assert hparams["method"].string_value == "qlora-4bit-nf4"
+    # the baseline is a scalar beside the metric, constant over the run
+    baseline = json.loads((tiny_sweep["dir"] / "prompt=perfect,seed=2" / "metrics.json").read_text())["baseline"]
+    from tensorboard.util import tensor_util
+    values = [float(tensor_util.make_ndarray(e.tensor_proto)) for e in acc.Tensors("eval/baseline_accuracy")]
+    assert values and all(abs(v - baseline["metrics"]["accuracy"]) < 1e-6 for v in values)
 
 
 @pytest.mark.slow

