@@ -21,8 +21,12 @@ import ft  # noqa: E402
 import report  # noqa: E402
 import sweep  # noqa: E402
 
-# ---- The demo's length: the lead sets these from measured runs (see README "The two commands"). ------
-DEMO_STEPS = 40          # optimizer steps of the main demo run (batch 8)   <-- TO BE SET from measurements
+# ---- The demo's length, from measured runs (README "The two commands"). --------------------------------
+# LoRA on every linear layer learns fastest per step: on full MRPC validation after 300 steps (seed 42, one
+# run each) q,v 71.3 %, attention 72.8 %, all-linear 74.5 %, majority class 68.4 %. 200 steps of
+# all-linear take ~6 min of training on two CPU cores (~1.9 s per step of 8).
+DEMO_STEPS = 200         # optimizer steps of the main demo run (batch 8)
+DEMO_TARGETS = "all-linear"
 DEMO_SWEEP_STEPS = 8     # optimizer steps of each of the two sweep runs
 DEMO_EVAL_SAMPLES = 200  # validation examples scored during training, and test examples scored by eval.py
 
@@ -44,8 +48,8 @@ def main(argv=None) -> dict:
     model = ["--model_dir", args.model_dir] if args.model_dir else []
     n = str(args.eval_samples)
     summary = ft.main(["--dataset", args.dataset, "--results_path", str(run), "--max_steps", str(args.steps),
-                       "--max_eval_samples", n, "--log_every", "5", "--prompt", "perfect",
-                       "--gradient_checkpointing", "false", *model])  # plenty of memory; recomputing only costs time
+                       "--max_eval_samples", n, "--log_every", "10", "--prompt", "perfect",
+                       "--target_modules", DEMO_TARGETS, *model])
     after = evaluate_cli.main(["--results_path", str(run), "--split", "test", "--max_eval_samples", n])
     before = evaluate_cli.main(["--results_path", str(run), "--split", "test", "--max_eval_samples", n, "--base_only"])
     train_minutes = (time.monotonic() - started) / 60
@@ -59,7 +63,7 @@ def main(argv=None) -> dict:
             sweep.main(["--sweep_dir", str(sweep_dir), "--eval_prompts", "none", "perfect",
                         "--prompt", "none", "perfect", "--seed", "1", "--dataset", args.dataset,
                         "--max_steps", str(args.sweep_steps), "--max_eval_samples", "64", "--log_every", "2",
-                        "--gradient_checkpointing", "false", *model])
+                        *model])
         except SystemExit as exc:  # exit 1 = some point failed: the report lists it; anything else stops here
             if exc.code != 1:
                 raise
