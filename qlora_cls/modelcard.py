@@ -81,7 +81,9 @@ def _snippet(adapter_dir: Path, records: dict, quant: dict, template: str) -> st
                   f"bnb_4bit_use_double_quant={quant.get('bnb_4bit_use_double_quant')},",
                   f"    bnb_4bit_compute_dtype=torch.{quant.get('bnb_4bit_compute_dtype')}, "
                   f"llm_int8_skip_modules={json.dumps(skip)})  # the head stays unquantized"]
-    dtype = quant.get("bnb_4bit_compute_dtype") or cfg.get("bnb_4bit_compute_dtype") or "float32"
+    # In 4 bit, training had every unquantized weight (embeddings, norms, head) in float32
+    # (prepare_model_for_kbit_training), whatever the compute dtype: load them so to get its numbers.
+    dtype = "float32" if quant.get("load_in_4bit") else (cfg.get("bnb_4bit_compute_dtype") or "float32")
     lines += ["# The classification head is inside the adapter (PEFT modules_to_save) and is loaded with it.",
               "model = AutoPeftModelForSequenceClassification.from_pretrained(",
               f"    adapter, num_labels={resolved.get('num_labels')}, pad_token_id={resolved.get('pad_token_id')}, "
@@ -93,7 +95,7 @@ def _snippet(adapter_dir: Path, records: dict, quant: dict, template: str) -> st
               "batch = tokenizer([template.format(**r) for r in rows], padding=True, truncation=True, "
               f"max_length={cfg.get('max_length', 512)}, return_tensors=\"pt\")",
               "with torch.no_grad():",
-              "    logits = model(**batch).logits"]
+              "    logits = model(**batch).logits.float()"]
     if regression:
         lines += ["scores = logits[:, 0].tolist()", "print(scores)"]
     else:

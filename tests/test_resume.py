@@ -186,10 +186,17 @@ def test_unwritable_results_path_is_one_clear_error(tiny_model, mrpc, tmp_path, 
 
 @pytest.mark.slow
 def test_full_disk_leaves_no_truncated_file_and_resume_recovers(reference_run, tiny_model, mrpc, tmp_path,
-                                                               monkeypatch, capsys):
+                                                               monkeypatch, capsys, request):
     """The disk fills up while metrics.json is written: clear error, no partial metrics.json, resumable."""
+    import torch
+
     import ft
     real_fsync = os.fsync
+    # One thread, as the reference run (OMP_NUM_THREADS=1): bf16 matmuls on AMX sum in a thread-dependent
+    # order, so runs on different thread counts differ by ~1e-6 although both are exact resumes.
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    request.addfinalizer(lambda: torch.set_num_threads(threads))
 
     def fsync(fd):
         if "metrics.json" in os.readlink(f"/proc/self/fd/{fd}"):
