@@ -148,7 +148,7 @@ def train(cfg: TrainConfig) -> Optional[dict]:
     warmup_steps = math.ceil(cfg.warmup_ratio * total_steps)
 
     # -- 3. Model: 4-bit base + head + LoRA, on this process's device. -------------------------------
-    model = build_model(cfg, model_path, tokenizer, spec.num_labels, accelerator, zero3=zero3)
+    model = build_model(cfg, model_path, tokenizer, spec.num_labels, accelerator, zero3=zero3, head=plan.head)
     counts = parameter_counts(model)
     log.info("trainable parameters: %s of %s (%.3f%%)", f"{counts['trainable']:,}", f"{counts['total']:,}",
              100 * counts["trainable"] / counts["total"])

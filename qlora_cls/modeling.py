@@ -255,11 +255,15 @@ def disable_cpu_weight_repacking(model) -> int:
     return count
 
 
-def load_base_model(cfg, model_path: str, num_labels: int, pad_token_id: int, device_map):
-    """The base model with a fresh classification head, 4-bit when ``cfg.load_in_4bit``."""
+def load_base_model(cfg, model_path: str, num_labels: int, pad_token_id: int, device_map,
+                    head: Optional[Sequence[str]] = None):
+    """The base model with a fresh classification head, 4-bit when ``cfg.load_in_4bit``.
+
+    ``head``: the head's modules when the caller has them (ft.py's plan); else found on the meta device.
+    """
     from transformers import AutoModelForSequenceClassification
     problem_type = "regression" if num_labels == 1 else "single_label_classification"
-    head = head_modules(meta_model(model_path, num_labels, cfg.trust_remote_code))
+    head = list(head) if head else head_modules(meta_model(model_path, num_labels, cfg.trust_remote_code))
     quant = quantization_config(cfg, head)
     model = AutoModelForSequenceClassification.from_pretrained(
         model_path, num_labels=num_labels, problem_type=problem_type, quantization_config=quant,

@@ -73,9 +73,10 @@ def device_map_for(accelerator, zero3: bool = False):
 
 
 def build_model(cfg, model_path: str, tokenizer, num_labels: int, accelerator, adapter_dir: Optional[str] = None,
-                base_only: bool = False, zero3: bool = False):
+                base_only: bool = False, zero3: bool = False, head=None):
     """Base model (+ new LoRA when training, + saved adapter when evaluating)."""
-    model = load_base_model(cfg, model_path, num_labels, tokenizer.pad_token_id, device_map_for(accelerator, zero3))
+    model = load_base_model(cfg, model_path, num_labels, tokenizer.pad_token_id, device_map_for(accelerator, zero3),
+                            head)
     if base_only:
         return model
     if adapter_dir is not None:
