@@ -16,14 +16,15 @@ import os
 import signal
 import sys
 import time
-from dataclasses import asdict
+from dataclasses import asdict, dataclass, field
 from datetime import datetime
 from pathlib import Path
-from typing import Optional, Sequence
+from typing import Any, Optional, Sequence
 
 from qlora_cls.cli import parse_dataclass
 from qlora_cls.config import TrainConfig
 from qlora_cls.errors import UsageError
+from qlora_cls.files import append_jsonl, atomic_write_csv, atomic_write_json, atomic_write_text
 
 log = logging.getLogger("ft")
 RESULTS_DIR = Path(__file__).resolve().parent / "results"
@@ -58,179 +59,41 @@ def main(argv: Optional[Sequence[str]] = None) -> Optional[dict]:
 
 
 def train(cfg: TrainConfig) -> Optional[dict]:
+    """Setup, the training loop, the final outputs. The loop is here in full; the phases around it follow."""
     import torch
-    from accelerate import Accelerator
-    from accelerate.utils import ProjectConfiguration
-    from accelerate.utils import broadcast_object_list, set_seed
     from tqdm.auto import tqdm
-    from transformers import get_linear_schedule_with_warmup
 
-    import utils
     from qlora_cls import checkpoint
-    from qlora_cls.batching import DatasetTooSmall, padding_efficiency, train_batches
-    from qlora_cls.data import DataSource, check_trainable
-    from qlora_cls.evaluation import predict, prediction_table
-    from qlora_cls.hardware import resolve_gradient_checkpointing
-    from qlora_cls.files import append_jsonl, atomic_write_csv, atomic_write_json, atomic_write_text
-    from qlora_cls.metrics import compute_metrics
-    from qlora_cls.modeling import meta_model, parameter_counts, plan_model, quantization_config
-    from qlora_cls.pipeline import build_model, check_model_paths, prepare_data, tokenizer_for
-    from qlora_cls.preflight import preflight
-    from qlora_cls.prompts import load_template
-    from qlora_cls import records as rec
-    from qlora_cls.tasks import GLUE_TASKS
+    from qlora_cls.batching import train_batches
 
-    # -- 1. Everything cheap first: a bad flag must not cost a model load. ----------------------------
-    template = load_template(cfg.prompt, cfg.glue_task)
-    check_model_paths(cfg.model_dir, cfg.tokenizer_dir)
-    source = DataSource.from_config(cfg)
-    accelerator = Accelerator(gradient_accumulation_steps=cfg.gradient_accumulation_steps,
-                              mixed_precision=cfg.mixed_precision, log_with="tensorboard",
-                              # The run folder is named later (it needs the processes to agree on a time
-                              # stamp); the tracker is pointed at it before init_trackers.
-                              project_config=ProjectConfiguration(project_dir=str(RESULTS_DIR)))
-    cfg.resolve_compute_dtype(accelerator.device.type)
-    zero3 = preflight(cfg, accelerator)
-    eval_split = cfg.eval_split or _default_eval_split(cfg)
-    if eval_split in cfg.train_splits:
-        raise UsageError(f"cannot select epochs on {eval_split!r}: it is also trained on (--train_splits "
-                         f"{' '.join(cfg.train_splits)}); evaluate on a held-out split with --eval_split")
-    if cfg.dry_run:  # memory estimate from shapes on the meta device: no weights are read
-        from qlora_cls.memory import dry_run
-        return dry_run(cfg, source, template, cfg.train_splits, eval_split, accelerator)
-    model_path, tokenizer = tokenizer_for(cfg)
-    # MNLI is also scored on its mismatched genres at the end (not when the validation splits are trained on).
-    extra_splits = [] if cfg.trains_on_eval_data or cfg.train_file else [
-        s for s in GLUE_TASKS[cfg.task].extra_eval_splits if s not in cfg.train_splits + [eval_split]]
-    splits = list(dict.fromkeys(cfg.train_splits + [eval_split] + extra_splits))
-    data = prepare_data(source, template, tokenizer, splits, cfg.max_length,
-                        {s: cfg.max_train_samples for s in cfg.train_splits}
-                        | {s: cfg.max_eval_samples for s in [eval_split] + extra_splits}, accelerator)
-    spec, label_names, template = data.task.spec, data.task.label_names, data.template
-    for s in cfg.train_splits:
-        check_trainable(data.task.splits[s], s, cfg.label_column)
-    # Head and LoRA targets resolved from the architecture (meta device, no weights read): a bad
-    # --target_modules fails here, and config.json records what the presets meant for this model.
-    plan = plan_model(meta_model(model_path, spec.num_labels, cfg.trust_remote_code), cfg.target_modules)
-    resolve_gradient_checkpointing(cfg, model_path, spec.num_labels,  # auto: from the estimate on a GPU, off on CPU
-                                   max(max(data.batchers[s].lengths) for s in cfg.train_splits), accelerator)
-
-    # Final protocol: with the validation split trained on, the only held-out split is the test set, and
-    # picking an epoch on it would tune on test data: adapter/ is the last epoch and nothing is selected.
-    select_best = not cfg.trains_on_eval_data
-    if not select_best:
-        log.info("no best-epoch selection: --train_splits %s leaves no held-out validation split (choosing an "
-                 "epoch on %s would select on test data); adapter/ holds the last epoch",
-                 " ".join(cfg.train_splits), eval_split)
-    run_dir = _results_dir(cfg, template.name, accelerator, broadcast_object_list)
-    if cfg.resume:
-        checkpoint.check_resumable(run_dir, asdict(cfg), plan.target_modules)
-    resuming = cfg.resume and bool(checkpoint.checkpoints(run_dir))
-    set_seed(cfg.seed)
-
-    # -- 2. Data: one training set from all train splits, tokenized once. ----------------------------
-    train_rows = _concat_batchers(data.batchers, cfg.train_splits)
-    eval_batcher = data.batchers[eval_split]
-    # The trivial baseline: the training labels' majority class (or mean), scored on the eval examples.
-    baseline = rec.score_baseline(spec, rec.baseline_rule(spec, train_rows.labels.numpy(), label_names),
-                                  eval_batcher.labels.numpy())
-    log.info("trivial baseline on the %d %s examples: %s", baseline["eval_examples"], eval_split,
-             rec.baseline_line(baseline))
+    run = setup(cfg)  # everything cheap is checked first: a bad flag must not cost a model load
+    if not isinstance(run, Run):
+        return run  # --dry_run: the memory estimate
+    model, optimizer, scheduler, trainable = build_training(run)
+    write_run_records(run, model)
+    progress = resume_or_start(run, model, optimizer, scheduler)
+    accelerator, run_dir = run.accelerator, run.dir
     world, rank, accum = accelerator.num_processes, accelerator.process_index, cfg.gradient_accumulation_steps
-    try:
-        batches_per_epoch = len(train_batches(train_rows.lengths, cfg.batch_size, cfg.seed, 0, world, rank, accum,
-                                              cfg.group_by_length))
-    except DatasetTooSmall as exc:
-        raise UsageError(f"training data too small: {exc}")
-    steps_per_epoch = batches_per_epoch // accum
-    total_steps = cfg.max_steps or cfg.epochs * steps_per_epoch  # --max_steps overrides --epochs
-    epochs = math.ceil(total_steps / steps_per_epoch)
-    warmup_steps = math.ceil(cfg.warmup_ratio * total_steps)
-
-    # -- 3. Model: 4-bit base + head + LoRA, on this process's device. -------------------------------
-    model = build_model(cfg, model_path, tokenizer, spec.num_labels, accelerator, zero3=zero3, head=plan.head)
-    counts = parameter_counts(model)
-    log.info("trainable parameters: %s of %s (%.3f%%)", f"{counts['trainable']:,}", f"{counts['total']:,}",
-             100 * counts["trainable"] / counts["total"])
-    trainable = [p for p in model.parameters() if p.requires_grad]
-    optimizer = _optimizer(cfg, trainable)
-    # The scheduler is stepped by hand once per optimizer step: accelerate's prepared scheduler would
-    # step it once per process, which makes warm-up and decay depend on the process count.
-    scheduler = get_linear_schedule_with_warmup(optimizer, warmup_steps, total_steps)
-    model, optimizer = accelerator.prepare(model, optimizer)
-
-    # -- 4. The run folder: settings first, so a crashed run still says what it was. -----------------
-    records = {
-        "config": asdict(cfg),
-        "resolved": {"model_path": model_path, "eval_split": eval_split, "prompt_name": template.name,
-                     "task": spec.name, "num_labels": spec.num_labels, "label_names": label_names,
-                     "text_columns": list(spec.text_columns), "metrics": list(spec.metrics),
-                     "main_metric": spec.main_metric, "pad_token_id": tokenizer.pad_token_id,
-                     **plan.to_dict(), "not_quantized": list(plan.head) if cfg.load_in_4bit else None,
-                     "pad_token_in_inputs": data.pad_in_inputs, "parameters": counts,
-                     "train_examples": len(train_rows), "eval_examples": len(eval_batcher),
-                     "steps_per_epoch": steps_per_epoch, "total_steps": total_steps, "warmup_steps": warmup_steps,
-                     "global_batch_size": cfg.batch_size * world * accum,
-                     "mixed_precision": accelerator.mixed_precision, "distributed_type": str(accelerator.distributed_type),
-                     "baseline": baseline},
-        "environment": {"world_size": world, "packages": utils.package_versions(), "git_commit": utils.git_commit(),
-                        "hardware": utils.hardware_info(), "started": datetime.now().isoformat(timespec="seconds")},
-    }
-    quant = quantization_config(cfg, plan.head)
-    quant = quant.to_dict() if quant else {"load_in_4bit": False}
-    records = {"run": rec.describe_run(cfg, records["resolved"], quant), **records}  # what was run, at the top
-    if accelerator.is_main_process and not resuming:
-        atomic_write_json(run_dir / "config.json", records)
-        atomic_write_json(run_dir / "quant_config.json", quant)
-        lora = accelerator.unwrap_model(model).peft_config["default"].to_dict()
-        atomic_write_json(run_dir / "lora_config.json",
-                          {k: sorted(v) if isinstance(v, set) else v for k, v in lora.items()})
-        atomic_write_text(run_dir / "prompt.txt", template.text + "\n")
-    # accelerate's tracker writes to <logging_dir>/<project name>: the events land in the run folder itself,
-    # so `tensorboard --logdir results` (or a sweep folder) names the run after its folder.
-    accelerator.project_configuration.project_dir = str(run_dir)
-    accelerator.project_configuration.logging_dir = str(run_dir.parent)
-    accelerator.init_trackers(run_dir.name)
-    baseline_scalars = {f"eval/baseline_{k}": v for k, v in baseline["metrics"].items() if v is not None}
-    if accelerator.is_main_process:
-        rec.tensorboard_layout(accelerator.get_tracker("tensorboard", unwrap=True), spec.metrics, baseline_scalars)
-    accelerator.log({**baseline_scalars, "train/baseline_loss": baseline["train_loss"]}, step=0)
-
-    # -- 5. Resume, or start fresh. ------------------------------------------------------------------
-    progress = {"epoch": 0, "batch_in_epoch": 0, "global_step": 0, "history": [], "best": None,
-                "train_seconds": 0.0, "skipped_steps": 0}
-    if resuming:
-        last = checkpoint.checkpoints(run_dir)[-1]
-        progress = checkpoint.load(accelerator, last, model, optimizer, scheduler)
-        log.info("resumed from %s (step %d)", last.name, progress["global_step"])
-    if accelerator.is_main_process and cfg.resume:
-        # Steps logged after the checkpoint are trained again: drop their lines so each step appears once.
-        checkpoint.truncate_log(run_dir / "train_log.jsonl", progress["global_step"])
     stop = _StopFlag()
 
-    # -- 6. Train. -----------------------------------------------------------------------------------
-    bar = tqdm(total=total_steps, initial=progress["global_step"], disable=not accelerator.is_main_process,
+    bar = tqdm(total=run.total_steps, initial=progress["global_step"], disable=not accelerator.is_main_process,
                desc="training")
     global_step = progress["global_step"]
     window = _Window(accelerator.device)
     start_epoch = progress["epoch"]
-    for epoch in range(start_epoch, epochs):
+    for epoch in range(start_epoch, run.epochs):
         model.train()
-        batches = train_batches(train_rows.lengths, cfg.batch_size, cfg.seed, epoch, world, rank, accum,
+        batches = train_batches(run.train_rows.lengths, cfg.batch_size, cfg.seed, epoch, world, rank, accum,
                                 cfg.group_by_length)
-        if accelerator.is_main_process and epoch == start_epoch:
-            all_batches = train_batches(train_rows.lengths, cfg.batch_size, cfg.seed, epoch, world, 0, accum,
-                                        cfg.group_by_length)
-            records["resolved"]["train_padding_efficiency"] = padding_efficiency(all_batches, train_rows.lengths)
         first = progress["batch_in_epoch"] if epoch == start_epoch else 0
-        epoch_started = time.perf_counter()
+        clock = time.perf_counter()  # training time only: evaluations and checkpoints are not counted
         for i in range(first, len(batches)):
-            batch = {k: v.to(accelerator.device) for k, v in train_rows(batches[i]).items()}
+            batch = {k: v.to(accelerator.device) for k, v in run.train_rows(batches[i]).items()}
             with accelerator.accumulate(model):
                 loss = model(**batch).loss
                 accelerator.backward(loss)
                 # Real tokens from the known lengths, on the host: no device sync per micro-batch.
-                window.add(loss.detach(), sum(train_rows.lengths[r] for r in batches[i]), len(batches[i]))
+                window.add(loss.detach(), sum(run.train_rows.lengths[r] for r in batches[i]), len(batches[i]))
                 if accelerator.sync_gradients:
                     # Under DeepSpeed the engine clips and steps inside backward() (the optimizer calls
                     # below are no-ops) and this returns the norm of the step it just took, as a float.
@@ -257,101 +120,355 @@ def train(cfg: TrainConfig) -> Optional[dict]:
             global_step += 1
             bar.update(1)
             progress.update(epoch=epoch, batch_in_epoch=i + 1, global_step=global_step)
-            if global_step % cfg.log_every == 0 or global_step == total_steps:
+            if global_step % cfg.log_every == 0 or global_step == run.total_steps:
                 entry = window.flush(accelerator, global_step, epoch, scheduler.get_last_lr()[0])
                 if accelerator.is_main_process:
                     append_jsonl(run_dir / "train_log.jsonl", entry)
                     bar.set_postfix(loss=f"{entry['loss']:.4f}")
                 accelerator.log({f"train/{k}": v for k, v in entry.items() if k not in ("step", "epoch")}
-                                | {"train/baseline_loss": baseline["train_loss"]}, step=global_step)
+                                | {"train/baseline_loss": run.baseline["train_loss"]}, step=global_step)
+            # Step-wise evaluation (--eval_every); the epoch's last step is evaluated just below, once.
+            ends_epoch = i + 1 == len(batches) or global_step >= run.total_steps
+            if cfg.eval_every and global_step % cfg.eval_every == 0 and not ends_epoch:
+                progress["train_seconds"] += time.perf_counter() - clock
+                evaluate(run, model, progress, epoch, "step")
+                model.train()
+                clock = time.perf_counter()
             if stop.requested(accelerator) or (cfg.checkpoint_every and global_step % cfg.checkpoint_every == 0):
-                progress["train_seconds"] += time.perf_counter() - epoch_started
-                epoch_started = time.perf_counter()
+                progress["train_seconds"] += time.perf_counter() - clock
                 checkpoint.save(accelerator, run_dir, model, optimizer, scheduler, progress, cfg.keep_checkpoints)
+                clock = time.perf_counter()
                 if stop.signum:
                     log.info("stopped by signal %d at step %d; continue with --resume", stop.signum, global_step)
                     accelerator.end_training()
                     raise SystemExit(128 + stop.signum)
-            if global_step >= total_steps:
+            if global_step >= run.total_steps:
                 break
-        progress["train_seconds"] += time.perf_counter() - epoch_started
+        progress["train_seconds"] += time.perf_counter() - clock
 
-        # -- evaluation after each epoch (and after the last step when --max_steps ends mid-epoch) ----
-        logits, eval_stats = predict(accelerator.unwrap_model(model), eval_batcher, cfg.eval_batch_size, accelerator)
-        scores = compute_metrics(spec, logits, eval_batcher.labels.numpy()) if accelerator.is_main_process else {}
-        scores = broadcast_object_list([scores])[0]
-        entry = {"epoch": epoch, "step": global_step, "split": eval_split, **scores, **eval_stats}
-        progress["history"].append(entry)
-        accelerator.log({f"eval/{k}": v for k, v in entry.items() if k not in ("epoch", "step", "split")}
-                        | baseline_scalars, step=global_step)
-        if scores:
-            log.info("epoch %d (step %d): %s (trivial baseline: %s)", epoch, global_step,
-                     ", ".join(f"{k}={scores[k]:.4f}" for k in spec.metrics), rec.baseline_line(baseline))
-        elif accelerator.is_main_process:
-            log.info("epoch %d: %s has hidden labels: predictions written, no score", epoch, eval_split)
-        is_best = select_best and bool(scores) and (progress["best"] is None or scores[spec.main_metric] > progress["best"]["score"])
-        if is_best:
-            progress["best"] = {"epoch": epoch, "step": global_step, "score": scores[spec.main_metric]}
-            _save_adapter(accelerator, model, run_dir / "adapter_best", zero3)
+        # Evaluation after each epoch (and after the last step when --max_steps ends mid-epoch).
+        logits = evaluate(run, model, progress, epoch, "epoch")
         progress.update(epoch=epoch + 1, batch_in_epoch=0)
-        finished = global_step >= total_steps
-        if not finished:  # the final state is saved as adapter/ just below
-            checkpoint.save(accelerator, run_dir, model, optimizer, scheduler, progress, cfg.keep_checkpoints)
-        if finished:
-            break
+        if global_step >= run.total_steps:
+            break  # the final state is saved as adapter/ by finish()
+        checkpoint.save(accelerator, run_dir, model, optimizer, scheduler, progress, cfg.keep_checkpoints)
     bar.close()
+    return finish(run, model, progress, logits)
 
-    # -- 7. Final outputs: adapter/ (final weights) with its metrics and predictions. ------------------
-    _save_adapter(accelerator, model, run_dir / "adapter", zero3)
-    if os.environ.get("QLORA_DEBUG_RANK_FILES"):  # test hook: every process's final trainable weights
-        from safetensors.torch import save_file
-        save_file(checkpoint.trainable_state(accelerator.unwrap_model(model)),
-                  Path(os.environ["QLORA_DEBUG_RANK_FILES"]) / f"rank{rank}.safetensors")
+
+# -- the phases around the loop ---------------------------------------------------------------------
+@dataclass
+class Run:
+    """What the phases of one run share: built by setup(), read by the loop and the phases around it."""
+    cfg: TrainConfig
+    accelerator: Any
+    dir: Path  # the results folder
+    data: Any  # pipeline.PreparedData: task, tokenized splits, the bound template
+    train_rows: Any  # every training split as one tokenized set
+    eval_split: str
+    extra_splits: list  # scored with the final weights only (MNLI mismatched)
+    model_path: str
+    tokenizer: Any
+    plan: Any  # modeling.ModelPlan: the head and the LoRA targets, resolved for this architecture
+    zero3: bool
+    select_best: bool  # False under the final protocol (the validation split is trained on)
+    resuming: bool
+    baseline: dict  # the trivial baseline scored on the eval examples
+    steps_per_epoch: int
+    total_steps: int
+    warmup_steps: int
+    counts: dict = field(default_factory=dict)  # trainable and total parameters
+    records: dict = field(default_factory=dict)  # config.json's content
+    quant: dict = field(default_factory=dict)  # quant_config.json's content
+
+    @property
+    def spec(self):
+        return self.data.task.spec
+
+    @property
+    def eval_rows(self):
+        return self.data.batchers[self.eval_split]
+
+    @property
+    def epochs(self) -> int:
+        return math.ceil(self.total_steps / self.steps_per_epoch)
+
+    @property
+    def baseline_scalars(self) -> dict:
+        return {f"eval/baseline_{k}": v for k, v in self.baseline["metrics"].items() if v is not None}
+
+
+def setup(cfg: TrainConfig):
+    """Checks, data, the model's plan (meta device) and the run folder: everything before any weight is read.
+
+    Returns the Run, or under --dry_run the memory estimate.
+    """
+    from accelerate import Accelerator
+    from accelerate.utils import ProjectConfiguration, broadcast_object_list, set_seed
+
+    from qlora_cls import checkpoint
+    from qlora_cls import records as rec
+    from qlora_cls.batching import DatasetTooSmall, train_batches
+    from qlora_cls.data import DataSource, check_trainable, concat_batchers
+    from qlora_cls.hardware import resolve_gradient_checkpointing
+    from qlora_cls.modeling import meta_model, plan_model
+    from qlora_cls.pipeline import check_model_paths, prepare_data, tokenizer_for
+    from qlora_cls.preflight import preflight
+    from qlora_cls.prompts import load_template
+    from qlora_cls.tasks import GLUE_TASKS
+
+    template = load_template(cfg.prompt, cfg.glue_task)
+    check_model_paths(cfg.model_dir, cfg.tokenizer_dir)
+    source = DataSource.from_config(cfg)
+    accelerator = Accelerator(gradient_accumulation_steps=cfg.gradient_accumulation_steps,
+                              mixed_precision=cfg.mixed_precision, log_with="tensorboard",
+                              # The run folder is named later (it needs the processes to agree on a time
+                              # stamp); the tracker is pointed at it before init_trackers.
+                              project_config=ProjectConfiguration(project_dir=str(RESULTS_DIR)))
+    cfg.resolve_compute_dtype(accelerator.device.type)
+    zero3 = preflight(cfg, accelerator)
+    eval_split = cfg.eval_split or _default_eval_split(cfg)
+    if eval_split in cfg.train_splits:
+        raise UsageError(f"cannot select epochs on {eval_split!r}: it is also trained on (--train_splits "
+                         f"{' '.join(cfg.train_splits)}); evaluate on a held-out split with --eval_split")
+    if cfg.dry_run:  # memory estimate from shapes on the meta device: no weights are read
+        from qlora_cls.memory import dry_run
+        return dry_run(cfg, source, template, cfg.train_splits, eval_split, accelerator)
+    model_path, tokenizer = tokenizer_for(cfg)
+    # MNLI is also scored on its mismatched genres at the end (not when the validation splits are trained on).
+    extra_splits = [] if cfg.trains_on_eval_data or cfg.train_file else [
+        s for s in GLUE_TASKS[cfg.task].extra_eval_splits if s not in cfg.train_splits + [eval_split]]
+    splits = list(dict.fromkeys(cfg.train_splits + [eval_split] + extra_splits))
+    data = prepare_data(source, template, tokenizer, splits, cfg.max_length,
+                        {s: cfg.max_train_samples for s in cfg.train_splits}
+                        | {s: cfg.max_eval_samples for s in [eval_split] + extra_splits}, accelerator)
+    spec = data.task.spec
+    for s in cfg.train_splits:
+        check_trainable(data.task.splits[s], s, cfg.label_column)
+    # Head and LoRA targets resolved from the architecture (meta device, no weights read): a bad
+    # --target_modules fails here, and config.json records what the presets meant for this model.
+    plan = plan_model(meta_model(model_path, spec.num_labels, cfg.trust_remote_code), cfg.target_modules)
+    resolve_gradient_checkpointing(cfg, model_path, spec.num_labels,  # auto: from the estimate on a GPU, off on CPU
+                                   max(max(data.batchers[s].lengths) for s in cfg.train_splits), accelerator)
+
+    # Final protocol: with the validation split trained on, the only held-out split is the test set, and
+    # picking an epoch on it would tune on test data: adapter/ is the last epoch and nothing is selected.
+    select_best = not cfg.trains_on_eval_data
+    if not select_best:
+        log.info("no best-epoch selection: --train_splits %s leaves no held-out validation split (choosing an "
+                 "epoch on %s would select on test data); adapter/ holds the last epoch",
+                 " ".join(cfg.train_splits), eval_split)
+    run_dir = _results_dir(cfg, data.template.name, accelerator, broadcast_object_list)
+    if cfg.resume:
+        checkpoint.check_resumable(run_dir, asdict(cfg), plan.target_modules)
+    set_seed(cfg.seed)
+
+    train_rows = concat_batchers([data.batchers[s] for s in cfg.train_splits])
+    eval_rows = data.batchers[eval_split]
+    # The trivial baseline: the training labels' majority class (or mean), scored on the eval examples.
+    baseline = rec.score_baseline(spec, rec.baseline_rule(spec, train_rows.labels.numpy(), data.task.label_names),
+                                  eval_rows.labels.numpy())
+    log.info("trivial baseline on the %d %s examples: %s", baseline["eval_examples"], eval_split,
+             rec.baseline_line(baseline))
+    try:
+        batches_per_epoch = len(train_batches(train_rows.lengths, cfg.batch_size, cfg.seed, 0, accelerator.num_processes,
+                                              accelerator.process_index, cfg.gradient_accumulation_steps,
+                                              cfg.group_by_length))
+    except DatasetTooSmall as exc:
+        raise UsageError(f"training data too small: {exc}")
+    steps_per_epoch = batches_per_epoch // cfg.gradient_accumulation_steps
+    total_steps = cfg.max_steps or cfg.epochs * steps_per_epoch  # --max_steps overrides --epochs
+    return Run(cfg=cfg, accelerator=accelerator, dir=run_dir, data=data, train_rows=train_rows, eval_split=eval_split,
+               extra_splits=extra_splits, model_path=model_path, tokenizer=tokenizer, plan=plan, zero3=zero3, select_best=select_best,
+               resuming=cfg.resume and bool(checkpoint.checkpoints(run_dir)), baseline=baseline,
+               steps_per_epoch=steps_per_epoch, total_steps=total_steps,
+               warmup_steps=math.ceil(cfg.warmup_ratio * total_steps))
+
+
+def build_training(run: Run):
+    """4-bit base + head + LoRA on this process's device, the optimizer and the schedule, prepared."""
+    from transformers import get_linear_schedule_with_warmup
+
+    from qlora_cls.modeling import parameter_counts
+    from qlora_cls.pipeline import build_model
+
+    cfg, accelerator = run.cfg, run.accelerator
+    model = build_model(cfg, run.model_path, run.tokenizer, run.spec.num_labels, accelerator, zero3=run.zero3,
+                        head=run.plan.head)
+    run.counts = counts = parameter_counts(model)
+    log.info("trainable parameters: %s of %s (%.3f%%)", f"{counts['trainable']:,}", f"{counts['total']:,}",
+             100 * counts["trainable"] / counts["total"])
+    trainable = [p for p in model.parameters() if p.requires_grad]
+    optimizer = _optimizer(cfg, trainable)
+    # The scheduler is stepped by hand once per optimizer step: accelerate's prepared scheduler would
+    # step it once per process, which makes warm-up and decay depend on the process count.
+    scheduler = get_linear_schedule_with_warmup(optimizer, run.warmup_steps, run.total_steps)
+    model, optimizer = accelerator.prepare(model, optimizer)
+    return model, optimizer, scheduler, trainable
+def write_run_records(run: Run, model) -> None:
+    """The run folder's settings (config.json first, so a crashed run still says what it was) and TensorBoard."""
+    import utils
+    from qlora_cls import records as rec
+    from qlora_cls.batching import padding_efficiency, train_batches
+    from qlora_cls.modeling import quantization_config
+
+    cfg, accelerator, spec = run.cfg, run.accelerator, run.spec
+    world, accum = accelerator.num_processes, cfg.gradient_accumulation_steps
+    all_batches = train_batches(run.train_rows.lengths, cfg.batch_size, cfg.seed, 0, world, 0, accum,
+                                cfg.group_by_length)
+    resolved = {"model_path": run.model_path, "eval_split": run.eval_split, "prompt_name": run.data.template.name,
+                "task": spec.name, "num_labels": spec.num_labels, "label_names": run.data.task.label_names,
+                "text_columns": list(spec.text_columns), "metrics": list(spec.metrics),
+                "main_metric": spec.main_metric, "pad_token_id": run.tokenizer.pad_token_id,
+                **run.plan.to_dict(), "not_quantized": list(run.plan.head) if cfg.load_in_4bit else None,
+                "pad_token_in_inputs": run.data.pad_in_inputs, "parameters": run.counts,
+                "train_examples": len(run.train_rows), "eval_examples": len(run.eval_rows),
+                "steps_per_epoch": run.steps_per_epoch, "total_steps": run.total_steps,
+                "warmup_steps": run.warmup_steps, "global_batch_size": cfg.batch_size * world * accum,
+                "mixed_precision": accelerator.mixed_precision, "distributed_type": str(accelerator.distributed_type),
+                "baseline": run.baseline,
+                "train_padding_efficiency": padding_efficiency(all_batches, run.train_rows.lengths)}
+    quant = quantization_config(cfg, run.plan.head)
+    run.quant = quant.to_dict() if quant else {"load_in_4bit": False}
+    run.records = {
+        "run": rec.describe_run(cfg, resolved, run.quant),  # what was run, at the top
+        "config": asdict(cfg), "resolved": resolved,
+        "environment": {"world_size": world, "packages": utils.package_versions(), "git_commit": utils.git_commit(),
+                        "hardware": utils.hardware_info(), "started": datetime.now().isoformat(timespec="seconds")},
+    }
+    if accelerator.is_main_process and not run.resuming:
+        atomic_write_json(run.dir / "config.json", run.records)
+        atomic_write_json(run.dir / "quant_config.json", run.quant)
+        lora = accelerator.unwrap_model(model).peft_config["default"].to_dict()
+        atomic_write_json(run.dir / "lora_config.json",
+                          {k: sorted(v) if isinstance(v, set) else v for k, v in lora.items()})
+        atomic_write_text(run.dir / "prompt.txt", run.data.template.text + "\n")
+    # accelerate's tracker writes to <logging_dir>/<project name>: the events land in the run folder itself,
+    # so `tensorboard --logdir results` (or a sweep folder) names the run after its folder.
+    accelerator.project_configuration.project_dir = str(run.dir)
+    accelerator.project_configuration.logging_dir = str(run.dir.parent)
+    accelerator.init_trackers(run.dir.name)
+    if accelerator.is_main_process:
+        rec.tensorboard_layout(accelerator.get_tracker("tensorboard", unwrap=True), spec.metrics, run.baseline_scalars)
+    accelerator.log({**run.baseline_scalars, "train/baseline_loss": run.baseline["train_loss"]}, step=0)
+
+
+def resume_or_start(run: Run, model, optimizer, scheduler) -> dict:
+    """The loop's position and what it has recorded so far: fresh, or from the run's last checkpoint."""
+    from qlora_cls import checkpoint
+    progress = {"epoch": 0, "batch_in_epoch": 0, "global_step": 0, "history": [], "best": None,
+                "train_seconds": 0.0, "skipped_steps": 0}
+    if run.resuming:
+        last = checkpoint.checkpoints(run.dir)[-1]
+        progress = checkpoint.load(run.accelerator, last, model, optimizer, scheduler)
+        log.info("resumed from %s (step %d)", last.name, progress["global_step"])
+    if run.accelerator.is_main_process and run.cfg.resume:
+        # Steps logged after the checkpoint are trained again: drop their lines so each step appears once.
+        checkpoint.truncate_log(run.dir / "train_log.jsonl", progress["global_step"])
+    return progress
+
+
+def evaluate(run: Run, model, progress: dict, epoch: int, trigger: str):
+    """Score the eval split, record and log it, keep the best weights so far in adapter_best/; the logits.
+
+    ``trigger``: "epoch" (after each epoch, or the last step) or "step" (--eval_every). The best is chosen
+    over every evaluation, whichever cadence produced it.
+    """
+    from accelerate.utils import broadcast_object_list
+    from qlora_cls import records as rec
+    from qlora_cls.evaluation import predict
+    from qlora_cls.metrics import compute_metrics
+
+    accelerator, spec, step = run.accelerator, run.spec, progress["global_step"]
+    logits, stats = predict(accelerator.unwrap_model(model), run.eval_rows, run.cfg.eval_batch_size, accelerator)
+    scores = compute_metrics(spec, logits, run.eval_rows.labels.numpy()) if accelerator.is_main_process else {}
+    scores = broadcast_object_list([scores])[0]
+    entry = {"epoch": epoch, "step": step, "split": run.eval_split, "trigger": trigger, **scores, **stats}
+    progress["history"].append(entry)
+    accelerator.log({f"eval/{k}": v for k, v in entry.items() if k not in ("epoch", "step", "split", "trigger")}
+                    | run.baseline_scalars, step=step)
+    when = f"epoch {epoch} (step {step})" if trigger == "epoch" else f"step {step} (epoch {epoch})"
+    if scores:
+        log.info("%s: %s (trivial baseline: %s)", when, ", ".join(f"{k}={scores[k]:.4f}" for k in spec.metrics),
+                 rec.baseline_line(run.baseline))
+    elif accelerator.is_main_process:
+        log.info("%s: %s has hidden labels: predictions written, no score", when, run.eval_split)
+    best = progress["best"]
+    if run.select_best and scores and (best is None or scores[spec.main_metric] > best["score"]):
+        progress["best"] = {"epoch": epoch, "step": step, "score": scores[spec.main_metric]}
+        _save_adapter(run.accelerator, model, run.dir / "adapter_best", run.zero3)
+    return logits
+
+
+def finish(run: Run, model, progress: dict, logits) -> dict:
+    """adapter/ (the final weights), the other eval splits, metrics.json, predictions, model cards, HParams."""
+    import shutil
+
+    import utils
+    from qlora_cls import records as rec
+    from qlora_cls.batching import tokens_trained
+    from qlora_cls.evaluation import predict, prediction_table
+    from qlora_cls.latency import measure_latency
+    from qlora_cls.metrics import compute_metrics
+
+    cfg, accelerator, spec, run_dir = run.cfg, run.accelerator, run.spec, run.dir
+    label_names, eval_rows = run.data.task.label_names, run.eval_rows
+    _save_adapter(accelerator, model, run_dir / "adapter", run.zero3)
     # The final weights on the task's other evaluation splits (MNLI mismatched), reported beside the main one.
     extra = {}
-    for split in extra_splits:
-        extra_logits, extra_stats = predict(accelerator.unwrap_model(model), data.batchers[split],
-                                            cfg.eval_batch_size, accelerator)
+    for split in run.extra_splits:
+        rows = run.data.batchers[split]
+        extra_logits, extra_stats = predict(accelerator.unwrap_model(model), rows, cfg.eval_batch_size, accelerator)
         if accelerator.is_main_process:
-            extra[split] = {**compute_metrics(spec, extra_logits, data.batchers[split].labels.numpy()), **extra_stats}
-            atomic_write_csv(run_dir / f"predictions_{split}.csv",
-                             *prediction_table(spec, label_names, data.batchers[split], extra_logits))
+            extra[split] = {**compute_metrics(spec, extra_logits, rows.labels.numpy()), **extra_stats}
+            atomic_write_csv(run_dir / f"predictions_{split}.csv", *prediction_table(spec, label_names, rows, extra_logits))
             log.info("final weights on %s: %s", split, ", ".join(f"{k}={extra[split][k]:.4f}" for k in spec.metrics))
-    final = progress["history"][-1]
-    best = progress["best"]
-    vs_baseline = rec.compare(spec, scores, baseline, rec.model_mse(logits, eval_batcher.labels.numpy())
+    latency = measure_latency(accelerator.unwrap_model(model), eval_rows, accelerator, calls=cfg.latency_calls,
+                              collective=run.zero3)
+    history, best, step = progress["history"], progress["best"], progress["global_step"]
+    final = history[-1]
+    scores = {k: final[k] for k in spec.metrics if k in final}
+    vs_baseline = rec.compare(spec, scores, run.baseline, rec.model_mse(logits, eval_rows.labels.numpy())
                               if spec.is_regression else None)
+    epochs_trained = step / run.steps_per_epoch
+    tokens = tokens_trained(run.train_rows.lengths, cfg.batch_size, cfg.seed, accelerator.num_processes,
+                            cfg.gradient_accumulation_steps, cfg.group_by_length, step)
+    seconds = progress["train_seconds"]
     summary = {
-        "run": rec.describe_run(cfg, records["resolved"], quant, global_step, len(progress["history"])),
-        "task": spec.name, "main_metric": spec.main_metric, "eval_split": eval_split,
-        "baseline": baseline, "vs_baseline": vs_baseline,
-        "epochs": progress["history"],
+        "run": rec.describe_run(cfg, run.records["resolved"], run.quant, step, len(history)),
+        "task": spec.name, "main_metric": spec.main_metric, "eval_split": run.eval_split,
+        "baseline": run.baseline, "vs_baseline": vs_baseline,
+        # Every evaluation in order; `epochs` keeps the end-of-epoch ones (runs saved before --eval_every have no trigger).
+        "evaluations": history, "epochs": [e for e in history if e.get("trigger", "epoch") == "epoch"],
         "best_epoch": best["epoch"] if best else None, "best_step": best["step"] if best else None,
-        "final": {k: v for k, v in final.items()},
-        "other_splits": extra,
-        "parameters": counts, "train_seconds": progress["train_seconds"], "skipped_steps": progress["skipped_steps"],
-        "train_padding_efficiency": records["resolved"].get("train_padding_efficiency"),
+        "final": dict(final), "other_splits": extra,
+        "parameters": run.counts, "train_seconds": seconds, "skipped_steps": progress["skipped_steps"],
+        "epochs_trained": epochs_trained, "train_seconds_per_epoch": seconds / epochs_trained if epochs_trained else None,
+        "train_tokens": tokens, "train_tokens_per_s": tokens / seconds if seconds else None,
+        "train_padding_efficiency": run.records["resolved"].get("train_padding_efficiency"),
         "peak_memory_bytes": max(accelerator.gather_for_metrics([utils.peak_memory_bytes(accelerator.device)],
                                                                 use_gather_object=True)),
-        "world_size": world,
+        "latency": latency, "world_size": accelerator.num_processes,
     }
     if accelerator.is_main_process:
         if best and best["step"] == final["step"]:
-            import shutil
             shutil.rmtree(run_dir / "adapter_best", ignore_errors=True)  # identical to adapter/
         summary["has_adapter_best"] = (run_dir / "adapter_best").is_dir()
-        header, rows = prediction_table(spec, label_names, eval_batcher, logits)
-        atomic_write_csv(run_dir / f"predictions_{eval_split}.csv", header, rows)
-        rec.write_model_cards(run_dir, records, quant, template.text, summary, baseline)
-        warning = rec.warning_text(vs_baseline, baseline, eval_split, "the final adapter")
+        summary["adapter_bytes"] = sum(p.stat().st_size for p in (run_dir / "adapter").rglob("*")
+                                       if p.is_file() and p.name != "README.md")
+        header, rows = prediction_table(spec, label_names, eval_rows, logits)
+        atomic_write_csv(run_dir / f"predictions_{run.eval_split}.csv", header, rows)
+        rec.write_model_cards(run_dir, run.records, run.quant, run.data.template.text, summary, run.baseline)
+        warning = rec.warning_text(vs_baseline, run.baseline, run.eval_split, "the final adapter")
         if warning:
             log.warning(warning)
         atomic_write_json(run_dir / "metrics.json", summary)  # last: its presence means the run finished
         swept = rec.swept_fields(run_dir)
         rec.write_hparams(accelerator.get_tracker("tensorboard", unwrap=True),
-                          rec.hparams(cfg, records["resolved"], quant, swept),
-                          {f"hparam/{k}": v for k, v in scores.items() if k in spec.metrics}
-                          | {f"hparam/baseline_{k}": v for k, v in baseline["metrics"].items() if v is not None}, swept)
+                          rec.hparams(cfg, run.records["resolved"], run.quant, swept),
+                          {f"hparam/{k}": v for k, v in scores.items()}
+                          | {f"hparam/baseline_{k}": v for k, v in run.baseline["metrics"].items() if v is not None},
+                          swept)
         print(f"results: {run_dir}\ntensorboard: {rec.tensorboard_hint(run_dir, RESULTS_DIR)}")
     accelerator.end_training()
     return summary
@@ -386,20 +503,6 @@ def _results_dir(cfg, prompt_name, accelerator, broadcast_object_list) -> Path:
             raise UsageError(f"--results_path {path} is not writable")
     accelerator.wait_for_everyone()
     return path
-
-
-def _concat_batchers(batchers, splits):
-    """Training on several splits (final protocol): one Batcher over all of them."""
-    if len(splits) == 1:
-        return batchers[splits[0]]
-    import copy
-    import torch
-    merged = copy.copy(batchers[splits[0]])
-    merged.input_ids = [x for s in splits for x in batchers[s].input_ids]
-    merged.lengths = [x for s in splits for x in batchers[s].lengths]
-    merged.idx = [x for s in splits for x in batchers[s].idx]
-    merged.labels = torch.cat([batchers[s].labels for s in splits])
-    return merged
 
 
 def _optimizer(cfg: TrainConfig, params):

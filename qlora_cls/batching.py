@@ -75,3 +75,18 @@ def padding_efficiency(batches: Sequence[Sequence[int]], lengths: Sequence[int])
     real = sum(lengths[r] for b in batches for r in b)
     padded = sum(len(b) * max(lengths[r] for r in b) for b in batches)
     return real / padded if padded else 1.0
+
+
+def tokens_trained(lengths: Sequence[int], batch_size: int, seed: int, world_size: int, grad_accum: int,
+                   group_by_length: bool, steps: int) -> int:
+    """Real (non-padding) tokens of the micro-batches that the first ``steps`` optimizer steps trained on,
+    over every process. Recomputed from the batch plan, so it is exact across resumes."""
+    total, epoch, left = 0, 0, steps * grad_accum  # micro-batches per process still to count
+    while left > 0:
+        per_rank = [train_batches(lengths, batch_size, seed, epoch, world_size, r, grad_accum, group_by_length)
+                    for r in range(world_size)]
+        n = min(left, len(per_rank[0]))
+        total += sum(lengths[i] for batches in per_rank for b in batches[:n] for i in b)
+        left -= n
+        epoch += 1
+    return total

@@ -106,6 +106,11 @@ class TrainConfig:
     results_path: Optional[str] = field(default=None, metadata=_help(
         "run folder to create; none = results/<task>-<prompt>-r<r>-<time>; an existing run is never overwritten"))
     log_every: int = field(default=10, metadata=_help("optimizer steps between log lines"))
+    eval_every: int = field(default=0, metadata=_help(
+        "also evaluate every N optimizer steps (accuracy-vs-step curves; the best of all evaluations is "
+        "adapter_best/); 0 = after each epoch only"))
+    latency_calls: int = field(default=20, metadata=_help(
+        "after training, time this many forward calls at batch 1 and at batch 8 (metrics.json latency); 0 = skip"))
     checkpoint_every: int = field(default=0, metadata=_help(
         "save the full training state every N optimizer steps (and each epoch end); 0 = only at epoch ends"))
     keep_checkpoints: int = field(default=1, metadata=_help("how many of the newest checkpoints to keep"))
@@ -138,6 +143,8 @@ class TrainConfig:
             (self.max_eval_samples is None or self.max_eval_samples > 0,
              f"--max_eval_samples must be > 0, got {self.max_eval_samples}"),
             (self.log_every > 0, f"--log_every must be > 0, got {self.log_every}"),
+            (self.eval_every >= 0, f"--eval_every must be >= 0 (0 = after each epoch only), got {self.eval_every}"),
+            (self.latency_calls >= 0, f"--latency_calls must be >= 0 (0 = skip), got {self.latency_calls}"),
             (self.checkpoint_every >= 0, f"--checkpoint_every must be >= 0, got {self.checkpoint_every}"),
             (self.keep_checkpoints > 0, f"--keep_checkpoints must be > 0, got {self.keep_checkpoints}"),
             (len(self.target_modules) > 0, "--target_modules needs at least one module name"),

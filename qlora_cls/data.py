@@ -275,3 +275,16 @@ class Batcher:
             ids[i, :n] = torch.as_tensor(self.input_ids[r])
             mask[i, :n] = 1
         return {"input_ids": ids, "attention_mask": mask, "labels": self.labels[list(rows)]}
+
+
+def concat_batchers(batchers: Sequence["Batcher"]) -> "Batcher":
+    """Several tokenized splits as one (training on train + validation under the final protocol)."""
+    if len(batchers) == 1:
+        return batchers[0]
+    import copy
+    merged = copy.copy(batchers[0])
+    merged.input_ids = [x for b in batchers for x in b.input_ids]
+    merged.lengths = [x for b in batchers for x in b.lengths]
+    merged.idx = [x for b in batchers for x in b.idx]
+    merged.labels = torch.cat([b.labels for b in batchers])
+    return merged

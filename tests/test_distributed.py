@@ -13,9 +13,9 @@ pytestmark = pytest.mark.slow  # real training runs of a minute or more (make te
 
 def test_two_process_run(tiny_model, mrpc, tmp_path):
     run = tmp_path / "run2"
-    env = dict(os.environ, ACCELERATE_USE_CPU="1", OMP_NUM_THREADS="1", QLORA_DEBUG_RANK_FILES=str(tmp_path))
+    env = dict(os.environ, ACCELERATE_USE_CPU="1", OMP_NUM_THREADS="1", RANK_DUMP_DIR=str(tmp_path))
     cmd = [sys.executable, "-m", "accelerate.commands.launch", "--multi_gpu", "--num_processes", "2",
-           "--num_machines", "1", "--mixed_precision", "no", "--dynamo_backend", "no", str(REPO / "ft.py"),
+           "--num_machines", "1", "--mixed_precision", "no", "--dynamo_backend", "no", str(REPO / "tests" / "ft_rank_dump.py"),
            *tiny_args(tiny_model, mrpc, run, "--max_eval_samples", "37", "--max_steps", "3")]
     proc = subprocess.run(cmd, cwd=tmp_path, env=env, capture_output=True, text=True, timeout=600)
     errors = [line for line in proc.stderr.splitlines() if "error" in line.lower()]
@@ -25,7 +25,7 @@ def test_two_process_run(tiny_model, mrpc, tmp_path):
     rows = (run / "predictions_validation.csv").read_text().splitlines()[1:]
     idx = [r.split(",")[0] for r in rows]
     assert len(idx) == 37 and len(set(idx)) == 37  # odd-sized split: exactly one prediction each
-    # both ranks ended with the same adapter (DDP kept them in sync); rank files are written by the test hook
+    # both ranks ended with the same adapter (DDP kept them in sync); rank files come from tests/ft_rank_dump.py
     from safetensors.torch import load_file
     a0 = load_file(tmp_path / "rank0.safetensors")
     a1 = load_file(tmp_path / "rank1.safetensors")
