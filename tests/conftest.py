@@ -191,3 +191,21 @@ def build_glue_fixture(root: Path, rows: int = 24) -> Path:
 @pytest.fixture(scope="session")
 def glue_fixture(tmp_path_factory) -> str:
     return str(build_glue_fixture(tmp_path_factory.mktemp("glue")))
+
+
+def tiny_lora_training_model(model_dir: str):
+    """The tiny model in 4 bit (bf16 compute) with LoRA as ft.py adds it, lora_B made non-zero so gradients
+    reach lora_A through the 4-bit layers; for the CPU repack-trap tests. Returns (model, tokenizer)."""
+    import torch
+    from qlora_cls.config import TrainConfig
+    from qlora_cls.modeling import add_lora, load_base_model, load_tokenizer
+    cfg = TrainConfig(model_dir=model_dir, lora_dropout=0.0, gradient_checkpointing=False,
+                      bnb_4bit_compute_dtype="bfloat16")
+    tok = load_tokenizer(model_dir)
+    torch.manual_seed(0)
+    model = add_lora(load_base_model(cfg, model_dir, 2, tok.pad_token_id, {"": "cpu"}), cfg)
+    with torch.no_grad():
+        for n, p in model.named_parameters():
+            if "lora_B" in n:
+                p.normal_(0, 0.1)
+    return model, tok

@@ -141,18 +141,8 @@ def test_local_files_errors_and_run(tiny_model, tmp_path, capsys):
 
 def test_trap_eval_between_train_steps_keeps_lora_gradients(tiny_model):
     """train -> eval -> train gives the same LoRA gradients as train -> train (DEVELOPERS.md trap)."""
-    from qlora_cls.config import TrainConfig
-    from qlora_cls.modeling import add_lora, load_base_model, load_tokenizer
-
-    cfg = TrainConfig(model_dir=tiny_model, lora_dropout=0.0, gradient_checkpointing=False,
-                      bnb_4bit_compute_dtype="bfloat16")
-    tok = load_tokenizer(tiny_model)
-    torch.manual_seed(0)
-    model = add_lora(load_base_model(cfg, tiny_model, 2, tok.pad_token_id, {"": "cpu"}), cfg)
-    with torch.no_grad():  # non-zero B so gradients reach A through the 4-bit layers
-        for n, p in model.named_parameters():
-            if "lora_B" in n:
-                p.normal_(0, 0.1)
+    from conftest import tiny_lora_training_model
+    model, tok = tiny_lora_training_model(tiny_model)
     enc = tok(["a short one", "a much longer sentence about cats and dogs"], padding=True, return_tensors="pt")
     batch = dict(enc, labels=torch.tensor([0, 1]))
 

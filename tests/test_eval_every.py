@@ -93,20 +93,11 @@ def test_latency_summary_by_hand():
 def test_latency_keeps_training_mode_and_lora_gradients(tiny_model):
     """Timing the training model in inference mode must not trip the CPU repack trap (modeling docstring)."""
     from accelerate import Accelerator
-    from qlora_cls.config import TrainConfig
+    from conftest import tiny_lora_training_model
     from qlora_cls.data import Batcher
     from qlora_cls.latency import measure_latency
-    from qlora_cls.modeling import add_lora, load_base_model, load_tokenizer
 
-    cfg = TrainConfig(model_dir=tiny_model, lora_dropout=0.0, gradient_checkpointing=False,
-                      bnb_4bit_compute_dtype="bfloat16")
-    tok = load_tokenizer(tiny_model)
-    torch.manual_seed(0)
-    model = add_lora(load_base_model(cfg, tiny_model, 2, tok.pad_token_id, {"": "cpu"}), cfg)
-    with torch.no_grad():
-        for n, p in model.named_parameters():
-            if "lora_B" in n:
-                p.normal_(0, 0.1)
+    model, tok = tiny_lora_training_model(tiny_model)
     texts = [f"example number {i} " * (1 + i % 3) for i in range(9)]
     ids = [tok(t)["input_ids"] for t in texts]
     rows = Batcher({"input_ids": ids, "labels": [i % 2 for i in range(9)], "length": [len(x) for x in ids],
