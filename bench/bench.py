@@ -50,6 +50,7 @@ import tempfile
 import time
 from datetime import datetime
 from pathlib import Path
+from typing import Optional
 
 REPO = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(REPO))
@@ -181,7 +182,9 @@ class _CountingCollator:
         return batch
 
 
-def run_trainer(args, grouped: bool, compute_dtype: str) -> dict:
+def run_trainer(args, grouped: bool, compute_dtype: str, state_dir: Optional[Path] = None) -> dict:
+    """The Trainer recipe; with ``state_dir`` it checkpoints there every 50 steps and resumes from the last
+    checkpoint it finds (bench/parity.py's runs span sessions), else it runs in a temporary folder."""
     import torch
     from peft import LoraConfig, TaskType, get_peft_model, prepare_model_for_kbit_training
     from transformers import (AutoModelForSequenceClassification, BitsAndBytesConfig, DataCollatorWithPadding,
@@ -221,18 +224,20 @@ def run_trainer(args, grouped: bool, compute_dtype: str) -> dict:
             clock["end"] = time.perf_counter()
 
     with tempfile.TemporaryDirectory() as tmp:
+        resume = state_dir is not None and any(Path(state_dir).glob("checkpoint-*"))
         targs = TrainingArguments(
-            output_dir=tmp, per_device_train_batch_size=cfg.batch_size, per_device_eval_batch_size=cfg.eval_batch_size,
+            output_dir=str(state_dir or tmp), per_device_train_batch_size=cfg.batch_size, per_device_eval_batch_size=cfg.eval_batch_size,
             learning_rate=cfg.lr, warmup_steps=math.ceil(cfg.warmup_ratio * cfg.max_steps), lr_scheduler_type="linear",
             weight_decay=cfg.weight_decay, max_grad_norm=cfg.max_grad_norm, optim="adamw_bnb_8bit",
             max_steps=cfg.max_steps, train_sampling_strategy="group_by_length" if grouped else "random",
-            logging_strategy="no", save_strategy="no", eval_strategy="no", report_to="none", seed=cfg.seed,
+            logging_strategy="no", save_strategy="steps" if state_dir else "no", save_steps=50, save_total_limit=1,
+            eval_strategy="no", report_to="none", seed=cfg.seed,
             use_cpu=not on_gpu, dataloader_num_workers=0, disable_tqdm=True,
             gradient_checkpointing=cfg.gradient_checkpointing,
             gradient_checkpointing_kwargs={"use_reentrant": False})
         trainer = Trainer(model=model, args=targs, train_dataset=train, data_collator=collator, callbacks=[Clock()])
-        result = trainer.train()
-        train_seconds = clock["end"] - clock["start"]
+        result = trainer.train(resume_from_checkpoint=True if resume else None)
+        train_seconds = clock["end"] - clock["start"]  # of this process: a resumed run counts its last part only
         # accelerate's data loader fetches one batch ahead: count only the batches trained on.
         trained = collator.batches[:cfg.max_steps]
         step_seconds = [b - a for a, b in zip([clock["start"]] + clock["steps"][:-1], clock["steps"])]
