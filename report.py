@@ -6,7 +6,9 @@
 One row per configuration (its runs over seeds): mean ± std of each metric, trainable parameters,
 train time, throughput, peak memory, best epoch, plus the un-tuned base model's rows. Runs that differ
 in a field that was not swept are kept in separate rows and flagged. Writes report.md, report.csv,
-evals.csv (every adapter under every evaluated prompt) and PNG plots. The output folder belongs to
+evals.csv (every adapter under every evaluated prompt) and PNG plots; with runs of two or more --method
+values, a method comparison (methods.csv); with step-wise evaluations (--eval_every), the metric against
+optimizer step per swept field (eval_vs_step_<field>.png, eval_vs_step.csv). The output folder belongs to
 report.py: regenerating replaces its own files, and it refuses a folder holding anything else.
 """
 from __future__ import annotations
@@ -210,7 +212,8 @@ def _method_table(rows, swept, metrics, baselines) -> tuple[list[str], list[list
     others = [f for f in swept if f != "method"]
     header = (["method", *others, "differs_in", "n_runs", "seeds", "trainable_params", "total_params",
                "trainable_pct", "adapter_bytes", "adapter_mib", "adapter_bytes_source", "train_seconds_per_epoch_mean",
-               "train_seconds_per_epoch_std", "peak_memory_mib_max", "train_tokens_per_s_mean", "train_tokens_per_s_std"]
+               "train_seconds_per_epoch_std", "peak_memory_mib_max", "train_tokens_per_s_mean",
+               "train_tokens_per_s_std"]
               + [f"{m}_{s}" for m in metrics for s in ("mean", "std")]
               + ["vs_baseline_margin", "beats_baseline", "latency_b1_median_ms", "latency_b1_p95_ms",
                  "latency_b8_median_ms", "latency_b8_p95_ms", "runs"])
@@ -226,7 +229,8 @@ def _method_table(rows, swept, metrics, baselines) -> tuple[list[str], list[list
                     r["train_tokens_per_s_mean"], r["train_tokens_per_s_std"],
                     *[r[f"{m}_{s}"] for m in metrics for s in ("mean", "std")],
                     r.get("vs_baseline_margin"), r.get("beats_baseline"),
-                    *[r[f"latency_b{n}_{s}_mean"] for n in (1, 8) for s in ("median_ms", "p95_ms")], ";".join(r["runs"])])
+                    *[r[f"latency_b{n}_{s}_mean"] for n in (1, 8) for s in ("median_ms", "p95_ms")],
+                    ";".join(r["runs"])])
     for t in baselines:
         out.append([f"trivial baseline: {t['name']}", *[""] * len(others), "", "", "", 0, "", 0.0, 0, 0.0, "",
                     "", "", "", "", "", *[t.get(f"{m}_{s}") for m in metrics for s in ("mean", "std")],
@@ -287,7 +291,9 @@ def _sig(v: Optional[float]) -> str:
     """A positive quantity with about three significant digits, never in exponent notation."""
     if v is None:
         return "–"
-    return f"{v:,.0f}" if abs(v) >= 100 else f"{v:.1f}" if abs(v) >= 10 else f"{v:.2f}" if abs(v) >= 0.01 else f"{v:.2g}"
+    if abs(v) >= 100:
+        return f"{v:,.0f}"
+    return f"{v:.1f}" if abs(v) >= 10 else f"{v:.2f}" if abs(v) >= 0.01 else f"{v:.2g}"
 
 
 # Method-table columns: (heading with unit, row key, formatter, what an absent value means).
@@ -426,8 +432,9 @@ def _markdown(col, rows, base, problems, metrics, metric, figures, baselines, be
               "Values are mean ± sample standard deviation (n-1) over seeds of the final adapter on each run's eval "
               "split; a single run shows no ±. 'vs baseline': the mean minus the trivial baseline on the same examples "
               "(for regression: the baseline's mean squared error minus the model's). 'steps': optimizer steps "
-              "trained. 'best epoch' counts from 1 and names the selected epoch's step; '– (1 evaluation)': the run "
-              "was evaluated once (it trained one epoch or less), so there was no epoch to choose; '–' alone: "
+              "trained. 'best epoch' counts from 1 and names the selected evaluation's step (with --eval_every: the best "
+              "of all evaluations, in the epoch it fell in); '– (1 evaluation)': the run was evaluated once (it "
+              "trained one epoch or less), so there was no epoch to choose; '–' alone: "
               "no selection (final protocol). Throughput is the mean over training-log windows.", ""]
     if base:
         lines += ["Base-model rows: the un-tuned model with a freshly initialised classification head, evaluated "
@@ -476,7 +483,9 @@ def _markdown(col, rows, base, problems, metrics, metric, figures, baselines, be
         lines += ["Rows flagged in 'differs in' were run with settings the others were not: compare them with care.", ""]
     lines += [f"Generated {datetime.now():%Y-%m-%d %H:%M} by report.py from {len(col.runs)} run folder(s) "
               f"({len(runs)} finished). Files: report.csv (this table, numbers unrounded), evals.csv (every adapter "
-              "under every prompt). "
+              "under every prompt)"
+              f"{', methods.csv (the method comparison)' if method_rows else ''}"
+              f"{', eval_vs_step.csv (the curves against step)' if curves else ''}. "
               f"{'' if not col.manifests else 'Sweep manifest(s): ' + ', '.join(str(p / 'sweep.json') for p in col.manifests) + '.'}",
               ""]
     return "\n".join(lines)

@@ -272,3 +272,45 @@ def test_step_curves_average_the_other_fields_of_a_grid_and_say_so(tmp_path):
     assert r4["value"] == 4 and r4["n_series"] == 2 and r4["averaged_over"] == {"lr": [1e-4, 3e-4]}
     assert r4["mean"] == pytest.approx([(0.4 + 0.6) / 2, (0.5 + 0.7) / 2])
     assert curves["lr"][1]["mean"][-1] == pytest.approx((0.7 + 0.9) / 2)
+
+
+@pytest.mark.slow
+def test_todays_run_folders_report_without_the_new_fields(tiny_sweep, tmp_path):
+    """The real tiny sweep (ft.py of this branch: no method, evaluations, latency...) still reports; with
+    two of its runs re-read as 16-bit LoRA (what an older LoRA run's config.json looks like) the method
+    table measures the real adapter files and shows the absent fields as '–'."""
+    import shutil
+    d = tmp_path / "prompts"
+    shutil.copytree(tiny_sweep["dir"], d, ignore=shutil.ignore_patterns("report"))
+    out = report.main([str(d)])
+    assert out["method_rows"] == [] and out["step_curves"] == {}
+    assert not (d / "report" / "methods.csv").exists() and not list((d / "report").glob("eval_vs_step*"))
+    md = (d / "report" / "report.md").read_text()
+    assert "No step-wise evaluations" in md and "## Method comparison" not in md
+
+    for seed in (1, 2):
+        cfg_path = d / f"prompt=perfect,seed={seed}" / "config.json"
+        records = json.loads(cfg_path.read_text())
+        records["config"]["load_in_4bit"] = False
+        cfg_path.write_text(json.dumps(records))
+    out = report.main([str(d)])
+    rows = {r["method"]: r for r in out["method_rows"]}
+    assert list(rows) == ["qlora", "lora"]
+    for method, prompt in (("qlora", "none"), ("lora", "perfect")):
+        r = rows[method]
+        runs = [d / f"prompt={prompt},seed={s}" for s in (1, 2)]
+        finals = [json.loads((run / "metrics.json").read_text()) for run in runs]
+        sizes = [sum((run / "adapter" / n).stat().st_size for n in ("adapter_model.safetensors", "adapter_config.json"))
+                 for run in runs]
+        assert sorted(p.name for p in (runs[0] / "adapter").iterdir()) == \
+            ["README.md", "adapter_config.json", "adapter_model.safetensors"]
+        assert r["adapter_bytes_mean"] == pytest.approx(sum(sizes) / 2) and r["adapter_bytes_source"] == "measured"
+        per_epoch = [f["train_seconds"] / (f["run"]["steps"] / f["run"]["steps_per_epoch"]) for f in finals]
+        assert r["train_seconds_per_epoch_mean"] == pytest.approx(sum(per_epoch) / 2)
+        assert r["trainable_pct"] == pytest.approx(100 * finals[0]["parameters"]["trainable"]
+                                                   / finals[0]["parameters"]["total"])
+        assert r["accuracy_mean"] == pytest.approx(sum(f["final"]["accuracy"] for f in finals) / 2)
+        assert r["train_tokens_per_s_mean"] is None and r["latency_b1_ms_mean"] is None
+    md = (d / "report" / "report.md").read_text()
+    assert "## Method comparison" in md and "metrics.json has no train_tokens_per_s (older ft.py)" in md
+    assert "trivial baseline: always 'equivalent'" in md.split("## Method comparison")[1]
