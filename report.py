@@ -6,7 +6,9 @@
 One row per configuration (its runs over seeds): mean ± std of each metric, trainable parameters,
 train time, throughput, peak memory, best epoch, plus the un-tuned base model's rows. Runs that differ
 in a field that was not swept are kept in separate rows and flagged. Writes report.md, report.csv,
-evals.csv (every adapter under every evaluated prompt) and PNG plots. The output folder belongs to
+evals.csv (every adapter under every evaluated prompt) and PNG plots; with runs of two or more --method
+values, a method comparison (methods.csv); with step-wise evaluations (--eval_every), the metric against
+optimizer step per swept field (eval_vs_step_<field>.png, eval_vs_step.csv). The output folder belongs to
 report.py: regenerating replaces its own files, and it refuses a folder holding anything else.
 """
 from __future__ import annotations
@@ -15,6 +17,7 @@ import argparse
 import csv
 import io
 import logging
+import re
 import sys
 from datetime import datetime
 from pathlib import Path
@@ -23,8 +26,13 @@ from typing import Any, Optional, Sequence
 from qlora_cls.cli import _OneLineParser
 from qlora_cls.errors import UsageError
 
-OUTPUTS = ("report.md", "report.csv", "evals.csv", "eval_per_epoch.png", "train_loss.png", "final_metric.png",
-           "prompt_matrix.png")
+OUTPUTS = ("report.md", "report.csv", "evals.csv", "methods.csv", "eval_vs_step.csv", "eval_per_epoch.png",
+           "train_loss.png", "final_metric.png", "prompt_matrix.png")
+STEP_FIGURE = re.compile(r"eval_vs_step_[A-Za-z0-9_]+\.png")  # one per swept field
+
+
+def _ours(name: str) -> bool:
+    return name in OUTPUTS or bool(STEP_FIGURE.fullmatch(name))
 
 
 def main(argv: Optional[Sequence[str]] = None) -> dict:
@@ -51,7 +59,7 @@ def write_report(folder: Path, out: Optional[Path], metric: Optional[str]) -> di
     out = out or folder / "report"
     if out.exists() and not out.is_dir():
         raise UsageError(f"--out {out} is a file")
-    foreign = sorted(p.name for p in out.iterdir() if p.name not in OUTPUTS and not p.name.startswith(".")) \
+    foreign = sorted(p.name for p in out.iterdir() if not _ours(p.name) and not p.name.startswith(".")) \
         if out.is_dir() else []
     if foreign:
         raise UsageError(f"--out {out} holds files report.py did not write ({', '.join(foreign[:5])}); "
@@ -83,20 +91,37 @@ def write_report(folder: Path, out: Optional[Path], metric: Optional[str]) -> di
         "prompt_matrix.png": plots.prompt_matrix([r for r in rows if r["n_runs"]], base, metric,
                                                  out / "prompt_matrix.png", baselines, col),
     }
+    curves = rp.step_curves(col, metric)
+    for name, field_curves in curves.items():
+        figures[f"eval_vs_step_{name}.png"] = plots.step_curves(col, name, field_curves, metric,
+                                                               out / f"eval_vs_step_{name}.png", baselines)
+    for old in out.glob("eval_vs_step_*.png"):
+        figures.setdefault(old.name, None)
     for name, written in figures.items():
         if written is None:
             (out / name).unlink(missing_ok=True)  # an old figure must not outlive its data
+    methods = rp.methods_compared(col)
+    method_rows = rp.method_rows(col, metrics) if len(methods) > 1 else []
+    if method_rows:
+        atomic_write_text(out / "methods.csv", _csv(*_method_table(method_rows, col.swept, metrics, baselines)))
+    else:
+        (out / "methods.csv").unlink(missing_ok=True)
+    if curves:
+        atomic_write_text(out / "eval_vs_step.csv", _csv(*_step_table(curves, metric)))
+    else:
+        (out / "eval_vs_step.csv").unlink(missing_ok=True)
     atomic_write_text(out / "report.csv", _csv(_main_header(col.swept, metrics),
                                                _main_rows(rows, base, col.swept, metrics, baselines)))
     atomic_write_text(out / "evals.csv", _csv(*_eval_table(rows, base, metrics, baselines)))
     atomic_write_text(out / "report.md", _markdown(col, rows, base, problems, metrics, metric,
-                                                   [n for n, w in figures.items() if w], baselines, below))
+                                                   [n for n, w in figures.items() if w], baselines, below,
+                                                   method_rows, curves))
     for w in col.warnings + below:
         sys.stderr.write(f"report.py: warning: {w}\n")
     print(f"report: {out / 'report.md'} ({len(rows)} configurations, {len(runs)} finished runs"
           f"{f', {len(col.runs) - len(runs)} unfinished' if len(col.runs) > len(runs) else ''})")
     return {"out": out, "rows": rows, "base": base, "baselines": baselines, "warnings": col.warnings,
-            "below_baseline": below, "problems": problems}
+            "below_baseline": below, "problems": problems, "method_rows": method_rows, "step_curves": curves}
 
 
 def _below_baseline(rows) -> list[str]:
@@ -183,6 +208,50 @@ def _eval_table(rows, base, metrics, baselines) -> tuple[list[str], list[list[An
     return header, out
 
 
+def _method_table(rows, swept, metrics, baselines) -> tuple[list[str], list[list[Any]]]:
+    others = [f for f in swept if f != "method"]
+    header = (["method", *others, "differs_in", "n_runs", "seeds", "trainable_params", "total_params",
+               "trainable_pct", "adapter_bytes", "adapter_mib", "adapter_bytes_source", "train_seconds_per_epoch_mean",
+               "train_seconds_per_epoch_std", "peak_memory_mib_max", "train_tokens_per_s_mean",
+               "train_tokens_per_s_std"]
+              + [f"{m}_{s}" for m in metrics for s in ("mean", "std")]
+              + ["vs_baseline_margin", "beats_baseline", "latency_b1_median_ms", "latency_b1_p95_ms",
+                 "latency_b8_median_ms", "latency_b8_p95_ms", "runs"])
+    out = []
+    for r in rows:
+        b = r["adapter_bytes_mean"]
+        peak = r["peak_memory_bytes_max"]
+        out.append([r["method"], *[_cell(r["settings"].get(f)) for f in others],
+                    "; ".join(f"{k}={_cell(v)}" for k, v in r["differs"].items()), r["n_runs"],
+                    ";".join(map(str, r["seeds"])), r["trainable_params"], r["total_params"], r["trainable_pct"],
+                    b, None if b is None else b / 2**20, r["adapter_bytes_source"], r["train_seconds_per_epoch_mean"],
+                    r["train_seconds_per_epoch_std"], None if peak is None else peak / 2**20,
+                    r["train_tokens_per_s_mean"], r["train_tokens_per_s_std"],
+                    *[r[f"{m}_{s}"] for m in metrics for s in ("mean", "std")],
+                    r.get("vs_baseline_margin"), r.get("beats_baseline"),
+                    *[r[f"latency_b{n}_{s}_mean"] for n in (1, 8) for s in ("median_ms", "p95_ms")],
+                    ";".join(r["runs"])])
+    for t in baselines:
+        out.append([f"trivial baseline: {t['name']}", *[""] * len(others), "", "", "", 0, "", 0.0, 0, 0.0, "",
+                    "", "", "", "", "", *[t.get(f"{m}_{s}") for m in metrics for s in ("mean", "std")],
+                    0.0, "", "", "", "", "", ";".join(t["sources"])])
+    return header, out
+
+
+def _step_table(curves: dict, metric: str) -> tuple[list[str], list[list[Any]]]:
+    header = ["field", "value", "differs_in", "averaged_over", "step", "n_runs", f"{metric}_mean", f"{metric}_std",
+              f"{metric}_min", f"{metric}_max", "runs"]
+    out = []
+    for name, field_curves in curves.items():
+        for c in field_curves:
+            over = "; ".join(f"{k}={'/'.join(map(str, map(_cell, v)))}" for k, v in c["averaged_over"].items())
+            differs = "; ".join(f"{k}={_cell(v)}" for k, v in c["differs"].items())
+            for i, step in enumerate(c["steps"]):
+                out.append([name, _cell(c["value"]), differs, over, step, c["n_series"], c["mean"][i], c["std"][i],
+                            c["min"][i], c["max"][i], ";".join(c["runs"])])
+    return header, out
+
+
 # -- Markdown -------------------------------------------------------------------------------------------
 def _pm(mean: Optional[float], std: Optional[float], digits: int = 4) -> str:
     if mean is None:
@@ -218,7 +287,92 @@ def _best_cell(r) -> str:
     return "/".join(sorted(set(cells))) or "–"
 
 
-def _markdown(col, rows, base, problems, metrics, metric, figures, baselines, below) -> str:
+def _sig(v: Optional[float]) -> str:
+    """A positive quantity with about three significant digits, never in exponent notation."""
+    if v is None:
+        return "–"
+    if abs(v) >= 100:
+        return f"{v:,.0f}"
+    return f"{v:.1f}" if abs(v) >= 10 else f"{v:.2f}" if abs(v) >= 0.01 else f"{v:.2g}"
+
+
+# Method-table columns: (heading with unit, row key, formatter, what an absent value means).
+METHOD_COLUMNS = (
+    ("adapter on disk (MiB)", "adapter_bytes", lambda v: _sig(v / 2**20)),
+    ("train time per epoch (s)", "train_seconds_per_epoch", lambda v: f"{v:,.1f}"),
+    ("peak memory (MiB)", "peak_memory_bytes", lambda v: f"{v / 2**20:,.0f}"),
+    ("train tokens/s", "train_tokens_per_s", lambda v: f"{v:,.0f}"),
+)
+LATENCY_COLUMNS = (("latency batch 1 (ms)", "latency_b1_ms"), ("latency batch 8 (ms)", "latency_b8_ms"))
+
+
+def _method_markdown(col, rows, metric, baselines) -> list[str]:
+    from qlora_cls.report import METHOD_FIELDS, value_text
+    others = [f for f in col.swept if f != "method"]
+    show_settings = bool(others) or any(r["differs"] for r in rows)
+    header = ["method", *(["other settings"] if show_settings else []), "n", "trainable params", "% of model",
+              *[c[0] for c in METHOD_COLUMNS], f"{metric} (mean ± std)", *[c[0] for c in LATENCY_COLUMNS]]
+    missing: dict[str, list[str]] = {}
+    partial: dict[str, list[str]] = {}
+
+    def cell(r, key, fmt):
+        n = r[f"{key}_n"]
+        name = r["method"] + (f" ({r['label']})" if show_settings else "")
+        if n == 0:
+            missing.setdefault(key, []).append(name)
+            return "– ¹"
+        value = r["peak_memory_bytes_max"] if key == "peak_memory_bytes" else r[f"{key}_mean"]
+        if n < r["n_runs"]:
+            partial.setdefault(key, []).append(name)
+            return f"{fmt(value)} ({n} of {r['n_runs']} runs)"
+        return fmt(value)
+
+    table = []
+    for r in rows:
+        settings = ", ".join(f"{k}={value_text(r['settings'].get(k))}" for k in others)
+        if r["differs"]:
+            settings += " [" + ", ".join(f"{k}={value_text(v)}" for k, v in r["differs"].items()) + "]"
+        trainable = r["trainable_params"]
+        table.append([r["method"], *([settings] if show_settings else []), str(r["n_runs"]),
+                      f"{trainable:,d}" if isinstance(trainable, int) else str(trainable or "–"),
+                      "–" if r["trainable_pct"] is None else f"{r['trainable_pct']:.3g} %",
+                      *[cell(r, key, fmt) for _, key, fmt in METHOD_COLUMNS],
+                      _pm(r[f"{metric}_mean"], r[f"{metric}_std"]) + (" **below baseline**" if r.get("beats_baseline")
+                                                                      is False else ""),
+                      *[cell(r, key, lambda v: f"{v:.3g}") for _, key in LATENCY_COLUMNS]])
+    for t in baselines:
+        v = t.get(f"{metric}_mean")
+        table.append([f"trivial baseline: {t['name']}", *([""] if show_settings else []), "–", "0", "0 %", "0",
+                      "–", "–", "–", "undefined" if v is None else _pm(v, None), "–", "–"])
+    grouping = (f"one row per method and setting of the other swept field(s) ({', '.join(others)}), nothing "
+                f"averaged across them" if others else "one row per method")
+    lines = ["## Method comparison", "",
+             f"Runs grouped by method ({grouping}); every value is over the row's seeds (n): the mean, and for "
+             f"{metric} ± its sample standard deviation; peak memory is the largest of the row's runs.", "",
+             _table(header, table), "",
+             "'% of model': trainable / total parameters (head included; a 4-bit weight counts its real elements). "
+             "'adapter on disk': the saved trainable weights (adapter/ without its model card), MiB = 2^20 bytes. "
+             "'train time per epoch': train_seconds / epochs trained (fractional). 'train tokens/s': non-padding "
+             "training tokens / train_seconds (the configuration table's tokens/s is the mean over log windows). "
+             "Latency: median wall time of one forward call over that many eval examples with the final model. "
+             "The trivial baseline trains nothing and stores nothing.", ""]
+    for key, names in missing.items():
+        lines.append(f"¹ '{next(h for h, k, *_ in METHOD_COLUMNS + LATENCY_COLUMNS if k == key)}' not recorded: "
+                     f"metrics.json has no {METHOD_FIELDS[key][0]} (older ft.py): {'; '.join(names)}.")
+    for key, names in partial.items():
+        lines.append(f"'{next(h for h, k, *_ in METHOD_COLUMNS + LATENCY_COLUMNS if k == key)}' over the runs "
+                     f"that record it: {'; '.join(names)}.")
+    if missing or partial:
+        lines.append("")
+    sources = {r["adapter_bytes_source"] for r in rows if r["adapter_bytes_source"]}
+    if "measured" in "/".join(sources):
+        lines += ["Adapter sizes of runs without metrics.json `adapter_bytes` were measured on disk now "
+                  "(adapter/ minus README.md): see methods.csv `adapter_bytes_source`.", ""]
+    return lines
+
+
+def _markdown(col, rows, base, problems, metrics, metric, figures, baselines, below, method_rows=(),
+              curves=None) -> str:
     from qlora_cls import report as rp
     runs = [r for r in col.runs if r.finished]
     lines = [f"# Report: {col.root}", "", "## What was run", "", *rp.context_markdown(col),
@@ -278,8 +432,9 @@ def _markdown(col, rows, base, problems, metrics, metric, figures, baselines, be
               "Values are mean ± sample standard deviation (n-1) over seeds of the final adapter on each run's eval "
               "split; a single run shows no ±. 'vs baseline': the mean minus the trivial baseline on the same examples "
               "(for regression: the baseline's mean squared error minus the model's). 'steps': optimizer steps "
-              "trained. 'best epoch' counts from 1 and names the selected epoch's step; '– (1 evaluation)': the run "
-              "was evaluated once (it trained one epoch or less), so there was no epoch to choose; '–' alone: "
+              "trained. 'best epoch' counts from 1 and names the selected evaluation's step (with --eval_every: the best "
+              "of all evaluations, in the epoch it fell in); '– (1 evaluation)': the run was evaluated once (it "
+              "trained one epoch or less), so there was no epoch to choose; '–' alone: "
               "no selection (final protocol). Throughput is the mean over training-log windows.", ""]
     if base:
         lines += ["Base-model rows: the un-tuned model with a freshly initialised classification head, evaluated "
@@ -296,6 +451,20 @@ def _markdown(col, rows, base, problems, metrics, metric, figures, baselines, be
         lines += ["## Every adapter under every evaluated prompt", "",
                   _table(["trained configuration", "evaluated with prompt", "split", "n", "examples", *metrics,
                           f"trivial baseline ({metric})"], eval_table), ""]
+    if method_rows:
+        lines += _method_markdown(col, method_rows, metric, baselines)
+    step_figures = [n for n in figures if n.startswith("eval_vs_step_")]
+    if step_figures:
+        lines += ["## Evaluation against optimizer step", "",
+                  f"One figure per swept field: {metric} at every evaluation against the optimizer step, one line "
+                  "per value of the field (mean over its runs: seeds, and the other fields its sweep varied, named "
+                  "in the figure), band ± 1 std; dashed: the trivial baseline. Numbers: eval_vs_step.csv.", ""]
+        for name in step_figures:
+            field = name[len("eval_vs_step_"):-len(".png")]
+            lines += [f"![{metric} against optimizer step by {field}]({name})", ""]
+    elif col.swept and runs:
+        lines += ["No step-wise evaluations in these runs (ft.py `--eval_every N`), so no per-field curves against "
+                  "optimizer step; eval_per_epoch.png has the epoch-end evaluations.", ""]
     for name, caption in (("eval_per_epoch.png", f"{metric} at each evaluation, with the trivial baseline"),
                           ("train_loss.png", "training loss"), ("final_metric.png", f"final {metric} per configuration"),
                           ("prompt_matrix.png", f"{metric} of each adapter under each prompt")):
@@ -314,7 +483,9 @@ def _markdown(col, rows, base, problems, metrics, metric, figures, baselines, be
         lines += ["Rows flagged in 'differs in' were run with settings the others were not: compare them with care.", ""]
     lines += [f"Generated {datetime.now():%Y-%m-%d %H:%M} by report.py from {len(col.runs)} run folder(s) "
               f"({len(runs)} finished). Files: report.csv (this table, numbers unrounded), evals.csv (every adapter "
-              "under every prompt). "
+              "under every prompt)"
+              f"{', methods.csv (the method comparison)' if method_rows else ''}"
+              f"{', eval_vs_step.csv (the curves against step)' if curves else ''}. "
               f"{'' if not col.manifests else 'Sweep manifest(s): ' + ', '.join(str(p / 'sweep.json') for p in col.manifests) + '.'}",
               ""]
     return "\n".join(lines)

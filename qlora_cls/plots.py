@@ -1,4 +1,5 @@
-"""The report's figures (matplotlib, no display needed): evaluation per epoch, training loss, final bars.
+"""The report's figures (matplotlib, no display needed): evaluation per epoch, evaluation against step per
+swept field, training loss, final bars, prompt matrix.
 
 Each figure is titled, has labelled axes with units and a legend outside the plotting area (long
 configuration names never cover the data); lines are the mean over seeds, bands +-1 std.
@@ -36,11 +37,11 @@ def _save(fig, path: Path) -> Path:
     return path
 
 
-def _legend(ax) -> None:
+def _legend(ax, title: str = "configuration") -> None:
     handles, _ = ax.get_legend_handles_labels()
     if handles:
         ax.legend(loc="upper left", bbox_to_anchor=(1.02, 1.0), borderaxespad=0, fontsize="small",
-                  title="configuration", title_fontsize="small")
+                  title=title, title_fontsize="small")
 
 
 def _aggregate(series: list[dict[float, float]]) -> tuple[list[float], list[float], list[float]]:
@@ -141,6 +142,41 @@ def eval_per_epoch(col: Collection, metric: str, path: Path, baselines: Optional
     ax.set_ylabel(_unit(metric))
     ax.grid(alpha=0.3)
     _legend(ax)
+    return _save(fig, path)
+
+
+def step_curves(col: Collection, name: str, curves: list[dict], metric: str, path: Path,
+                baselines: Optional[list] = None) -> Optional[Path]:
+    """``metric`` against optimizer step for one swept field: a line per value (report.step_curves), the
+    mean over its runs with a ±1 std band where it has several, and the trivial baseline."""
+    if not curves:
+        return None
+    fig, ax = plt.subplots(figsize=(10, 4.8), layout="constrained")
+    colors = plt.get_cmap("tab10" if len(curves) <= 10 else "tab20")
+    values: list = []
+    for i, c in enumerate(curves):
+        stds = [s or 0.0 for s in c["std"]]
+        n = c["n_series"]
+        _line(ax, c["steps"], c["mean"], stds, f"{c['label']} ({n} run{'s' if n != 1 else ''})", colors(i % colors.N))
+        values += [m - s for m, s in zip(c["mean"], stds)] + [m + s for m, s in zip(c["mean"], stds)]
+    for text, v, _ in _baseline_value(baselines, metric):
+        ax.axhline(v, color="black", linestyle="--", linewidth=1.2, label=text, zorder=1)
+        values.append(v)
+    top = max((x for c in curves for x in c["steps"]), default=1)
+    ax.set_xlim(0, top * 1.05)
+    ax.set_ylim(*_limits(values, metric))
+    ax.xaxis.get_major_locator().set_params(integer=True)
+    splits = sorted({r.metrics.get("eval_split", "validation") for g in col.groups for r in g.finished})
+    every = sorted({int(r.config.get("eval_every") or 0) for g in col.groups for r in g.finished} - {0})
+    others = sorted({k for c in curves for k in c["averaged_over"]})
+    note = (f"evaluated every {'/'.join(map(str, every))} steps and at epoch ends; " if every else "") + \
+        "line: mean over seeds" + (f" and over the values of {', '.join(others)}" if others else "") + \
+        ", band: ± 1 std (sample)"
+    _titles(fig, ax, f"{'/'.join(splits).capitalize()} {metric} against optimizer step, by {name}", col, note)
+    ax.set_xlabel("optimizer step")
+    ax.set_ylabel(_unit(metric))
+    ax.grid(alpha=0.3)
+    _legend(ax, name)
     return _save(fig, path)
 
 

@@ -24,7 +24,20 @@ from .sweeps import MANIFEST
 # Settings that do not change what a run learns or how it is scored.
 BOOKKEEPING = ("results_path", "resume", "log_every", "checkpoint_every", "keep_checkpoints", "eval_batch_size",
                "skip_nonfinite")
+# Fields added after some runs were written: absent = what those runs did (evaluated per epoch only, no
+# parameter budget). ``method`` is derived separately (method_of).
+LEGACY = {"eval_every": 0, "param_budget": None}
+ADAPTER_ONLY = ("adapter_bottleneck", "adapter_layernorm")
+METHOD_ORDER = ("qlora", "lora", "dora", "ia3", "adapter", "full")
 SKIP_DIRS = {"adapter", "adapter_best", "checkpoints", "tensorboard", "logs", "evals", "__pycache__", "report"}
+
+
+def method_of(config: dict) -> str:
+    """config.method; runs written before it existed were QLoRA with a 4-bit base, else LoRA."""
+    m = config.get("method")
+    if m:
+        return str(m)
+    return "qlora" if config.get("load_in_4bit", True) else "lora"
 
 
 @dataclass
@@ -48,11 +61,24 @@ class Run:
     def finished(self) -> bool:
         return self.metrics is not None
 
+    @property
+    def method(self) -> str:
+        return method_of(self.config)
+
     def comparable(self) -> dict:
-        """What must be equal for two runs to be seeds of one configuration."""
+        """What must be equal for two runs to be seeds of one configuration.
+
+        Fields newer than a run's config.json are read as the behaviour the run had (see ``LEGACY``), so
+        an older run and a new one with the same settings stay one configuration."""
         c = {k: v for k, v in self.config.items() if k not in BOOKKEEPING and k != "seed"}
         if c.get("tokenizer_dir") == c.get("model_dir"):
             c.pop("tokenizer_dir", None)
+        c["method"] = self.method
+        for k, v in LEGACY.items():
+            c.setdefault(k, v)
+        if c["method"] != "adapter":  # bottleneck-adapter settings change nothing for the other methods
+            for k in ADAPTER_ONLY:
+                c.pop(k, None)
         c["world_size"] = self.records.get("environment", {}).get("world_size")  # changes the global batch
         return c
 
@@ -188,18 +214,7 @@ def collect(root: Path) -> Collection:
 
 def _order(g: Group, swept: list[str], manifests: dict) -> tuple:
     """Rows in the order the grid listed its values (e.g. prompts as given), then by label."""
-    grid: dict[str, list] = {}
-    for data in manifests.values():
-        for name, options in data.get("grid", {}).get("swept", {}).items():
-            grid.setdefault(name, []).extend(o for o in options if o not in grid.get(name, []))
-    key = []
-    for name in swept:
-        v = g.values.get(name)
-        words = v if isinstance(v, list) else [_word(v)]
-        opts = grid.get(name, [])
-        number = float(v) if isinstance(v, (int, float)) and not isinstance(v, bool) else 0.0
-        key.append((opts.index(words) if words in opts else len(opts), number, str(v)))
-    return (bool(g.differs), *key, g.key)
+    return (bool(g.differs), *(_value_key(manifests, name, g.values.get(name)) for name in swept), g.key)
 
 
 def _word(v: Any) -> str:
@@ -367,7 +382,8 @@ def run_info(r: Run) -> dict:
         info["steps"] = history[-1].get("step")
     if "epochs_trained" not in info and info.get("steps") and res.get("steps_per_epoch"):
         info["epochs_trained"] = round(info["steps"] / res["steps_per_epoch"], 4)
-    info.setdefault("evaluations", len(history) if history else None)
+    every = evaluations_of(r)
+    info.setdefault("evaluations", len(every) if every else None)
     return info
 
 
@@ -411,6 +427,9 @@ def context_markdown(col: Collection) -> list[str]:
     runs = [r for r in col.runs if r.finished] or col.runs
     seeds = sorted({len([r for r in g.finished]) for g in col.groups if g.finished})
     epochs = _one(c["epochs_trained"], lambda v: f"{v:.3g}")
+    every = sorted({int(r.config.get("eval_every") or 0) for r in runs} - {0})
+    when = (f"every {_one(every)} optimizer steps (--eval_every), " if every else "") + \
+        "at the end of each epoch and at the last step"
     lines = [f"- **Model:** {_one(c['model'])}",
              f"- **Task:** {_one(c['task'])}" + (f" (labels: {', '.join(c['labels'][0])})" if c["labels"] and
                                                  len(c["labels"]) == 1 and c["labels"][0] else ""),
@@ -421,7 +440,7 @@ def context_markdown(col: Collection) -> list[str]:
              f"training examples ({_one(c['examples_seen'])} examples seen)",
              f"- **Evaluated on:** {_one(c['eval_examples'])} examples of the {_one(c['eval_split'])} split, "
              f"{_one(c['evaluations'])} evaluation{'' if c['evaluations'] == [1] else 's'} per run "
-             f"(evaluations come at the end of each epoch and at the last step)",
+             f"({when})",
              f"- **Runs:** {len(runs)} finished, {len(col.groups)} configuration(s), "
              f"{_one(seeds)} seed(s) each"]
     return lines
@@ -484,3 +503,170 @@ def baseline_columns(g: Group, metrics: list[str]) -> dict:
         row[k] = _common(i.get(k) for i in infos)
     row["best_step"] = [(r.metrics or {}).get("best_step") for r in done]
     return row
+
+
+# -- evaluations at optimizer steps (--eval_every) ------------------------------------------------------------
+def evaluations_of(r: Run) -> list[dict]:
+    """Every evaluation of the run in order: metrics.json `evaluations` (step-wise and epoch-end ones),
+    or for runs that predate it the epoch-end `epochs` (each carries its step)."""
+    m = r.metrics or {}
+    every = m.get("evaluations")
+    return list(every) if isinstance(every, list) and every else list(m.get("epochs") or [])
+
+
+def evaluates_by_step(r: Run) -> bool:
+    """The run was evaluated every --eval_every steps (not only at epoch ends)."""
+    return bool(r.config.get("eval_every")) or any(e.get("trigger") == "step" for e in evaluations_of(r))
+
+
+def _swept_in(r: Run, col: Collection) -> list[str]:
+    """The fields the run's own sweep varied (a run outside any sweep: the collection's swept fields)."""
+    data = col.manifests.get(r.sweep) if r.sweep is not None else None
+    if data is None:
+        return list(col.swept) if not col.manifests else []
+    return [k for k in data.get("grid", {}).get("swept", {}) if k != "seed"]
+
+
+def step_curves(col: Collection, metric: str) -> dict[str, list[dict]]:
+    """Per swept field, one curve per value of it: ``metric`` against optimizer step, over the finished
+    runs of the sweeps that varied that field, when any of them was evaluated by step.
+
+    A curve is the mean over its runs (seeds, and the values of the other fields its sweep varied, named
+    in ``averaged_over``) at the steps every run of it was evaluated at; groups flagged as differing in a
+    field that was not swept get curves of their own. Each curve: value, label, steps, mean, std (sample,
+    n-1; None for one run), min, max, n_series, runs, averaged_over."""
+    out: dict[str, list[dict]] = {}
+    for name in col.swept:
+        members = [(g, r) for g in col.groups for r in g.finished if name in _swept_in(r, col)]
+        if not any(evaluates_by_step(r) for _, r in members):
+            continue
+        buckets: dict[str, dict] = {}
+        for g, r in members:
+            series = {int(e["step"]): e[metric] for e in evaluations_of(r)
+                      if e.get(metric) is not None and e.get("step") is not None}
+            if not series:
+                continue
+            value = g.values.get(name)
+            key = json.dumps([value, g.differs], sort_keys=True, default=str)
+            b = buckets.setdefault(key, {"value": value, "differs": dict(g.differs), "groups": [], "series": [],
+                                         "runs": []})
+            if g not in b["groups"]:
+                b["groups"].append(g)
+            b["series"].append(series)
+            b["runs"].append(r.path.name)
+        curves = []
+        for b in buckets.values():
+            steps = sorted(set.intersection(*(set(s) for s in b["series"])))
+            per_step = [[s[x] for s in b["series"]] for x in steps]
+            others = [k for k in col.swept if k != name and
+                      len({json.dumps(g.values.get(k), sort_keys=True) for g in b["groups"]}) > 1]
+            text = f"{name}={value_text(b['value'])}"
+            if b["differs"]:
+                text += " [" + ", ".join(f"{k}={value_text(v)}" for k, v in b["differs"].items()) + "]"
+            curves.append({"value": b["value"], "differs": b["differs"], "label": text, "steps": steps,
+                           "mean": [statistics.fmean(v) for v in per_step],
+                           "std": [statistics.stdev(v) if len(v) > 1 else None for v in per_step],
+                           "min": [min(v) for v in per_step], "max": [max(v) for v in per_step],
+                           "n_series": len(b["series"]), "runs": sorted(b["runs"]),
+                           "averaged_over": {k: _distinct(g.values.get(k) for g in b["groups"]) for k in others}})
+        curves.sort(key=lambda c: (bool(c["differs"]), _value_key(col.manifests, name, c["value"]), c["label"]))
+        if curves:
+            out[name] = curves
+    return out
+
+
+def _value_key(manifests: dict, name: str, v: Any) -> tuple:
+    """A value's place in the order the grids listed it, then by number, then by text."""
+    opts: list = []
+    for data in manifests.values():
+        opts += [o for o in data.get("grid", {}).get("swept", {}).get(name, []) if o not in opts]
+    words = v if isinstance(v, list) else [_word(v)]
+    number = float(v) if isinstance(v, (int, float)) and not isinstance(v, bool) else 0.0
+    return (opts.index(words) if words in opts else len(opts), number, str(v))
+
+
+# -- method comparison --------------------------------------------------------------------------------------
+def adapter_size(r: Run) -> tuple[Optional[int], Optional[str]]:
+    """Bytes of the saved trainable weights and where the number comes from: metrics.json `adapter_bytes`
+    ("recorded"), else the files in the run's adapter/ except its model card ("measured"), else (None, None)."""
+    recorded = (r.metrics or {}).get("adapter_bytes")
+    if isinstance(recorded, int) and not isinstance(recorded, bool):
+        return recorded, "recorded"
+    folder = r.path / "adapter"
+    if folder.is_dir():
+        files = [p for p in folder.rglob("*") if p.is_file() and p.relative_to(folder).as_posix() != "README.md"]
+        if files:
+            return sum(p.stat().st_size for p in files), "measured"
+    return None, None
+
+
+def _seconds_per_epoch(r: Run) -> Optional[float]:
+    """metrics.json `train_seconds_per_epoch`, else the same quotient from train_seconds and the epochs
+    trained (steps / steps per epoch), which older runs record."""
+    m = r.metrics or {}
+    if m.get("train_seconds_per_epoch") is not None:
+        return m["train_seconds_per_epoch"]
+    epochs = m.get("epochs_trained") or run_info(r).get("epochs_trained")
+    return m["train_seconds"] / epochs if m.get("train_seconds") is not None and epochs else None
+
+
+def _latency(r: Run, batch: int, stat: str) -> Optional[float]:
+    return (((r.metrics or {}).get("latency") or {}).get(f"batch_{batch}") or {}).get(stat)
+
+
+# Method-table columns whose value a run may lack (older ft.py): column -> (metrics.json field, reader).
+METHOD_FIELDS = {
+    "adapter_bytes": ("adapter_bytes and the run has no adapter/ folder", lambda r: adapter_size(r)[0]),
+    "train_seconds_per_epoch": ("train_seconds_per_epoch nor train_seconds", _seconds_per_epoch),
+    "peak_memory_bytes": ("peak_memory_bytes", lambda r: (r.metrics or {}).get("peak_memory_bytes")),
+    "train_tokens_per_s": ("train_tokens_per_s", lambda r: (r.metrics or {}).get("train_tokens_per_s")),
+    "latency_b1_ms": ("latency.batch_1", lambda r: _latency(r, 1, "median_ms")),
+    "latency_b8_ms": ("latency.batch_8", lambda r: _latency(r, 8, "median_ms")),
+}
+
+
+def methods_compared(col: Collection) -> list[str]:
+    """The methods of the finished runs in the usual order; the method table exists when there are two."""
+    found = _distinct(r.method for r in col.runs if r.finished)
+    return sorted(found, key=lambda m: (METHOD_ORDER.index(m) if m in METHOD_ORDER else len(METHOD_ORDER), m))
+
+
+def method_rows(col: Collection, metrics: list[str]) -> list[dict]:
+    """One row per configuration (= method and the values of the other swept fields), ordered by method;
+    each value over the configuration's finished runs (seeds). A value some runs lack is over the runs
+    that have it (``<column>_n``); a value none has is None."""
+    order = methods_compared(col)
+    rows = []
+    for g in col.groups:
+        done = g.finished
+        if not done:
+            continue
+        method = g.values.get("method") or done[0].method
+        row: dict[str, Any] = {"method": method, "group": g, "label": label(g, col.swept),
+                               "settings": {k: g.values.get(k) for k in col.swept if k != "method"},
+                               "differs": dict(g.differs), "n_runs": len(done),
+                               "seeds": sorted(r.config.get("seed") for r in done), "runs": [r.path.name for r in done]}
+        params = [(r.metrics.get("parameters") or r.resolved.get("parameters") or {}) for r in done]
+        row["trainable_params"] = _common(p.get("trainable") for p in params)
+        row["total_params"] = _common(p.get("total") for p in params)
+        pct = [100.0 * p["trainable"] / p["total"] for p in params if p.get("trainable") is not None and p.get("total")]
+        row["trainable_pct"] = statistics.fmean(pct) if pct else None
+        for col_name, (_, read) in METHOD_FIELDS.items():
+            values = [v for v in (read(r) for r in done) if v is not None]
+            row[f"{col_name}_n"] = len(values)
+            row[f"{col_name}_mean"], row[f"{col_name}_std"] = mean_std(values)
+            if col_name == "peak_memory_bytes":
+                row["peak_memory_bytes_max"] = max(values) if values else None
+        row["adapter_bytes_source"] = "/".join(sorted({s for s in (adapter_size(r)[1] for r in done) if s})) or None
+        for stat in ("median_ms", "p95_ms"):
+            for b in (1, 8):
+                row[f"latency_b{b}_{stat}_mean"], _ = mean_std([_latency(r, b, stat) for r in done])
+        for m in metrics:
+            row[f"{m}_mean"], row[f"{m}_std"] = mean_std([r.metrics.get("final", {}).get(m) for r in done])
+        row.update({k: v for k, v in baseline_columns(g, metrics).items()
+                    if k in ("vs_baseline_metric", "vs_baseline_margin", "beats_baseline", "eval_split",
+                             "eval_examples")})
+        rows.append(row)
+    rows.sort(key=lambda r: (order.index(r["method"]) if r["method"] in order else len(order),
+                             col.groups.index(r["group"])))
+    return rows
