@@ -23,7 +23,6 @@ from typing import Optional, Sequence
 from qlora_cls.cli import parse_dataclass
 from qlora_cls.config import EvalConfig
 from qlora_cls.errors import UsageError
-from qlora_cls.runs import load_run_config  # noqa: F401  (kept importable from here, as before)
 
 log = logging.getLogger("eval")
 

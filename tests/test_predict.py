@@ -259,6 +259,34 @@ def test_eval_on_a_merged_folder(merged, mrpc, rows, tmp_path):
     assert result["merged"]["merged_into"] == "original-16bit"
 
 
+def test_regression_merged_folder_writes_the_score(merged, rows, tmp_path):
+    """STS-B-like: one output, no label names; the column is `score`, the raw output of the head."""
+    import torch
+    from transformers import AutoModelForSequenceClassification
+    folder, template, _ = merged
+    reg = tmp_path / "stsb-merged"
+    shutil.copytree(folder, reg)
+    model = AutoModelForSequenceClassification.from_pretrained(folder, num_labels=1, problem_type="regression",
+                                                               ignore_mismatched_sizes=True, dtype=torch.float32)
+    with torch.no_grad():
+        model.score.weight.normal_(0, 1.0)
+    model.save_pretrained(reg)
+    info = json.loads((reg / "qlora_cls.json").read_text())
+    (reg / "qlora_cls.json").write_text(json.dumps({**info, "task": "stsb", "label_names": None, "num_labels": 1}))
+    model.eval()
+    from transformers import AutoTokenizer
+    tok = AutoTokenizer.from_pretrained(reg)
+    with torch.no_grad():
+        oracle = [float(model(**tok(template.format(**r), truncation=True, max_length=64,
+                                    return_tensors="pt")).logits[0, 0]) for r in rows[:5]]
+    out = tmp_path / "out.csv"
+    predict.main(["--results_path", str(reg), "--input", str(_write_jsonl(tmp_path / "in.jsonl", rows[:5])),
+                  "--output", str(out)])
+    got = _read(out)
+    assert list(got[0]) == ["idx", "score"]
+    assert np.abs(np.array([float(r["score"]) for r in got]) - oracle).max() < 1e-5
+
+
 def test_merged_folder_refusals(merged, runs, rows, tmp_path, capsys):
     folder, _, _ = merged
     a, _ = runs
