@@ -87,7 +87,7 @@ def _header(source, id_column: Optional[str]) -> list[str]:
     return ([id_column] if id_column else []) + values
 
 
-def _check_input(inp, columns: Sequence[str], id_column: Optional[str], skip: bool) -> tuple[int, list[int], Optional[str]]:
+def _check_input(inp, columns: Sequence[str], skip: bool) -> tuple[int, list[int], Optional[str]]:
     """Every row checked before any prediction: (rows, bad row numbers, first problem)."""
     if inp.header is not None:
         absent = [c for c in columns if c not in inp.header]
@@ -136,7 +136,7 @@ def predict_file(pcfg: PredictConfig) -> dict:
     columns = list(dict.fromkeys(c for s in sources for c in s.columns))
     with InputFile(pcfg.input, pcfg.input_format) as inp, ExitStack() as outputs:
         id_column = _id_column(pcfg, inp)
-        total, bad, first_problem = _check_input(inp, columns, id_column, pcfg.skip_bad_rows)
+        total, bad, first_problem = _check_input(inp, columns, pcfg.skip_bad_rows)
 
         # -- model: the base once, an adapter per run ---------------------------------------------------
         accelerator = Accelerator(mixed_precision=sources[0].resolved.get("mixed_precision"))

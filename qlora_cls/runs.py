@@ -88,7 +88,10 @@ class Source:
             return {"merged folder": str(self.path.resolve())}
         config = self.records.get("config", {})
         key = {name: config.get(name) for name in SHARED_BASE_FIELDS}
-        key["model_dir"] = self.cfg.model_dir or "the embedded model"  # after a --model_dir override
+        model = self.cfg.model_dir  # after a --model_dir override
+        # the same folder written two ways (relative, absolute) is the same base; a hub id stays as it is
+        key["model_dir"] = ("the embedded model" if model is None
+                            else str(Path(model).resolve()) if Path(model).exists() else model)
         key["method"] = config.get("method") or ("qlora" if config.get("load_in_4bit") else "lora")
         key["num_labels"] = self.num_labels
         key["head_modules"] = self.resolved.get("head_modules")
