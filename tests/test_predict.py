@@ -247,6 +247,21 @@ def test_merged_folder_predicts_as_plain_transformers(merged, rows, tmp_path):
     assert [r["prediction"] for r in got] == [names[k] for k in oracle.argmax(1)]
 
 
+@pytest.mark.slow
+def test_merged_folder_needs_neither_peft_nor_bitsandbytes(merged, rows, tmp_path):
+    """A merged folder is plain transformers: predicting with it imports neither library (a fresh process)."""
+    folder, _, _ = merged
+    inp = _write_csv(tmp_path / "in.csv", rows[:4])
+    code = ("import sys, predict; predict.main(sys.argv[1:]); "
+            "print('imported:', sorted(m for m in ('peft', 'bitsandbytes') if m in sys.modules))")
+    proc = subprocess.run([sys.executable, "-c", code, "--results_path", str(folder), "--input", str(inp),
+                           "--output", str(tmp_path / "out.csv")], capture_output=True, cwd=REPO, timeout=300,
+                          env=dict(os.environ, OMP_NUM_THREADS="1"))
+    assert proc.returncode == 0, proc.stderr.decode()[-2000:]
+    assert proc.stdout.decode().strip().splitlines()[-1] == "imported: []"
+    assert len(_read(tmp_path / "out.csv")) == 4
+
+
 def test_eval_on_a_merged_folder(merged, mrpc, rows, tmp_path):
     folder, template, _ = merged
     result = eval_cli.main(["--results_path", str(folder), "--dataset", mrpc, "--max_eval_samples", str(N),
