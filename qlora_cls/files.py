@@ -14,7 +14,7 @@ import os
 import shutil
 import tempfile
 from pathlib import Path
-from typing import Any, Iterable, Iterator, Sequence
+from typing import IO, Any, Iterable, Iterator, Sequence
 
 
 def atomic_write_text(path: str | os.PathLike, text: str) -> None:
@@ -35,12 +35,21 @@ def make_temp_dir(parent: str | os.PathLike, name: str) -> Path:
 
 
 def atomic_write_bytes(path: str | os.PathLike, data: bytes) -> None:
+    with atomic_open(path, binary=True) as f:
+        f.write(data)
+
+
+@contextlib.contextmanager
+def atomic_open(path: str | os.PathLike, binary: bool = False) -> Iterator[IO]:
+    """A file written bit by bit (e.g. a stream of CSV rows) under a temporary name beside ``path``: flushed
+    to disk and renamed into place when the block ends normally, removed when it raises, so ``path`` holds
+    the old complete file or the new one. Text mode: UTF-8, newlines as written (what the csv module wants)."""
     path = Path(path)
     fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
     try:
         os.fchmod(fd, 0o666 & ~_umask())  # mkstemp makes it 0600; a plain open() would honour the umask
-        with os.fdopen(fd, "wb") as f:
-            f.write(data)
+        with (os.fdopen(fd, "wb") if binary else os.fdopen(fd, "w", encoding="utf-8", newline="")) as f:
+            yield f
             f.flush()
             os.fsync(f.fileno())
         os.replace(tmp, path)
