@@ -90,7 +90,7 @@ def test_dry_run_resolves_gradient_checkpointing_auto(mrpc, capsys):
     out = ft.main(["--model_dir", str(LLAMA3_8B), "--dataset", mrpc, "--dry_run",
                    "--bnb_4bit_compute_dtype", "bfloat16"])["dry_run"]
     assert "gradient checkpointing off" in capsys.readouterr().out
-    assert out["per_process_bytes"] > 30 * 1024 ** 3  # 8 x 512 tokens without checkpointing: ~40 GiB
+    assert out["per_process_bytes"] > 30 * 1024 ** 3  # 8 x 512 tokens without checkpointing: ~36 GiB
 
 
 def _peak_cpu_bytes(model, batch) -> int:
