@@ -113,11 +113,11 @@ def _peak_cpu_bytes(model, batch) -> int:
 
 
 @pytest.mark.slow
-@pytest.mark.parametrize("checkpointing", [False, True])
-def test_activation_estimate_bounds_the_measured_peak_within_2x(tiny_model, checkpointing):
+@pytest.mark.parametrize("checkpointing,padded", [(False, True), (True, True), (False, False)])
+def test_activation_estimate_bounds_the_measured_peak_within_2x(tiny_model, checkpointing, padded):
     """The training-batch activation figure vs the real peak of a forward + backward of the tiny model
-    (4-bit, LoRA, a padded batch of 2 x 256 tokens): never below it, at most twice it (measured 1.2-1.5x;
-    it was 2.3x at 200 tokens while attention probabilities that SDPA never stores were counted)."""
+    (4-bit, LoRA, 2 x 256 tokens): never below it, at most twice it. Measured: 1.2-1.6x; with the attention
+    probabilities that SDPA never stores still counted it was 2.5x on the unpadded batch."""
     import torch
 
     from qlora_cls.modeling import add_lora, load_base_model, load_tokenizer
@@ -128,7 +128,8 @@ def test_activation_estimate_bounds_the_measured_peak_within_2x(tiny_model, chec
     model.train()
     torch.manual_seed(0)
     mask = torch.ones(batch_size, length, dtype=torch.long)
-    mask[1::2, -length // 4:] = 0  # half the rows padded, as in a length-grouped batch
+    if padded:
+        mask[1::2, -length // 4:] = 0  # half the rows padded, as in a length-grouped batch
     batch = {"input_ids": torch.randint(5, 1000, (batch_size, length)), "attention_mask": mask,
              "labels": torch.tensor([0, 1] * (batch_size // 2))}
     model(**batch).loss.backward()  # first pass: lazy initialisations are not activations
