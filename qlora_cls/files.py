@@ -1,8 +1,11 @@
-"""Atomic file and folder writes: a reader (or a resume) sees the old complete file or the new one.
+"""Crash-safe file and folder writes: a reader (or a resume) sees the old complete file or the new one.
 
-A file is written under a temporary name in the same folder, flushed to disk and renamed into place;
-a folder is filled under a temporary name and renamed into place, so a half-written output never
-carries the final name.
+A file is written under a temporary name in the same folder, flushed to disk and renamed into place
+(one ``os.replace``: atomic). A folder is filled under a temporary name and moved into place; replacing
+an existing folder takes two renames (old one aside, new one in), because POSIX cannot rename a folder
+over a non-empty one. That is crash-safe but not atomic: between the two renames the final name is
+briefly absent, never half-written (a crash there leaves the old folder as ``.NAME.old-PID`` beside it).
+Data is fsynced before a rename and the parent folder after it, so a power cut keeps the same promise.
 """
 from __future__ import annotations
 
@@ -57,6 +60,19 @@ def atomic_open(path: str | os.PathLike, binary: bool = False) -> Iterator[IO]:
         with contextlib.suppress(FileNotFoundError):
             os.unlink(tmp)
         raise
+    fsync_dir(path.parent)
+
+
+def fsync_dir(folder: str | os.PathLike) -> None:
+    """Flush a folder's entries (a rename in it) to disk; a no-op where folders cannot be opened (Windows)."""
+    try:
+        fd = os.open(folder, os.O_RDONLY)
+    except OSError:
+        return
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
 
 
 def atomic_write_json(path: str | os.PathLike, obj: Any) -> None:
@@ -73,7 +89,8 @@ def atomic_write_csv(path: str | os.PathLike, header: Sequence[str], rows: Itera
 
 @contextlib.contextmanager
 def atomic_dir(path: str | os.PathLike) -> Iterator[Path]:
-    """Yield a temporary folder; on success it replaces ``path`` in one rename (old one removed after)."""
+    """Yield a temporary folder; on success it is moved to ``path`` by ``replace_dir`` (crash-safe, not atomic:
+    an existing ``path`` is renamed aside first, so the name is absent for an instant)."""
     path = Path(path)
     tmp = make_temp_dir(path.parent, path.name)
     try:
@@ -85,12 +102,23 @@ def atomic_dir(path: str | os.PathLike) -> Iterator[Path]:
 
 
 def replace_dir(tmp: Path, path: Path) -> None:
-    """Move a complete folder into place; an existing one is renamed aside first, then removed."""
+    """Move a complete folder into place; an existing one is renamed aside first, then removed.
+
+    Two renames, not one: crash-safe (``path`` is the old complete folder, absent, or the new complete
+    one), not atomic (a reader between the renames finds no ``path``). The parent is fsynced after.
+    """
+    # The files first: a rename that reaches the disk before their data would name a truncated folder.
+    for sub in sorted(tmp.rglob("*")):
+        if sub.is_file():
+            with open(sub, "rb") as f:
+                os.fsync(f.fileno())
+    fsync_dir(tmp)
     old = None
     if path.exists():
         old = path.with_name(f".{path.name}.old-{os.getpid()}")
         os.replace(path, old)
     os.replace(tmp, path)
+    fsync_dir(path.parent)
     if old is not None:
         shutil.rmtree(old, ignore_errors=True)
 

@@ -15,7 +15,8 @@ and every figure is computed from shapes:
   keeps two fp32 states (8 bytes per parameter).
 * **activations** of the longest training batch (``--batch_size`` x the longest tokenized example,
   since padding is to the longest of a batch): per token and layer, the tensors autograd keeps for
-  backward in a Llama-style block (norms, q/k/v, attention, MLP, LoRA); with gradient checkpointing
+  backward in a Llama-style block (norms, q/k/v, attention, MLP, LoRA; attention probabilities only
+  under eager attention, a padding mask otherwise); with gradient checkpointing
   only each layer's input is kept plus one layer's full set during its recomputation. Plus the
   largest de-quantized weight, which exists transiently during each 4-bit matmul. It is an estimate
   (allocator caching, kernels' workspaces and the CUDA context, ~0.3-1 GB, are not in it).
@@ -109,12 +110,18 @@ def activation_bytes(config, tokens: int, seq_len: int, cfg, training: bool, lor
     kv = getattr(config, "num_key_value_heads", heads) * (h // heads)
     cb = _dtype_bytes(cfg.bnb_4bit_compute_dtype)
     rb = 4 if cfg.load_in_4bit else cb  # residual stream: fp32 embeddings/norms after prepare_model_for_kbit_training
-    attn = heads * seq_len  # attention probabilities per token when the kernel materialises them
+    # Attention probabilities (heads x seq_len per token and layer) exist only in eager attention. SDPA
+    # and flash kernels (transformers' default) keep none: counting them over-estimated the measured
+    # peak 2.3x at 200 tokens on the tiny model. They instead get one padding mask per batch, seq_len per
+    # token, shared by every layer. transformers has no public getter for the implementation in use.
+    eager = getattr(config, "_attn_implementation", "eager") == "eager"
+    attn = heads * seq_len if eager else 0
+    mask = seq_len * cb
     if not training:  # inference: one layer's working set at a time
-        return tokens * (3 * h * rb + (2 * h + 2 * kv + 3 * inter + attn) * cb)
+        return tokens * (3 * h * rb + (2 * h + 2 * kv + 3 * inter + attn) * cb + mask)
     lora = lora_targets * (h * cb + h + cfg.r * 4)  # dropout output + mask + lora_A output per target
     per_layer = 4 * h * rb + (5 * h + 3 * kv + 4 * inter + attn) * cb + lora
-    embed_and_head = 3 * h * rb
+    embed_and_head = 3 * h * rb + mask
     if cfg.gradient_checkpointing:
         return tokens * (layers * h * rb + per_layer + embed_and_head)
     return tokens * (layers * per_layer + embed_and_head)

@@ -220,20 +220,33 @@ def lora_config(cfg, plan: ModelPlan, fan_in_fan_out: bool = False):
 
 
 def meta_model(model_path: str, num_labels: int, trust_remote_code: bool = False):
-    """The architecture on the meta device: shapes and names without reading any weights."""
+    """The architecture on the meta device: shapes and names without reading any weights.
+
+    Under a ZeRO-3 launch transformers builds every model inside ``deepspeed.zero.Init``, which cannot
+    partition meta tensors, so transformers' DeepSpeed config is unset around the build with its public
+    ``unset_hf_deepspeed_config`` and given back with ``set_hf_deepspeed_config``. accelerate's
+    ``DeepSpeedPlugin.zero3_init_context_manager(enable=False)`` does not do it in accelerate 1.15: it
+    flips ``zero3_init_flag`` and then re-creates the same ZeRO-3 ``HfDeepSpeedConfig``, so
+    ``is_deepspeed_zero3_enabled()`` stays True inside it and the meta build fails with "Cannot copy out
+    of meta tensor" (checked with an Accelerator on ds_configs/zero3.json).
+    """
     from accelerate import init_empty_weights
     from transformers import AutoConfig, AutoModelForSequenceClassification
-    from transformers.integrations import deepspeed as hf_deepspeed
+    from transformers.integrations import is_deepspeed_zero3_enabled, set_hf_deepspeed_config, unset_hf_deepspeed_config
     config = AutoConfig.from_pretrained(model_path, num_labels=num_labels, trust_remote_code=trust_remote_code)
-    # Under a ZeRO-3 launch transformers would build this inside deepspeed.zero.Init, which cannot
-    # partition meta tensors; switched off here as accelerate's zero3_init_context_manager(False) does.
-    saved = hf_deepspeed._hf_deepspeed_config_weak_ref
-    hf_deepspeed._hf_deepspeed_config_weak_ref = None
+    owner = None
+    if is_deepspeed_zero3_enabled():
+        from accelerate.state import AcceleratorState, is_initialized
+        # transformers only holds a weak reference: the object lives in accelerate's plugin (``dschf``).
+        owner = AcceleratorState().deepspeed_plugin if is_initialized() else None
+        if owner is not None:
+            unset_hf_deepspeed_config()
     try:
         with init_empty_weights():
             return AutoModelForSequenceClassification.from_config(config, trust_remote_code=trust_remote_code)
     finally:
-        hf_deepspeed._hf_deepspeed_config_weak_ref = saved
+        if owner is not None:
+            set_hf_deepspeed_config(owner.dschf)
 
 
 def disable_cpu_weight_repacking(model) -> int:

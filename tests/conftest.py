@@ -110,8 +110,9 @@ def sweep_flags(model: str, dataset: str) -> list[str]:
 @pytest.fixture(scope="session")
 def tiny_sweep(tiny_model, mrpc, tmp_path_factory):
     """A 2 prompts x 2 seeds sweep through `accelerate launch`, stopped by SIGTERM while the second run
-    trains (after its first log line), then resumed (plain python launcher). Shared by test_sweep.py
-    and test_report.py."""
+    trains (once it has logged step 2: tests/hooks/sitecustomize.py holds it there until the signal has
+    reached it, so it is interrupted at step 2 on any machine), then resumed (plain python launcher).
+    Shared by test_sweep.py and test_report.py."""
     import json
     import signal
     import subprocess
@@ -123,13 +124,14 @@ def tiny_sweep(tiny_model, mrpc, tmp_path_factory):
     sweep_dir = root / "prompts"
     args = ["--sweep_dir", str(sweep_dir), "--eval_prompts", "none", "perfect", "--prompt", "none", "perfect",
             "--seed", "1", "2", *sweep_flags(tiny_model, mrpc)]
-    env = dict(os.environ, OMP_NUM_THREADS="2")
+    marker = root / "stop-now"
+    env = dict(os.environ, OMP_NUM_THREADS="2", PYTHONPATH=str(REPO / "tests" / "hooks"),
+               QLORA_TEST_STOP_POINT="prompt=none,seed=2", QLORA_TEST_STOP_STEP="2", QLORA_TEST_STOP_MARKER=str(marker))
     with open(root / "first.log", "w") as log:
         proc = subprocess.Popen([sys.executable, str(REPO / "sweep.py"), "--launcher", "accelerate", *args],
                                 cwd=root, stdout=log, stderr=subprocess.STDOUT, env=env)
-        second = sweep_dir / "prompt=none,seed=2"
         deadline = time.monotonic() + 300
-        while proc.poll() is None and not (second / "train_log.jsonl").is_file() and time.monotonic() < deadline:
+        while proc.poll() is None and not marker.exists() and time.monotonic() < deadline:
             time.sleep(0.05)
         proc.send_signal(signal.SIGTERM)  # what a cluster sends before pre-emption; Ctrl-C works alike
         first_code = proc.wait(timeout=300)

@@ -214,3 +214,13 @@ def test_shipped_accelerate_config_parses():
     from accelerate.commands.config.config_args import ClusterConfig
     cfg = ClusterConfig.from_yaml_file(str(Path(__file__).resolve().parent.parent / "accelerate_config.yaml"))
     assert str(cfg.distributed_type).endswith("MULTI_GPU") and cfg.num_processes > 1
+
+
+def test_command_line_wins_over_config_file_even_at_the_default(tmp_path):
+    f = tmp_path / "run.yaml"
+    f.write_text("r: 4\nload_in_4bit: false\nmax_steps: 7\n")
+    cfg = parse(["--config", str(f), "--r", "8", "--max_steps", "none"])  # 8 is also the field's default
+    assert (cfg.r, cfg.load_in_4bit, cfg.max_steps) == (8, False, None)
+    # the spellings HfArgumentParser adds mean the same fields
+    assert parse(["--no_load_in_4bit"]).load_in_4bit is False
+    assert parse(["--load-in-4bit", "off", "--lora-alpha", "4"]).lora_alpha == 4

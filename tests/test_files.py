@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import os
+from pathlib import Path
 
 import pytest
 
@@ -40,3 +41,22 @@ def test_a_failed_write_keeps_the_old_file_and_leaves_no_temporary(tmp_path, mon
             raise RuntimeError("killed mid-save")
     assert target.read_text() == "old\n"
     assert sorted(p.name for p in tmp_path.iterdir()) == ["metrics.json"]
+
+
+def test_folder_data_reaches_the_disk_before_the_rename_and_the_rename_after(tmp_path, monkeypatch):
+    """fsync order: the folder's files, then (after the rename) the parent folder that holds the new name."""
+    synced, real_fsync = [], os.fsync
+
+    def recording_fsync(fd):
+        synced.append((os.readlink(f"/proc/self/fd/{fd}"), (tmp_path / "adapter").exists()))
+        real_fsync(fd)
+
+    monkeypatch.setattr(os, "fsync", recording_fsync)
+    (tmp_path / "adapter").mkdir()  # an older folder of the same name is replaced
+    with atomic_dir(tmp_path / "adapter") as tmp:
+        (tmp / "sub").mkdir()
+        (tmp / "sub" / "w.bin").write_bytes(b"x")
+    names = [(Path(p).name, exists) for p, exists in synced]
+    assert names[0][0] == "w.bin" and names[-1] == (tmp_path.name, True)  # the parent, once the new name exists
+    assert (tmp_path / "adapter" / "sub" / "w.bin").read_bytes() == b"x"
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["adapter"]

@@ -28,10 +28,11 @@ def test_interrupted_sweep_resumes_without_rerunning_finished_points(tiny_sweep)
         assert (d / name / "metrics.json").stat().st_mtime_ns == mtime, name
     # the interrupted point continued in its own folder (with --resume) instead of starting elsewhere
     second_log = (d / "logs" / "prompt=none,seed=2.log").read_text()
-    # (it was stopped after its first log line: ft.py checkpoints on SIGTERM, unless it had already finished)
-    assert first["prompt=none,seed=2"]["status"] in ("interrupted", "finished")
-    if first["prompt=none,seed=2"]["status"] == "interrupted":
-        assert "--resume" in second_log and "resumed from checkpoint-" in second_log
+    # (it was stopped at step 2 by the fixture: ft.py checkpoints on SIGTERM; the second pass continues it)
+    assert first["prompt=none,seed=2"]["status"] == "interrupted"
+    assert "--resume" in second_log and "resumed from checkpoint-00000002 (step 2)" in second_log
+    interrupted = d / "prompt=none,seed=2"
+    assert [json.loads(x)["step"] for x in (interrupted / "train_log.jsonl").read_text().splitlines()] == [2, 4, 6]
     first_cmd = [line for line in second_log.splitlines() if line.startswith("### ")][0]
     assert "accelerate.commands.launch" in first_cmd  # the first pass went through accelerate launch
     for p in POINTS:
