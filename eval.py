@@ -49,6 +49,7 @@ def evaluate_run(ecfg: EvalConfig) -> Optional[dict]:
     from qlora_cls.data import DataSource
     from qlora_cls.evaluation import predict, prediction_table
     from qlora_cls.files import atomic_dir, atomic_write_csv, atomic_write_json, read_json
+    from qlora_cls.methods import has_saved_weights
     from qlora_cls.metrics import compute_metrics
     from qlora_cls.pipeline import build_model, check_model_paths, prepare_data, tokenizer_for
     from qlora_cls.prompts import load_template, parse_template
@@ -63,14 +64,15 @@ def evaluate_run(ecfg: EvalConfig) -> Optional[dict]:
         cfg.tokenizer_dir = ecfg.model_dir
     adapter_dir = run_dir / ecfg.adapter
     summary = read_json(run_dir / "metrics.json") if (run_dir / "metrics.json").is_file() else None
-    if not ecfg.base_only and not (adapter_dir / "adapter_config.json").is_file():
+    if not ecfg.base_only and not has_saved_weights(adapter_dir):
         if summary is not None and ecfg.adapter == "adapter_best" and not summary.get("has_adapter_best"):
             raise UsageError(f"{run_dir} has no adapter_best/: its best epoch ({summary.get('best_epoch')}) was the "
                              f"final one, so adapter/ holds it (evaluate with --adapter adapter)"
                              if summary.get("best_epoch") is not None else
                              f"{run_dir} has no adapter_best/: no epoch was selected (final protocol: trained on "
                              f"the validation split); adapter/ holds the last epoch")
-        raise UsageError(f"{adapter_dir} has no adapter (adapter_config.json); the run may be unfinished "
+        raise UsageError(f"{adapter_dir} has no trained weights (adapter_config.json, or weights.safetensors with "
+                         f"qlora_cls_method.json); the run may be unfinished "
                          f"(resume it with ft.py --resume) or use --base_only")
     if summary is None and not ecfg.base_only:
         log.warning("%s has no metrics.json: the run did not finish; evaluating the weights in %s (saved at the "

@@ -73,7 +73,8 @@ def train(cfg: TrainConfig) -> Optional[dict]:
     from qlora_cls.hardware import resolve_gradient_checkpointing
     from qlora_cls.files import append_jsonl, atomic_write_csv, atomic_write_json, atomic_write_text
     from qlora_cls.metrics import compute_metrics
-    from qlora_cls.modeling import meta_model, parameter_counts, plan_model, quantization_config
+    from qlora_cls import methods
+    from qlora_cls.modeling import meta_model, parameter_counts, quantization_config
     from qlora_cls.pipeline import build_model, check_model_paths, prepare_data, tokenizer_for
     from qlora_cls.preflight import preflight
     from qlora_cls.prompts import load_template
@@ -111,7 +112,8 @@ def train(cfg: TrainConfig) -> Optional[dict]:
         check_trainable(data.task.splits[s], s, cfg.label_column)
     # Head and LoRA targets resolved from the architecture (meta device, no weights read): a bad
     # --target_modules fails here, and config.json records what the presets meant for this model.
-    plan = plan_model(meta_model(model_path, spec.num_labels, cfg.trust_remote_code), cfg.target_modules)
+    plan = methods.plan(cfg, meta_model(model_path, spec.num_labels, cfg.trust_remote_code))
+    budget = methods.resolve_param_budget(cfg, model_path, spec.num_labels)  # sets --r / --adapter_bottleneck
     resolve_gradient_checkpointing(cfg, model_path, spec.num_labels,  # auto: from the estimate on a GPU, off on CPU
                                    max(max(data.batchers[s].lengths) for s in cfg.train_splits), accelerator)
 
@@ -147,7 +149,7 @@ def train(cfg: TrainConfig) -> Optional[dict]:
     epochs = math.ceil(total_steps / steps_per_epoch)
     warmup_steps = math.ceil(cfg.warmup_ratio * total_steps)
 
-    # -- 3. Model: 4-bit base + head + LoRA, on this process's device. -------------------------------
+    # -- 3. Model: base (4-bit or not) + head + what --method trains, on this process's device. -------
     model = build_model(cfg, model_path, tokenizer, spec.num_labels, accelerator, zero3=zero3, head=plan.head)
     counts = parameter_counts(model)
     log.info("trainable parameters: %s of %s (%.3f%%)", f"{counts['trainable']:,}", f"{counts['total']:,}",
@@ -172,7 +174,7 @@ def train(cfg: TrainConfig) -> Optional[dict]:
                      "steps_per_epoch": steps_per_epoch, "total_steps": total_steps, "warmup_steps": warmup_steps,
                      "global_batch_size": cfg.batch_size * world * accum,
                      "mixed_precision": accelerator.mixed_precision, "distributed_type": str(accelerator.distributed_type),
-                     "baseline": baseline},
+                     "baseline": baseline, "param_budget": budget},
         "environment": {"world_size": world, "packages": utils.package_versions(), "git_commit": utils.git_commit(),
                         "hardware": utils.hardware_info(), "started": datetime.now().isoformat(timespec="seconds")},
     }
@@ -182,9 +184,8 @@ def train(cfg: TrainConfig) -> Optional[dict]:
     if accelerator.is_main_process and not resuming:
         atomic_write_json(run_dir / "config.json", records)
         atomic_write_json(run_dir / "quant_config.json", quant)
-        lora = accelerator.unwrap_model(model).peft_config["default"].to_dict()
-        atomic_write_json(run_dir / "lora_config.json",
-                          {k: sorted(v) if isinstance(v, set) else v for k, v in lora.items()})
+        name, settings = methods.config_record(cfg, accelerator.unwrap_model(model))  # lora_config.json, ...
+        atomic_write_json(run_dir / name, settings)
         atomic_write_text(run_dir / "prompt.txt", template.text + "\n")
     # accelerate's tracker writes to <logging_dir>/<project name>: the events land in the run folder itself,
     # so `tensorboard --logdir results` (or a sweep folder) names the run after its folder.
@@ -292,7 +293,7 @@ def train(cfg: TrainConfig) -> Optional[dict]:
         is_best = select_best and bool(scores) and (progress["best"] is None or scores[spec.main_metric] > progress["best"]["score"])
         if is_best:
             progress["best"] = {"epoch": epoch, "step": global_step, "score": scores[spec.main_metric]}
-            _save_adapter(accelerator, model, run_dir / "adapter_best", zero3)
+            _save_adapter(accelerator, model, run_dir / "adapter_best", zero3, cfg)
         progress.update(epoch=epoch + 1, batch_in_epoch=0)
         finished = global_step >= total_steps
         if not finished:  # the final state is saved as adapter/ just below
@@ -302,7 +303,7 @@ def train(cfg: TrainConfig) -> Optional[dict]:
     bar.close()
 
     # -- 7. Final outputs: adapter/ (final weights) with its metrics and predictions. ------------------
-    _save_adapter(accelerator, model, run_dir / "adapter", zero3)
+    _save_adapter(accelerator, model, run_dir / "adapter", zero3, cfg)
     if os.environ.get("QLORA_DEBUG_RANK_FILES"):  # test hook: every process's final trainable weights
         from safetensors.torch import save_file
         save_file(checkpoint.trainable_state(accelerator.unwrap_model(model)),
@@ -374,7 +375,8 @@ def _results_dir(cfg, prompt_name, accelerator, broadcast_object_list) -> Path:
     else:
         stamp = broadcast_object_list([datetime.now().strftime("%Y%m%d-%H%M%S")])[0]
         task = cfg.task if not cfg.train_file else Path(cfg.train_file).stem
-        path = RESULTS_DIR / f"{task}-{prompt_name}-r{cfg.r}-{stamp}"
+        from qlora_cls.methods import run_tag
+        path = RESULTS_DIR / f"{task}-{prompt_name}-{run_tag(cfg)}-{stamp}"  # r8 (qlora), lora-r8, adapter-b64...
     utils.check_results_path(path, cfg.resume)
     accelerator.wait_for_everyone()
     if accelerator.is_main_process:
@@ -411,14 +413,15 @@ def _optimizer(cfg: TrainConfig, params):
     return cls(params, lr=cfg.lr, weight_decay=cfg.weight_decay)
 
 
-def _save_adapter(accelerator, model, path: Path, zero3: bool) -> None:
-    """Adapter weights including the head (PEFT modules_to_save), as safetensors, atomically."""
+def _save_adapter(accelerator, model, path: Path, zero3: bool, cfg: TrainConfig) -> None:
+    """The trained weights including the head, as safetensors, atomically (format by method: methods.py)."""
     from qlora_cls.files import atomic_dir
+    from qlora_cls.methods import save_trainable
     # Under ZeRO-3 the weights are sharded: gathering them is collective, so every process joins.
     state_dict = accelerator.get_state_dict(model) if zero3 else None
     if accelerator.is_main_process:
         with atomic_dir(path) as tmp:
-            accelerator.unwrap_model(model).save_pretrained(tmp, safe_serialization=True, state_dict=state_dict)
+            save_trainable(accelerator.unwrap_model(model), tmp, cfg, state_dict)
     accelerator.wait_for_everyone()
 
 
