@@ -87,7 +87,8 @@ def adapter_targets(model) -> list[str]:
             raise UsageError(f"--method adapter: found {len(names)} {kind} output projections in "
                              f"{type(model).__name__} with {layers} layers; this architecture's blocks are not "
                              f"recognised (supported: Llama-style, GPT-2, BERT-style encoders)")
-    return sorted(found["attention"] + found["ffn"], key=lambda n: [int(p) if p.isdigit() else p for p in n.split(".")])
+    order = {name: i for i, (name, _) in enumerate(model.named_modules())}  # the model's own order
+    return sorted(found["attention"] + found["ffn"], key=order.__getitem__)
 
 
 def add_adapters(model, bottleneck: int, layernorm: bool, targets: Optional[list[str]] = None) -> list[str]:
