@@ -139,6 +139,9 @@ def write_model_card(adapter_dir: Path, records: dict, quant: dict, template: st
     weights = ("the final weights of the run" if which == "adapter" else
                f"the weights after epoch {best + 1 if best is not None else '?'} (the best on {split}), "
                f"kept beside the final ones in ../adapter/")
+    how_to_use = _own_format_use(adapter_dir, records) if own_format else (
+        "With stock PEFT (transformers + peft + bitsandbytes; the head comes from this folder):\n\n"
+        f"```python\n{_snippet(adapter_dir, records, quant, template)}\n```")
     text = f"""
 # {run.get('task', resolved.get('task'))} classifier: {TITLES[method]} for {run.get('model')}
 
@@ -176,11 +179,7 @@ Reproduce (from the qlora-cls repository):
 
 ## How to use
 
-{_own_format_use(adapter_dir, records) if own_format else f"""With stock PEFT (transformers + peft + bitsandbytes; the head comes from this folder):
-
-```python
-{_snippet(adapter_dir, records, quant, template)}
-```"""}
+{how_to_use}
 
 With qlora-cls, which rebuilds the model exactly as training did:
 
