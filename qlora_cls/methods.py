@@ -251,11 +251,10 @@ def count_trainable(cfg, model_path: str, num_labels: int) -> int:
 
 def _largest_size(cfg, model_path: str, num_labels: int) -> int:
     """Full rank for LoRA/DoRA (the smallest side of any target), the hidden width for adapters."""
-    import dataclasses
     arch = meta_model(model_path, num_labels, cfg.trust_remote_code)
     if cfg.method == "adapter":
         return min(_out_width(arch.get_submodule(n)) for n in adapter_targets(arch))
-    targets = plan(dataclasses.replace(cfg, r=1), arch).target_modules
+    targets = plan(cfg, arch).target_modules
     sides = [min(m.weight.shape) for full, m in arch.named_modules()
              if is_linear(m) and any(_matches(t, full) for t in targets)]
     return min(sides)

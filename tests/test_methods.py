@@ -20,7 +20,7 @@ from conftest import build_tiny_architecture
 METHODS = ("qlora", "lora", "dora", "ia3", "adapter", "full")
 ARCHS = ("llama", "roberta")
 # What each method trains, by parameter name (the head: PEFT's modules_to_save copy, or the head module itself).
-HEAD = {"llama": ("score.",), "roberta": ("classifier.",)}
+HEAD = {"llama": ("score.",), "gpt2": ("score.",), "roberta": ("classifier.",)}
 TRAINED = {"qlora": ("lora_A", "lora_B"), "lora": ("lora_A", "lora_B"),
            "dora": ("lora_A", "lora_B", "lora_magnitude_vector"), "ia3": ("ia3_l",), "adapter": (".adapter.",)}
 # Where adapters go, written out per family: each block's attention output and FFN output projection.
@@ -30,7 +30,7 @@ ADAPTED = {"llama": ("self_attn.o_proj", "mlp.down_proj"), "roberta": ("attentio
 @pytest.fixture(scope="module")
 def models(tmp_path_factory):
     root = tmp_path_factory.mktemp("methods")
-    return {arch: str(build_tiny_architecture(arch, root / arch)) for arch in ARCHS}
+    return {arch: str(build_tiny_architecture(arch, root / arch)) for arch in ARCHS + ("gpt2",)}
 
 
 def _cfg(path, method, **kw):
@@ -63,14 +63,19 @@ def _state(model):
     return out
 
 
-@pytest.mark.parametrize("arch", ARCHS)
-@pytest.mark.parametrize("method", METHODS)
-def test_only_the_intended_parameters_change(models, arch, method):
+SLOW = pytest.mark.slow
+CASES = ([("llama", m, "auto") for m in METHODS] + [pytest.param("roberta", m, "auto", marks=SLOW) for m in METHODS]
+         # GPT-2's Conv1D layers in 16 bit: PEFT needs fan_in_fan_out, the adapter the Conv1D's output width
+         + [pytest.param("gpt2", m, False, marks=SLOW) for m in ("lora", "dora", "ia3", "adapter")])
+
+
+@pytest.mark.parametrize("arch,method,four_bit", CASES)
+def test_only_the_intended_parameters_change(models, arch, method, four_bit):
     """Three 8-bit AdamW steps (ft.py's optimizer), then every parameter compared with its value before: those
     the method trains (hand-written name patterns; all of them for full) changed, every other one did not (the
     4-bit packed weights included), and an evaluation forward in between keeps gradients flowing (CPU repack)."""
     path = models[arch]
-    cfg = _cfg(path, method, lr=1e-2)
+    cfg = _cfg(path, method, lr=1e-2, load_in_4bit=four_bit)
     model = _build(path, cfg)
     before = _state(model)
     trainable = {n for n, p in model.named_parameters() if p.requires_grad}
@@ -160,6 +165,11 @@ def test_train_save_reload_equal(models, glue_fixture, tmp_path, arch, method):
         assert sum(v.numel() for v in saved.values()) == summary["parameters"]["trainable"]
     card = (run / "adapter" / "README.md").read_text()
     assert f"- **Method:** {summary['run']['method']}" in card and method in card
+    if method in ("adapter", "full"):  # not PEFT formats: the card's qlora-cls snippet loads the trained weights
+        scope = {}
+        exec(card.split("```python\n")[1].split("```")[0], scope)
+        loaded = dict(scope["model"].named_parameters())
+        assert saved and all(torch.equal(loaded[k].float(), v.float()) for k, v in saved.items())
     result = eval_cli.main(["--results_path", str(run)])
     assert result["metrics"] == {k: summary["final"][k] for k in result["metrics"]} and result["metrics"]
     assert filecmp.cmp(run / "predictions_validation.csv", run / "evals/validation-perfect/predictions.csv",
