@@ -64,6 +64,11 @@ FIELDS_ADDED_LATER = {"fast_cpu_dropout": False,
                       "adapter_bottleneck": 64, "adapter_layernorm": False, "param_budget": None}
 
 
+def with_fields_added_later(saved: dict) -> dict:
+    """A saved config with every field added since it was written, at the value that reproduces that run."""
+    return {**{k: v(saved) if callable(v) else v for k, v in FIELDS_ADDED_LATER.items()}, **saved}
+
+
 def check_resumable(run_dir: Path, config: dict, target_modules=None) -> None:
     """Refuse to resume a finished run, or one started with different settings.
 
@@ -76,8 +81,7 @@ def check_resumable(run_dir: Path, config: dict, target_modules=None) -> None:
         raise UsageError(f"--resume: {run_dir} already finished (metrics.json exists); nothing to resume")
     # A run saved before a field existed ran with that field's old behaviour, not with its new default.
     records = json.loads((run_dir / "config.json").read_text())
-    saved = {**{k: v(records["config"]) if callable(v) else v for k, v in FIELDS_ADDED_LATER.items()},
-             **records["config"]}
+    saved = with_fields_added_later(records["config"])
     if target_modules is not None:
         saved["target_modules"] = records.get("resolved", {}).get("target_modules", saved.get("target_modules"))
         config = {**config, "target_modules": list(target_modules)}

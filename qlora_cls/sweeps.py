@@ -264,7 +264,8 @@ class Manifest:
         if path.is_file():
             from .files import read_json
             data = read_json(path)
-            stored = {name: {"values": s.get("values"), "config": s.get("config")}
+            from .checkpoint import with_fields_added_later  # a sweep started before a field existed resumes
+            stored = {name: {"values": s.get("values"), "config": with_fields_added_later(s.get("config") or {})}
                       for name, s in data.get("points", {}).items()}
             if stored != wanted:
                 differs = sorted(set(stored) ^ set(wanted)) or sorted(

@@ -296,6 +296,25 @@ def test_a_run_saved_before_method_existed_resumes_as_it_ran(tmp_path):
             check_resumable(tmp_path, asdict(TrainConfig(method="dora", load_in_4bit=four_bit)))
 
 
+def test_a_sweep_started_before_method_existed_resumes(tmp_path):
+    """Its sweep.json holds configs without the method fields: read as they ran, the same sweep, not another."""
+    from qlora_cls import sweeps
+    g = sweeps.make_grid(["--seed", "1", "2", "--load_in_4bit", "false", "--model_dir", str(tmp_path / "m")], None)
+    pts = sweeps.points(g)
+    sweeps.Manifest.open(tmp_path / "s", g, pts, sweeps.validate(g, pts, tmp_path / "s"), [])
+    manifest = json.loads((tmp_path / "s" / "sweep.json").read_text())
+    for point in manifest["points"].values():
+        for k in ("method", "adapter_bottleneck", "adapter_layernorm", "param_budget"):
+            del point["config"][k]
+    (tmp_path / "s" / "sweep.json").write_text(json.dumps(manifest))
+    sweeps.Manifest.open(tmp_path / "s", g, pts, sweeps.validate(g, pts, tmp_path / "s"), [])  # no refusal
+    g2 = sweeps.make_grid(["--seed", "1", "2", "--method", "dora", "--load_in_4bit", "false", "--model_dir",
+                           str(tmp_path / "m")], None)
+    from qlora_cls.errors import UsageError
+    with pytest.raises(UsageError, match="method"):
+        sweeps.Manifest.open(tmp_path / "s", g2, pts, sweeps.validate(g2, pts, tmp_path / "s"), [])
+
+
 def test_methods_are_sweepable(tmp_path, capsys):
     import sweep
     code = sweep.main(["--sweep_dir", str(tmp_path / "s"), "--dry_run", "--method", *METHODS])
