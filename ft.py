@@ -170,6 +170,7 @@ class Run:
     model_path: str
     tokenizer: Any
     plan: Any  # modeling.ModelPlan: the head and the LoRA targets, resolved for this architecture
+    param_budget: Optional[dict]  # what --param_budget chose (methods.resolve_param_budget)
     zero3: bool
     select_best: bool  # False under the final protocol (the validation split is trained on)
     resuming: bool
@@ -211,7 +212,8 @@ def setup(cfg: TrainConfig):
     from qlora_cls.batching import DatasetTooSmall, train_batches
     from qlora_cls.data import DataSource, check_trainable, concat_batchers
     from qlora_cls.hardware import resolve_gradient_checkpointing
-    from qlora_cls.modeling import meta_model, plan_model
+    from qlora_cls import methods
+    from qlora_cls.modeling import meta_model
     from qlora_cls.pipeline import check_model_paths, prepare_data, tokenizer_for
     from qlora_cls.preflight import preflight
     from qlora_cls.prompts import load_template
@@ -247,7 +249,8 @@ def setup(cfg: TrainConfig):
         check_trainable(data.task.splits[s], s, cfg.label_column)
     # Head and LoRA targets resolved from the architecture (meta device, no weights read): a bad
     # --target_modules fails here, and config.json records what the presets meant for this model.
-    plan = plan_model(meta_model(model_path, spec.num_labels, cfg.trust_remote_code), cfg.target_modules)
+    plan = methods.plan(cfg, meta_model(model_path, spec.num_labels, cfg.trust_remote_code))
+    budget = methods.resolve_param_budget(cfg, model_path, spec.num_labels)  # sets --r / --adapter_bottleneck
     resolve_gradient_checkpointing(cfg, model_path, spec.num_labels,  # auto: from the estimate on a GPU, off on CPU
                                    max(max(data.batchers[s].lengths) for s in cfg.train_splits), accelerator)
 
@@ -279,14 +282,15 @@ def setup(cfg: TrainConfig):
     steps_per_epoch = batches_per_epoch // cfg.gradient_accumulation_steps
     total_steps = cfg.max_steps or cfg.epochs * steps_per_epoch  # --max_steps overrides --epochs
     return Run(cfg=cfg, accelerator=accelerator, dir=run_dir, data=data, train_rows=train_rows, eval_split=eval_split,
-               extra_splits=extra_splits, model_path=model_path, tokenizer=tokenizer, plan=plan, zero3=zero3, select_best=select_best,
+               extra_splits=extra_splits, model_path=model_path, tokenizer=tokenizer, plan=plan,
+               param_budget=budget, zero3=zero3, select_best=select_best,
                resuming=cfg.resume and bool(checkpoint.checkpoints(run_dir)), baseline=baseline,
                steps_per_epoch=steps_per_epoch, total_steps=total_steps,
                warmup_steps=math.ceil(cfg.warmup_ratio * total_steps))
 
 
 def build_training(run: Run):
-    """4-bit base + head + LoRA on this process's device, the optimizer and the schedule, prepared."""
+    """Base (4-bit or not) + head + what --method trains, on this process's device; optimizer and schedule, prepared."""
     from transformers import get_linear_schedule_with_warmup
 
     from qlora_cls.modeling import parameter_counts
@@ -308,6 +312,7 @@ def build_training(run: Run):
 def write_run_records(run: Run, model) -> None:
     """The run folder's settings (config.json first, so a crashed run still says what it was) and TensorBoard."""
     import utils
+    from qlora_cls import methods
     from qlora_cls import records as rec
     from qlora_cls.batching import padding_efficiency, train_batches
     from qlora_cls.modeling import quantization_config
@@ -326,7 +331,7 @@ def write_run_records(run: Run, model) -> None:
                 "steps_per_epoch": run.steps_per_epoch, "total_steps": run.total_steps,
                 "warmup_steps": run.warmup_steps, "global_batch_size": cfg.batch_size * world * accum,
                 "mixed_precision": accelerator.mixed_precision, "distributed_type": str(accelerator.distributed_type),
-                "baseline": run.baseline,
+                "baseline": run.baseline, "param_budget": run.param_budget,
                 "train_padding_efficiency": padding_efficiency(all_batches, run.train_rows.lengths)}
     quant = quantization_config(cfg, run.plan.head)
     run.quant = quant.to_dict() if quant else {"load_in_4bit": False}
@@ -339,9 +344,8 @@ def write_run_records(run: Run, model) -> None:
     if accelerator.is_main_process and not run.resuming:
         atomic_write_json(run.dir / "config.json", run.records)
         atomic_write_json(run.dir / "quant_config.json", run.quant)
-        lora = accelerator.unwrap_model(model).peft_config["default"].to_dict()
-        atomic_write_json(run.dir / "lora_config.json",
-                          {k: sorted(v) if isinstance(v, set) else v for k, v in lora.items()})
+        name, settings = methods.config_record(run.cfg, accelerator.unwrap_model(model))  # lora_config.json, ...
+        atomic_write_json(run.dir / name, settings)
         atomic_write_text(run.dir / "prompt.txt", run.data.template.text + "\n")
     # accelerate's tracker writes to <logging_dir>/<project name>: the events land in the run folder itself,
     # so `tensorboard --logdir results` (or a sweep folder) names the run after its folder.
@@ -396,7 +400,7 @@ def evaluate(run: Run, model, progress: dict, epoch: int, trigger: str):
     best = progress["best"]
     if run.select_best and scores and (best is None or scores[spec.main_metric] > best["score"]):
         progress["best"] = {"epoch": epoch, "step": step, "score": scores[spec.main_metric]}
-        _save_adapter(run.accelerator, model, run.dir / "adapter_best", run.zero3)
+        _save_adapter(run.accelerator, model, run.dir / "adapter_best", run.zero3, run.cfg)
     return logits
 
 
@@ -413,7 +417,7 @@ def finish(run: Run, model, progress: dict, logits) -> dict:
 
     cfg, accelerator, spec, run_dir = run.cfg, run.accelerator, run.spec, run.dir
     label_names, eval_rows = run.data.task.label_names, run.eval_rows
-    _save_adapter(accelerator, model, run_dir / "adapter", run.zero3)
+    _save_adapter(accelerator, model, run_dir / "adapter", run.zero3, cfg)
     # The final weights on the task's other evaluation splits (MNLI mismatched), reported beside the main one.
     extra = {}
     for split in run.extra_splits:
@@ -491,7 +495,8 @@ def _results_dir(cfg, prompt_name, accelerator, broadcast_object_list) -> Path:
     else:
         stamp = broadcast_object_list([datetime.now().strftime("%Y%m%d-%H%M%S")])[0]
         task = cfg.task if not cfg.train_file else Path(cfg.train_file).stem
-        path = RESULTS_DIR / f"{task}-{prompt_name}-r{cfg.r}-{stamp}"
+        from qlora_cls.methods import run_tag
+        path = RESULTS_DIR / f"{task}-{prompt_name}-{run_tag(cfg)}-{stamp}"  # r8 (qlora), lora-r8, adapter-b64...
     utils.check_results_path(path, cfg.resume)
     accelerator.wait_for_everyone()
     if accelerator.is_main_process:
@@ -514,14 +519,15 @@ def _optimizer(cfg: TrainConfig, params):
     return cls(params, lr=cfg.lr, weight_decay=cfg.weight_decay)
 
 
-def _save_adapter(accelerator, model, path: Path, zero3: bool) -> None:
-    """Adapter weights including the head (PEFT modules_to_save), as safetensors, atomically."""
+def _save_adapter(accelerator, model, path: Path, zero3: bool, cfg: TrainConfig) -> None:
+    """The trained weights including the head, as safetensors, atomically (format by method: methods.py)."""
     from qlora_cls.files import atomic_dir
+    from qlora_cls.methods import save_trainable
     # Under ZeRO-3 the weights are sharded: gathering them is collective, so every process joins.
     state_dict = accelerator.get_state_dict(model) if zero3 else None
     if accelerator.is_main_process:
         with atomic_dir(path) as tmp:
-            accelerator.unwrap_model(model).save_pretrained(tmp, safe_serialization=True, state_dict=state_dict)
+            save_trainable(accelerator.unwrap_model(model), tmp, cfg, state_dict)
     accelerator.wait_for_everyone()
 
 

@@ -68,8 +68,16 @@ def checkpoints(run_dir: Path) -> list[Path]:
 # Fields that may change between the interrupted command and the resuming one: they do not change
 # what is computed. Anything else differing would silently mix two experiments in one folder.
 RESUME_MAY_CHANGE = ("resume", "log_every", "checkpoint_every", "keep_checkpoints", "eval_batch_size", "latency_calls")
-# Fields added after runs already existed: the value that reproduces what those runs did.
-FIELDS_ADDED_LATER = {"fast_cpu_dropout": False, "eval_every": 0}
+# Fields added after runs already existed: the value that reproduces what those runs did (a function of the
+# saved config where it depends on it: before --method, load_in_4bit alone said qlora or lora).
+FIELDS_ADDED_LATER = {"fast_cpu_dropout": False, "eval_every": 0,
+                      "method": lambda saved: "qlora" if saved.get("load_in_4bit", True) else "lora",
+                      "adapter_bottleneck": 64, "adapter_layernorm": False, "param_budget": None}
+
+
+def with_fields_added_later(saved: dict) -> dict:
+    """A saved config with every field added since it was written, at the value that reproduces that run."""
+    return {**{k: v(saved) if callable(v) else v for k, v in FIELDS_ADDED_LATER.items()}, **saved}
 
 
 def check_resumable(run_dir: Path, config: dict, target_modules=None) -> None:
@@ -84,7 +92,7 @@ def check_resumable(run_dir: Path, config: dict, target_modules=None) -> None:
         raise UsageError(f"--resume: {run_dir} already finished (metrics.json exists); nothing to resume")
     # A run saved before a field existed ran with that field's old behaviour, not with its new default.
     records = json.loads((run_dir / "config.json").read_text())
-    saved = {**FIELDS_ADDED_LATER, **records["config"]}
+    saved = with_fields_added_later(records["config"])
     if target_modules is not None:
         saved["target_modules"] = records.get("resolved", {}).get("target_modules", saved.get("target_modules"))
         config = {**config, "target_modules": list(target_modules)}

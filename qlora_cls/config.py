@@ -21,6 +21,7 @@ DTYPES = ("bfloat16", "float16", "float32")
 OPTIMIZERS = ("adamw_8bit", "paged_adamw_8bit", "adamw_torch")
 QUANT_TYPES = ("nf4", "fp4")
 MIXED_PRECISION = ("no", "bf16", "fp16")
+METHODS = ("qlora", "lora", "dora", "ia3", "adapter", "full")
 SPLITS_HINT = "train, validation, test (validation_matched/test_matched for mnli)"
 
 
@@ -36,7 +37,15 @@ class TrainConfig:
         "(reference: meta-llama/Meta-Llama-3-8B)"))
     tokenizer_dir: Optional[str] = field(default=None, metadata=_help("tokenizer hub id or folder; none = model_dir"))
     trust_remote_code: bool = field(default=False, metadata=_help("allow model code from the hub to run (off: safer)"))
-    load_in_4bit: bool = field(default=True, metadata=_help("quantize the base model to 4 bit with bitsandbytes (QLoRA)"))
+    method: Optional[str] = field(default=None, metadata=_help(
+        "what is trained (the head always, in full precision): qlora = LoRA on a 4-bit base; lora = LoRA on a 16-bit "
+        "base; dora = weight-decomposed LoRA (PEFT use_dora); ia3 = (IA)^3 scaling vectors (PEFT); adapter = "
+        "bottleneck adapters after attention and after the FFN (--adapter_bottleneck); full = every weight (16-bit "
+        "base only); none = qlora, or lora when --load_in_4bit false is given (the behaviour before this flag); "
+        "recorded resolved in config.json", choices=METHODS))
+    load_in_4bit: Union[bool, str] = field(default="auto", metadata=_help(
+        "quantize the base model to 4 bit with bitsandbytes; auto = true for qlora, dora, ia3 and adapter, false for "
+        "lora and full; qlora needs true, lora and full need false (refused otherwise); recorded resolved"))
     bnb_4bit_use_double_quant: bool = field(default=True, metadata=_help("quantize the quantization constants too"))
     bnb_4bit_quant_type: str = field(default="nf4", metadata=_help("4-bit data type", choices=QUANT_TYPES))
     bnb_4bit_compute_dtype: str = field(default="auto", metadata=_help(
@@ -56,11 +65,24 @@ class TrainConfig:
     fast_cpu_dropout: bool = field(default=True, metadata=_help(
         "on a CPU, draw LoRA dropout masks from 16-bit random numbers: ~4x faster than torch's (saves ~1/20 of a "
         "training step here); drop probability within 2^-17 of lora_dropout (qlora_cls/fast_dropout.py)"))
-    target_modules: list[str] = field(default_factory=lambda: ["attention-qv"], metadata=_help(
-        "linear layers that get LoRA: a preset resolved from the model (attention-qv = the query and value "
-        "projections under the model's own names, q_proj/v_proj in Llama, query/value in BERT, c_attn in GPT-2; "
-        "attention = q, k, v and output projections; all-linear = every linear layer outside the head) or "
-        "layer names (e.g. q_proj k_proj v_proj o_proj); recorded resolved in config.json"))
+    target_modules: list[str] = field(default_factory=lambda: ["auto"], metadata=_help(
+        "linear layers that get LoRA/DoRA/(IA)^3: a preset resolved from the model (attention-qv = the query and "
+        "value projections under the model's own names, q_proj/v_proj in Llama, query/value in BERT, c_attn in "
+        "GPT-2; attention = q, k, v and output projections; all-linear = every linear layer outside the head; "
+        "kv-ffn = key and value projections and the FFN's output projection, the (IA)^3 paper's choice) or layer "
+        "names (e.g. q_proj k_proj v_proj o_proj); auto = kv-ffn for ia3, attention-qv otherwise; adapter and full "
+        "ignore it; recorded resolved in config.json"))
+    adapter_bottleneck: int = field(default=64, metadata=_help(
+        "--method adapter: width of each bottleneck adapter (hidden -> N -> hidden, GELU, zero-initialised "
+        "up-projection so training starts from the base model)"))
+    adapter_layernorm: bool = field(default=False, metadata=_help(
+        "--method adapter: a trainable LayerNorm on each adapter's input (the adapter's own; the base model's norms "
+        "stay frozen)"))
+    param_budget: Optional[int] = field(default=None, metadata=_help(
+        "at most N trainable parameters, head included: chooses the largest --r (lora, qlora, dora) or "
+        "--adapter_bottleneck (adapter) that fits for the method and targets, counted on the meta device as the "
+        "model counts them (overrides --r / --adapter_bottleneck; capped at full rank / the hidden size); ia3 and "
+        "full have no size to choose and are only checked; recorded in config.json (resolved.param_budget)"))
     # -- data --------------------------------------------------------------------------------------
     dataset: str = field(default="nyu-mll/glue", metadata=_help("hub id or local folder in hub layout"))
     task: str = field(default="mrpc", metadata=_help(
@@ -123,6 +145,9 @@ class TrainConfig:
     def __post_init__(self) -> None:
         checks = [
             (self.r > 0, f"--r must be > 0, got {self.r}"),
+            (self.method in (None,) + METHODS, f"--method must be one of {', '.join(METHODS)}, got {self.method!r}"),
+            (self.adapter_bottleneck > 0, f"--adapter_bottleneck must be > 0, got {self.adapter_bottleneck}"),
+            (self.param_budget is None or self.param_budget > 0, f"--param_budget must be > 0, got {self.param_budget}"),
             (self.lora_alpha > 0, f"--lora_alpha must be > 0, got {self.lora_alpha}"),
             (0 <= self.lora_dropout < 1, f"--lora_dropout must be in [0, 1), got {self.lora_dropout}"),
             (self.lr > 0 and math.isfinite(self.lr), f"--lr must be a positive number, got {self.lr}"),
@@ -169,12 +194,39 @@ class TrainConfig:
         for ok, message in checks:
             if not ok:
                 raise UsageError(message)
-        try:  # a config built in Python or read from YAML is parsed as strictly as the flag
-            self.gradient_checkpointing = auto_or_bool(self.gradient_checkpointing)
-        except ValueError as exc:
-            raise UsageError(f"--gradient_checkpointing: {exc}")
+        for name in ("gradient_checkpointing", "load_in_4bit"):
+            try:  # a config built in Python or read from YAML is parsed as strictly as the flag
+                setattr(self, name, auto_or_bool(getattr(self, name)))
+            except ValueError as exc:
+                raise UsageError(f"--{name}: {exc}")
+        self._resolve_method()
         if self.tokenizer_dir is None:
             self.tokenizer_dir = self.model_dir
+
+    def _resolve_method(self) -> None:
+        """``--method`` with ``--load_in_4bit``, and ``--target_modules auto``: concrete values from here on.
+
+        Resolved here (nothing depends on the machine), so config.json holds the concrete values and reading
+        it back (eval.py, --resume) resolves to the same. A run saved before --method existed has none and a
+        boolean load_in_4bit: qlora when true, lora when false, as it ran.
+        """
+        four_bit = self.load_in_4bit
+        if self.method is None:
+            self.method = "lora" if four_bit is False else "qlora"
+        if self.method == "qlora" and four_bit is False:
+            raise UsageError("--method qlora trains LoRA on a 4-bit base: it needs --load_in_4bit true (or auto); "
+                             "for LoRA on a 16-bit base use --method lora")
+        if self.method in ("lora", "full") and four_bit is True:
+            raise UsageError(f"--method {self.method} trains on a 16-bit base"
+                             f"{': full fine-tuning cannot update 4-bit weights' if self.method == 'full' else ''}; "
+                             f"drop --load_in_4bit true (auto) or use "
+                             f"{'--method qlora' if self.method == 'lora' else '--method qlora, dora, ia3 or adapter'}")
+        if four_bit == "auto":
+            self.load_in_4bit = self.method not in ("lora", "full")
+        if self.target_modules == ["auto"]:
+            self.target_modules = ["kv-ffn" if self.method == "ia3" else "attention-qv"]
+        elif "auto" in self.target_modules:
+            raise UsageError("--target_modules auto stands alone (it picks the method's default preset)")
 
     def resolve_compute_dtype(self, device_type: str) -> None:
         """Turn ``auto`` into a concrete dtype for this device; the resolved value is what gets saved.

@@ -1,24 +1,28 @@
 """Memory dry-run (``ft.py --dry_run``): what a run will need, per process, without loading weights.
 
-The architecture is built on the meta device (shapes only), LoRA is added the same way as in training,
-and every figure is computed from shapes:
+The architecture is built on the meta device (shapes only), what ``--method`` trains is added the same
+way as in training (``methods.meta_trainable``), and every figure is computed from shapes:
 
 * **weights** of the 4-bit base: packed NF4/FP4 linear weights (0.5 byte per parameter), their
   absmax constants (one per block of 64; with double quantization an 8-bit absmax per block plus an
   fp32 second-level constant per 256 blocks, else fp32 per block), and the parameters bitsandbytes
   leaves alone (embeddings, norms, the head) in fp32, because ``prepare_model_for_kbit_training``
   casts them to fp32 whatever the load dtype. Without 4 bit: every parameter in the compute dtype.
-* **LoRA (+ head)**: the trainable parameters, fp32.
-* **gradients**: fp32, one per trainable parameter.
+* **LoRA / DoRA / (IA)^3 / adapters (+ head)**: the trainable parameters, fp32. ``full``: none beyond the
+  base weights, which are what trains (16-bit base, fp32 head).
+* **gradients**: one per trainable parameter, fp32 (``full``: in each parameter's dtype).
 * **optimizer state**: bitsandbytes 8-bit AdamW keeps two uint8 states (+ an fp32 absmax per block
   of 256) for tensors of at least 4096 elements and two fp32 states for smaller ones; torch AdamW
   keeps two fp32 states (8 bytes per parameter).
 * **activations** of the longest training batch (``--batch_size`` x the longest tokenized example,
   since padding is to the longest of a batch): per token and layer, the tensors autograd keeps for
-  backward in a Llama-style block (norms, q/k/v, attention, MLP, LoRA; attention probabilities only
-  under eager attention, a padding mask otherwise); with gradient checkpointing
+  backward in a Llama-style block (norms, q/k/v, attention, MLP; attention probabilities only under
+  eager attention, a padding mask otherwise), plus what the method's modules keep
+  (``method_activation_bytes``: LoRA/DoRA inputs, (IA)^3 scaled tensors, adapter bottlenecks, or for
+  ``full`` the inputs of the projections whose weights now need gradients); with gradient checkpointing
   only each layer's input is kept plus one layer's full set during its recomputation. Plus the
-  largest de-quantized weight, which exists transiently during each 4-bit matmul. It is an estimate
+  largest de-quantized weight, which exists transiently during each 4-bit matmul (DoRA: also its weight norm's
+  ``W + BA``). It is an estimate
   (allocator caching, kernels' workspaces and the CUDA context, ~0.3-1 GB, are not in it).
 
 ZeRO (DeepSpeed) changes the per-process share: stage 1 shards optimizer state, stage 2 also
@@ -86,12 +90,15 @@ def weight_breakdown(model, cfg, skip: list[str]) -> dict:
             constants += q - math.ceil(n / 2)
             largest = max(largest, n)
             seen.add(id(module.weight))
+    from .modeling import head_modules
+    head = {id(p) for name in head_modules(model) for p in getattr(model, name).parameters()}
     for p in model.parameters():
         if id(p) in seen:
             continue
         seen.add(id(p))
-        # prepare_model_for_kbit_training casts the non-quantized parameters to fp32.
-        other += p.numel() * (4 if cfg.load_in_4bit else compute)
+        # prepare_model_for_kbit_training casts the non-quantized parameters to fp32; a 16-bit base keeps
+        # its head in fp32 (modeling._head_in_float32).
+        other += p.numel() * (4 if cfg.load_in_4bit or id(p) in head else compute)
         if not cfg.load_in_4bit and p.dim() == 2:
             largest = max(largest, p.numel())
     buffers = sum(b.numel() * b.element_size() for b in model.buffers())
@@ -101,8 +108,10 @@ def weight_breakdown(model, cfg, skip: list[str]) -> dict:
             "largest_dequantized_bytes": largest * compute if cfg.load_in_4bit else 0}
 
 
-def activation_bytes(config, tokens: int, seq_len: int, cfg, training: bool, lora_targets: int) -> int:
-    """Estimated activation memory of one batch of ``tokens`` (= batch x padded length) tokens."""
+def activation_bytes(config, tokens: int, seq_len: int, cfg, training: bool, method_bytes: int) -> int:
+    """Estimated activation memory of one batch of ``tokens`` (= batch x padded length) tokens.
+
+    ``method_bytes``: what the trained modules keep per token and layer (``method_activation_bytes``)."""
     h = config.hidden_size
     inter = getattr(config, "intermediate_size", 4 * h)
     layers = config.num_hidden_layers
@@ -119,44 +128,84 @@ def activation_bytes(config, tokens: int, seq_len: int, cfg, training: bool, lor
     mask = seq_len * cb
     if not training:  # inference: one layer's working set at a time
         return tokens * (3 * h * rb + (2 * h + 2 * kv + 3 * inter + attn) * cb + mask)
-    lora = lora_targets * (h * cb + h + cfg.r * 4)  # dropout output + mask + lora_A output per target
-    per_layer = 4 * h * rb + (5 * h + 3 * kv + 4 * inter + attn) * cb + lora
+    per_layer = 4 * h * rb + (5 * h + 3 * kv + 4 * inter + attn) * cb + method_bytes
     embed_and_head = 3 * h * rb + mask
     if cfg.gradient_checkpointing:
         return tokens * (layers * h * rb + per_layer + embed_and_head)
     return tokens * (layers * per_layer + embed_and_head)
 
 
+def method_activation_bytes(cfg, model, layers: int) -> int:
+    """Per token and layer, what the trained modules of ``cfg.method`` keep for backward (beyond the block's own).
+
+    LoRA: per target its dropout output (compute dtype) + mask + lora_A output (fp32). DoRA: that, plus the
+    base output kept for the magnitude's gradient. (IA)^3: each scaled tensor (the target's output, or its
+    input for an FFN one). Adapters: per adapter its fp32 input (+ LayerNorm output), the bottleneck before and
+    after GELU, and the sum. Full: the inputs of the attention-output and FFN-output projections, which a frozen
+    layer does not keep but a trained weight's gradient needs.
+    """
+    from .methods import BottleneckAdapter
+    cb = _dtype_bytes(cfg.bnb_4bit_compute_dtype)
+    h = model.config.hidden_size
+    total = 0
+    for _, m in model.named_modules():
+        if hasattr(m, "lora_A") and "default" in getattr(m, "lora_A", {}):
+            width_in, width_out = m.in_features, m.out_features
+            total += width_in * cb + width_in + cfg.r * 4 + (width_out * cb if cfg.method == "dora" else 0)
+        elif hasattr(m, "ia3_l") and "default" in getattr(m, "ia3_l", {}):
+            total += (m.in_features if m.is_feedforward else m.out_features) * cb
+        elif isinstance(m, BottleneckAdapter):
+            width, b = m.up.out_features, m.down.out_features
+            total += width * 4 * (2 if m.norm is not None else 1) + 2 * b * 4 + width * cb
+    if cfg.method == "full":
+        inter = getattr(model.config, "intermediate_size", 4 * h)
+        total += (h + inter) * cb * layers
+    return total // layers
+
+
+def dora_transient_bytes(model) -> int:
+    """DoRA recomputes its weight norm each forward: the largest target's weight (de-quantized) + B @ A, fp32."""
+    sizes = [m.in_features * m.out_features for _, m in model.named_modules()
+             if hasattr(m, "lora_magnitude_vector") and "default" in m.lora_magnitude_vector]
+    return 2 * 4 * max(sizes, default=0)
+
+
 def estimate(cfg, model_path: str, num_labels: int, train_max_len: int, eval_max_len: int,
              world_size: int = 1, zero_stage: int = 0) -> dict:
     """All figures of the dry-run, in bytes (per process)."""
-    from accelerate import init_empty_weights
-    from peft import get_peft_model
-
-    from .modeling import lora_config, meta_model, plan_model
+    from .methods import meta_trainable, plan
+    from .modeling import meta_model, parameter_counts
 
     arch = meta_model(model_path, num_labels, cfg.trust_remote_code)
-    plan = plan_model(arch, cfg.target_modules)
-    skip = list(plan.head) if cfg.load_in_4bit else []  # what load_base_model keeps out of 4 bit
+    plan_ = plan(cfg, arch)
+    skip = list(plan_.head) if cfg.load_in_4bit else []  # what load_base_model keeps out of 4 bit
     weights = weight_breakdown(arch, cfg, skip)
-    with init_empty_weights():
-        peft_model = get_peft_model(arch, lora_config(cfg, plan))
-    trainable_params = [p for p in peft_model.parameters() if p.requires_grad]
-    trainable = sum(p.numel() for p in trainable_params)
-    total = sum(p.numel() for p in peft_model.parameters())
-    targets = sum(1 for _, m in peft_model.named_modules() if hasattr(m, "lora_A")) // arch.config.num_hidden_layers
-    lora_bytes = 4 * trainable
-    grad_bytes = 4 * trainable
+    model = meta_trainable(cfg, model_path, num_labels)  # what --method trains, as training builds it
+    trainable_params = [p for p in model.parameters() if p.requires_grad]
+    counts = parameter_counts(model)
+    trainable, total = counts["trainable"], counts["total"]
+    layers = arch.config.num_hidden_layers
+    if cfg.method == "full":
+        # The trained weights are the base weights (counted above, in their own dtypes); gradients and
+        # torch AdamW's state take each parameter's dtype (fp32 head, compute dtype elsewhere).
+        lora_bytes = 0
+        compute = _dtype_bytes(cfg.bnb_4bit_compute_dtype)
+        head = {id(p) for name in plan_.head for p in getattr(model, name).parameters()}
+        grad_bytes = sum(p.numel() * (4 if id(p) in head else compute) for p in trainable_params)
+    else:
+        lora_bytes = grad_bytes = 4 * trainable
     opt_bytes = optimizer_state_bytes(trainable_params, cfg.optim)
-    act_train = activation_bytes(arch.config, cfg.batch_size * train_max_len, train_max_len, cfg, True, targets)
-    act_train += weights["largest_dequantized_bytes"]
-    act_eval = activation_bytes(arch.config, cfg.eval_batch_size * eval_max_len, eval_max_len, cfg, False, targets)
-    act_eval += weights["largest_dequantized_bytes"]
+    method_bytes = method_activation_bytes(cfg, model, layers)
+    transient = weights["largest_dequantized_bytes"] + (dora_transient_bytes(model) if cfg.method == "dora" else 0)
+    act_train = activation_bytes(arch.config, cfg.batch_size * train_max_len, train_max_len, cfg, True, method_bytes)
+    act_train += transient
+    act_eval = activation_bytes(arch.config, cfg.eval_batch_size * eval_max_len, eval_max_len, cfg, False, 0)
+    act_eval += transient
     result = {
-        "model_path": model_path, "trainable_params": trainable, "total_params": total,
+        "model_path": model_path, "method": cfg.method, "trainable_params": trainable, "total_params": total,
         "quantized_params": weights["quantized_params"], "modules_not_quantized": sorted(skip),
         "weights": weights, "weight_bytes": weights["weight_bytes"], "lora_bytes": lora_bytes,
-        "gradient_bytes": grad_bytes, "optimizer_bytes": opt_bytes,
+        "gradient_bytes": grad_bytes, "optimizer_bytes": opt_bytes, "method_activation_bytes_per_token_layer": method_bytes,
         "train_tokens_per_batch": cfg.batch_size * train_max_len, "train_max_len": train_max_len,
         "eval_tokens_per_batch": cfg.eval_batch_size * eval_max_len, "eval_max_len": eval_max_len,
         "activation_bytes": act_train, "eval_activation_bytes": act_eval,
@@ -181,10 +230,15 @@ def _fmt(n: float) -> str:
     return f"{n / GiB:8.2f} GiB" if n >= GiB else f"{n / MiB:8.1f} MiB"
 
 
+TRAINED_ROW = {"qlora": "LoRA + head (fp32)", "lora": "LoRA + head (fp32)", "dora": "DoRA + head (fp32)",
+               "ia3": "(IA)^3 vectors + head (fp32)", "adapter": "adapters + head (fp32)",
+               "full": "trained weights (= the base weights above)"}
+
+
 def report(r: dict, cfg, note: Optional[str] = None) -> str:
     w = r["weights"]
     lines = [
-        f"memory dry-run for {r['model_path']} (no weights loaded)",
+        f"memory dry-run for {r['model_path']}, --method {cfg.method} (no weights loaded)",
         f"  parameters: {r['trainable_params']:,} trainable of {r['total_params']:,} "
         f"({100 * r['trainable_params'] / r['total_params']:.3f}%); {r['quantized_params']:,} in 4-bit linears"
         if cfg.load_in_4bit else
@@ -200,8 +254,8 @@ def report(r: dict, cfg, note: Optional[str] = None) -> str:
         ("  packed 4-bit values", w["packed_bytes"]),
         ("  quantization constants", w["quant_constant_bytes"]),
         ("  non-quantized params (fp32)" if cfg.load_in_4bit else "  params", w["other_param_bytes"]),
-        ("LoRA + head (fp32)", r["lora_bytes"]),
-        ("gradients (fp32)", r["gradient_bytes"]),
+        (TRAINED_ROW[cfg.method], r["lora_bytes"]),
+        ("gradients" if cfg.method == "full" else "gradients (fp32)", r["gradient_bytes"]),
         ("optimizer state", r["optimizer_bytes"]),
         ("activations, training batch", r["activation_bytes"]),
         (f"per process, training (ZeRO-{r['zero_stage']}, {r['world_size']} proc)"
@@ -245,9 +299,14 @@ def dry_run(cfg, source, template, splits: list[str], eval_split: str, accelerat
         num_labels = spec.num_labels if spec and not cfg.train_file else max(len(cfg.label_names or [0, 1]), 1)
         train_max = eval_max = cfg.max_length
     from .hardware import resolve_gradient_checkpointing
+    from .methods import resolve_param_budget
+    budget = resolve_param_budget(cfg, model_path, num_labels)  # as ft.py chooses it
+    if budget and budget["field"]:
+        note = ((note + "; ") if note else "") + (f"--param_budget {budget['budget']:,} chose --{budget['field']} "
+                                                  f"{budget['value']} ({budget['trainable']:,} trainable)")
     resolve_gradient_checkpointing(cfg, model_path, num_labels, train_max, accelerator)  # auto: as ft.py decides
     r = estimate(cfg, model_path, num_labels, train_max, eval_max, accelerator.num_processes,
                  zero_stage(accelerator))
     if accelerator.is_main_process:
         print(report(r, cfg, note), flush=True)
-    return {"dry_run": r}
+    return {"dry_run": {**r, "param_budget": budget}}

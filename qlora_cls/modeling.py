@@ -107,7 +107,7 @@ def quantization_config(cfg, keep_in_full_precision: Sequence[str] = ()):
 
 # -- what the model is made of: its head, and the layers LoRA targets -----------------------------------
 # Target presets name roles, not layers: each architecture family names its projections differently.
-PRESETS = ("attention-qv", "attention", "all-linear")
+PRESETS = ("attention-qv", "attention", "all-linear", "kv-ffn")
 ROLE_NAMES = {
     "query": ("q_proj", "query", "q_lin", "query_proj"),
     "key": ("k_proj", "key", "k_lin", "key_proj"),
@@ -116,6 +116,13 @@ ROLE_NAMES = {
     "output": ("o_proj", "out_proj", "out_lin", "attention.output.dense", "attn.c_proj", "self_attn.dense",
                "attention.dense"),
 }
+# The FFN's output (down) projection: where (IA)^3 scales its input and a bottleneck adapter follows the FFN.
+# BERT's "output.dense" also ends "attention.output.dense": modules inside attention are excluded by name.
+FFN_OUTPUT_NAMES = ("down_proj", "mlp.c_proj", "ffn.lin2", "output.dense", "fc2", "dense_4h_to_h", "w2")
+
+
+def _in_attention(full: str) -> bool:
+    return any(part.endswith(("attention", "attn")) for part in full.split(".")[:-1])
 
 
 @dataclass(frozen=True)
@@ -194,6 +201,15 @@ def resolve_target_modules(model, targets: Sequence[str]) -> list[str]:
     preset = presets[0]
     if preset == "all-linear":
         return list(dict.fromkeys(_suffix_outside(full, head_linear) for full in base))
+    if preset == "kv-ffn":  # keys, values and the FFN's output projection (the (IA)^3 paper's targets)
+        found = {role: [n for n in ROLE_NAMES[role] if any(_matches(n, full) for full in base)]
+                 for role in ("key", "value", "qkv")}
+        kv = found["key"] + found["value"] if found["key"] and found["value"] else found["qkv"]
+        ffn = block_outputs(model)["ffn"]
+        if not kv or not ffn:
+            raise UsageError(f"--target_modules kv-ffn: cannot find the key/value and FFN output projections of "
+                             f"{type(model).__name__}; name them: its linear layers are {shown}")
+        return kv + unique_suffixes(ffn, [full for full, _ in model.named_modules()])
     found = {role: [n for n in names if any(_matches(n, full) for full in base)] for role, names in ROLE_NAMES.items()}
     roles = ("query", "value") if preset == "attention-qv" else ("query", "key", "value", "output")
     if not all(found[r] for r in roles):  # fused q,k,v: one layer serves query, key and value
@@ -206,6 +222,36 @@ def resolve_target_modules(model, targets: Sequence[str]) -> list[str]:
     return list(dict.fromkeys(s for n in picked for s in (
         [n] if not any(_matches(n, h) for h in head_linear)
         else [_suffix_outside(full, head_linear) for full in base if _matches(n, full)])))
+
+
+def block_outputs(model) -> dict[str, list[str]]:
+    """Full names of each block's attention output projection and FFN output projection (one per layer).
+
+    Where a bottleneck adapter goes (Houlsby et al. 2019: after each of the two sub-layers, before the
+    residual sum) and what (IA)^3 treats as the FFN; found by role names, so every family here is covered.
+    """
+    head = head_modules(model)
+    base, head_linear = _linear_modules(model, head)
+    attn = [f for f in base if any(_matches(n, f) for n in ROLE_NAMES["output"])]
+    ffn = [f for f in base if any(_matches(n, f) for n in FFN_OUTPUT_NAMES) and not _in_attention(f)]
+    return {"attention": attn, "ffn": ffn}
+
+
+def unique_suffixes(selected: Sequence[str], names: Sequence[str]) -> list[str]:
+    """For each full module name in ``selected`` the shortest dotted suffix that matches no other module
+    (PEFT's suffix rule), deduplicated: ``down_proj`` for Llama, ``0.output.dense`` ... for BERT, whose
+    ``output.dense`` would also match ``attention.output.dense``."""
+    chosen = set(selected)
+    others = [n for n in names if n not in chosen]
+    out = []
+    for full in selected:
+        parts = full.split(".")
+        for k in range(1, len(parts) + 1):
+            suffix = ".".join(parts[-k:])
+            if not any(_matches(suffix, o) for o in others):
+                out.append(suffix)
+                break
+    return list(dict.fromkeys(out))
 
 
 def plan_model(model, targets: Sequence[str]) -> ModelPlan:
@@ -316,17 +362,9 @@ def _head_in_float32(model, head) -> None:
 
 
 def add_lora(model, cfg):
-    from peft import get_peft_model
-    from transformers.pytorch_utils import Conv1D
-    plan = plan_model(model, cfg.target_modules)
-    # Conv1D (GPT-2 in 16 bit) stores its weight transposed; in 4 bit transformers has made it a Linear4bit.
-    conv1d = any(isinstance(m, Conv1D) for full, m in model.named_modules()
-                 if any(_matches(t, full) for t in plan.target_modules))
-    model = get_peft_model(model, lora_config(cfg, plan, fan_in_fan_out=conv1d))
-    if cfg.fast_cpu_dropout:
-        from .fast_dropout import use_fast_dropout
-        use_fast_dropout(model)
-    return model
+    """LoRA (or what ``cfg.method`` trains) on a base model from ``load_base_model``: see methods.add_trainable."""
+    from .methods import add_trainable
+    return add_trainable(model, cfg)
 
 
 def load_adapter(model, adapter_dir: str):
@@ -338,7 +376,11 @@ def parameter_counts(model) -> dict[str, int]:
     """Trainable and total parameters, counting each packed 4-bit weight as its real element count."""
     if hasattr(model, "get_nb_trainable_parameters"):
         trainable, total = model.get_nb_trainable_parameters()
-    else:
-        trainable = sum(p.numel() for p in model.parameters() if p.requires_grad)
-        total = sum(p.numel() for p in model.parameters())
+    else:  # not a PEFT model (bottleneck adapters, full fine-tuning): the same rule as PEFT's count
+        trainable = total = 0
+        for p in model.parameters():
+            # a packed 4-bit weight holds two values per byte of its storage dtype
+            n = p.numel() * 2 * p.element_size() if p.__class__.__name__ == "Params4bit" else p.numel()
+            total += n
+            trainable += n if p.requires_grad else 0
     return {"trainable": int(trainable), "total": int(total)}

@@ -12,7 +12,7 @@ from typing import Optional, Sequence
 from .data import Batcher, DataSource, TaskData, load_task_data, tokenize, warn_if_pad_in_inputs
 from .errors import UsageError
 from .hub import check_model_source
-from .modeling import add_lora, load_adapter, load_base_model, load_tokenizer, resolve_model_dir
+from .modeling import load_base_model, load_tokenizer, resolve_model_dir
 from .prompts import Template
 
 log = logging.getLogger(__name__)
@@ -74,14 +74,15 @@ def device_map_for(accelerator, zero3: bool = False):
 
 def build_model(cfg, model_path: str, tokenizer, num_labels: int, accelerator, adapter_dir: Optional[str] = None,
                 base_only: bool = False, zero3: bool = False, head=None):
-    """Base model (+ new LoRA when training, + saved adapter when evaluating)."""
+    """Base model (+ what ``cfg.method`` trains, fresh when training, saved when evaluating; methods.py)."""
+    from .methods import add_trainable, load_saved
     model = load_base_model(cfg, model_path, num_labels, tokenizer.pad_token_id, device_map_for(accelerator, zero3),
                             head)
     if base_only:
         return model
     if adapter_dir is not None:
-        return load_adapter(model, adapter_dir)
-    return add_lora(model, cfg)
+        return load_saved(model, adapter_dir)
+    return add_trainable(model, cfg)
 
 
 def resolve_paths(cfg) -> tuple[str, str]:

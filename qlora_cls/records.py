@@ -149,21 +149,36 @@ def model_name(cfg) -> str:
 
 
 def method_text(cfg, resolved: dict, quant: Optional[dict]) -> str:
+    """``--method`` in words: the base model's precision, what trains on it, the head, a --param_budget's choice."""
+    method = getattr(cfg, "method", None) or ("qlora" if cfg.load_in_4bit else "lora")
     targets = ", ".join(resolved.get("target_modules") or cfg.target_modules)
     head = ", ".join(resolved.get("head_modules") or []) or "the head"
     if cfg.load_in_4bit:
         q = quant or {}
-        base = (f"QLoRA: base model in 4 bit ({q.get('bnb_4bit_quant_type', cfg.bnb_4bit_quant_type).upper()}"
+        base = (f"base model in 4 bit ({q.get('bnb_4bit_quant_type', cfg.bnb_4bit_quant_type).upper()}"
                 f"{', double quantization' if q.get('bnb_4bit_use_double_quant', cfg.bnb_4bit_use_double_quant) else ''}"
                 f", {cfg.bnb_4bit_compute_dtype} compute)")
     else:
-        base = f"LoRA: base model in {cfg.bnb_4bit_compute_dtype} (not quantized)"
-    return (f"{base}; LoRA r={cfg.r}, alpha={_num(cfg.lora_alpha)}, dropout {_num(cfg.lora_dropout)} on {targets}; "
-            f"classification head ({head}) trained in full precision")
+        base = f"base model in {cfg.bnb_4bit_compute_dtype} (not quantized)"
+    lora = f"r={cfg.r}, alpha={_num(cfg.lora_alpha)}, dropout {_num(cfg.lora_dropout)} on {targets}"
+    what = {"qlora": f"QLoRA: {base}; LoRA {lora}", "lora": f"LoRA: {base}; LoRA {lora}",
+            "dora": f"DoRA: {base}; weight-decomposed LoRA {lora}",
+            "ia3": f"(IA)^3: {base}; learned scaling vectors on {targets}",
+            "adapter": f"bottleneck adapters: {base}; adapters of width {cfg.adapter_bottleneck}"
+                       f"{' with their own LayerNorm' if cfg.adapter_layernorm else ''} after each attention and FFN "
+                       f"output projection ({targets})",
+            "full": f"full fine-tuning: {base}; every weight trained"}[method]
+    budget = resolved.get("param_budget")
+    if budget:
+        what += (f"; --param_budget {budget['budget']:,}: " + (f"{budget['field']}={budget['value']} chosen, " if budget["field"]
+                 else "") + f"{budget['trainable']:,} trainable parameters")
+    return f"{what}; classification head ({head}) trained in full precision"
 
 
 def method_short(cfg) -> str:
-    return f"qlora-4bit-{cfg.bnb_4bit_quant_type}" if cfg.load_in_4bit else "lora-16bit"
+    """``qlora-4bit-nf4``, ``lora-16bit``, ``dora-4bit-nf4``, ``adapter-16bit``, ``full-16bit``... (HParams)."""
+    method = getattr(cfg, "method", None) or ("qlora" if cfg.load_in_4bit else "lora")
+    return f"{method}-4bit-{cfg.bnb_4bit_quant_type}" if cfg.load_in_4bit else f"{method}-16bit"
 
 
 def _num(v: Any) -> str:

@@ -143,15 +143,17 @@ def _open_run(path: Path, adapter: str, base_only: bool, model_dir: Optional[str
         cfg.tokenizer_dir = model_dir
     adapter_dir = path / adapter
     summary = read_json(path / "metrics.json") if (path / "metrics.json").is_file() else None
-    if not base_only and not (adapter_dir / "adapter_config.json").is_file():
+    from .methods import has_saved_weights
+    if not base_only and not has_saved_weights(adapter_dir):
         if summary is not None and adapter == "adapter_best" and not summary.get("has_adapter_best"):
             raise UsageError(f"{path} has no adapter_best/: its best epoch ({summary.get('best_epoch')}) was the "
                              f"final one, so adapter/ holds it (evaluate with --adapter adapter)"
                              if summary.get("best_epoch") is not None else
                              f"{path} has no adapter_best/: no epoch was selected (final protocol: trained on "
                              f"the validation split); adapter/ holds the last epoch")
-        raise UsageError(f"{adapter_dir} has no adapter (adapter_config.json); the run may be unfinished "
-                         f"(resume it with ft.py --resume) or use --base_only")
+        raise UsageError(f"{adapter_dir} has no trained weights (adapter_config.json, or weights.safetensors with "
+                         f"qlora_cls_method.json); the run may be unfinished (resume it with ft.py --resume) "
+                         f"or use --base_only")
     if summary is None and not base_only:
         log.warning("%s has no metrics.json: the run did not finish; using the weights in %s (saved at the end of "
                     "an epoch or by the best-epoch selection), not a final model", path, adapter_dir)
@@ -207,6 +209,10 @@ def check_same_base(sources: Sequence[Source]) -> None:
     if merged:
         raise UsageError(f"{merged[0].path} is a merged folder: several --results_path must be run folders "
                          f"(adapters) trained on one base; evaluate merged folders one at a time")
+    own = [s for s in sources if s.base_key().get("method") in ("adapter", "full")]
+    if own:
+        raise UsageError(f"{own[0].path} was trained with --method {own[0].base_key()['method']}: its weights are "
+                         f"not a PEFT adapter, so it cannot share a loaded base with other runs; evaluate it alone")
     first = sources[0].base_key()
     for s in sources[1:]:
         key = s.base_key()

@@ -223,7 +223,7 @@ def base_key(point: Point, grid: Grid) -> str:
     return "base-" + ",".join(f"{k}={_value_label(v)}" for k, v in values.items())
 
 
-BASE_FIELDS = ("model_dir", "tokenizer_dir", "trust_remote_code", "load_in_4bit", "bnb_4bit_use_double_quant",
+BASE_FIELDS = ("model_dir", "tokenizer_dir", "trust_remote_code", "method", "load_in_4bit", "bnb_4bit_use_double_quant",
                "bnb_4bit_quant_type", "bnb_4bit_compute_dtype", "bnb_4bit_quant_storage", "dataset", "task",
                "train_file", "validation_file", "test_file", "text_columns", "label_column", "label_names",
                "max_length", "max_eval_samples", "eval_split", "train_splits")
@@ -264,7 +264,8 @@ class Manifest:
         if path.is_file():
             from .files import read_json
             data = read_json(path)
-            stored = {name: {"values": s.get("values"), "config": s.get("config")}
+            from .checkpoint import with_fields_added_later  # a sweep started before a field existed resumes
+            stored = {name: {"values": s.get("values"), "config": with_fields_added_later(s.get("config") or {})}
                       for name, s in data.get("points", {}).items()}
             if stored != wanted:
                 differs = sorted(set(stored) ^ set(wanted)) or sorted(

@@ -13,8 +13,8 @@ from safetensors.torch import save_file  # noqa: E402
 _save = ft._save_adapter
 
 
-def _save_and_dump(accelerator, model, path, zero3):
-    _save(accelerator, model, path, zero3)
+def _save_and_dump(accelerator, model, path, *args):
+    _save(accelerator, model, path, *args)
     if path.name == "adapter":
         save_file(checkpoint.trainable_state(accelerator.unwrap_model(model)),
                   Path(os.environ["RANK_DUMP_DIR"]) / f"rank{accelerator.process_index}.safetensors")
