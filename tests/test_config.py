@@ -222,5 +222,5 @@ def test_command_line_wins_over_config_file_even_at_the_default(tmp_path):
     cfg = parse(["--config", str(f), "--r", "8", "--max_steps", "none"])  # 8 is also the field's default
     assert (cfg.r, cfg.load_in_4bit, cfg.max_steps) == (8, False, None)
     # the spellings HfArgumentParser adds mean the same fields
-    assert parse(["--no_load_in_4bit"]).load_in_4bit is False
+    assert parse(["--no_group_by_length"]).group_by_length is False
     assert parse(["--load-in-4bit", "off", "--lora-alpha", "4"]).lora_alpha == 4
