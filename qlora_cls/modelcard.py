@@ -204,7 +204,7 @@ the model, `qlora_cls_method.json` says what they are. From the qlora-cls reposi
 
 ```python
 from pathlib import Path
-from eval import load_run_config
+from qlora_cls.runs import load_run_config
 from qlora_cls.methods import load_saved
 from qlora_cls.modeling import load_base_model
 

@@ -279,9 +279,10 @@ def test_step_curves_average_the_other_fields_of_a_grid_and_say_so(tmp_path):
 
 @pytest.mark.slow
 def test_todays_run_folders_report_without_the_new_fields(tiny_sweep, tmp_path):
-    """The real tiny sweep (ft.py of this branch: no method, evaluations, latency...) still reports; with
-    two of its runs re-read as 16-bit LoRA (what an older LoRA run's config.json looks like) the method
-    table measures the real adapter files and shows the absent fields as '–'."""
+    """The real tiny sweep (one method, no step-wise evaluations) reports without the new sections; with its
+    folders stripped back to what ft.py wrote before --method (no method, evaluations, latency, ...) and two
+    runs re-read as 16-bit LoRA (what an older LoRA run's config.json looks like) the method table measures
+    the real adapter files and shows the absent fields as '–'."""
     import shutil
     d = tmp_path / "prompts"
     shutil.copytree(tiny_sweep["dir"], d, ignore=shutil.ignore_patterns("report"))
@@ -291,11 +292,18 @@ def test_todays_run_folders_report_without_the_new_fields(tiny_sweep, tmp_path):
     md = (d / "report" / "report.md").read_text()
     assert "No step-wise evaluations" in md and "## Method comparison" not in md
 
-    for seed in (1, 2):
-        cfg_path = d / f"prompt=perfect,seed={seed}" / "config.json"
-        records = json.loads(cfg_path.read_text())
-        records["config"]["load_in_4bit"] = False
+    for run in d.glob("prompt=*"):
+        cfg_path, metrics_path = run / "config.json", run / "metrics.json"
+        records, metrics = json.loads(cfg_path.read_text()), json.loads(metrics_path.read_text())
+        for key in ("method", "adapter_bottleneck", "adapter_layernorm", "param_budget", "eval_every", "latency_calls"):
+            records["config"].pop(key, None)
+        for key in ("evaluations", "train_tokens", "train_tokens_per_s", "train_seconds_per_epoch", "epochs_trained",
+                    "adapter_bytes", "latency"):
+            metrics.pop(key, None)
+        if run.name.startswith("prompt=perfect"):
+            records["config"]["load_in_4bit"] = False
         cfg_path.write_text(json.dumps(records))
+        metrics_path.write_text(json.dumps(metrics))
     out = report.main([str(d)])
     rows = {r["method"]: r for r in out["method_rows"]}
     assert list(rows) == ["qlora", "lora"]
