@@ -105,7 +105,7 @@ def evaluate_run(ecfg: EvalConfig) -> Optional[dict]:
     model = build_model(cfg, model_path, tokenizer, spec.num_labels, accelerator,
                         adapter_dir=None if ecfg.base_only else str(adapter_dir), base_only=ecfg.base_only)
     batch_size = ecfg.eval_batch_size or cfg.eval_batch_size
-    logits, stats = predict(model, batcher, batch_size, accelerator)
+    logits, stats = predict(model, batcher, batch_size, accelerator, fast=ecfg.fast_eval)
 
     scores = compute_metrics(spec, logits, batcher.labels.numpy())  # {} when every label is hidden (-1)
     from qlora_cls import records as rec

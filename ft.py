@@ -277,7 +277,8 @@ def train(cfg: TrainConfig) -> Optional[dict]:
         progress["train_seconds"] += time.perf_counter() - epoch_started
 
         # -- evaluation after each epoch (and after the last step when --max_steps ends mid-epoch) ----
-        logits, eval_stats = predict(accelerator.unwrap_model(model), eval_batcher, cfg.eval_batch_size, accelerator)
+        logits, eval_stats = predict(accelerator.unwrap_model(model), eval_batcher, cfg.eval_batch_size, accelerator,
+                                     fast=cfg.fast_eval)
         scores = compute_metrics(spec, logits, eval_batcher.labels.numpy()) if accelerator.is_main_process else {}
         scores = broadcast_object_list([scores])[0]
         entry = {"epoch": epoch, "step": global_step, "split": eval_split, **scores, **eval_stats}
@@ -311,7 +312,7 @@ def train(cfg: TrainConfig) -> Optional[dict]:
     extra = {}
     for split in extra_splits:
         extra_logits, extra_stats = predict(accelerator.unwrap_model(model), data.batchers[split],
-                                            cfg.eval_batch_size, accelerator)
+                                            cfg.eval_batch_size, accelerator, fast=cfg.fast_eval)
         if accelerator.is_main_process:
             extra[split] = {**compute_metrics(spec, extra_logits, data.batchers[split].labels.numpy()), **extra_stats}
             atomic_write_csv(run_dir / f"predictions_{split}.csv",

@@ -23,7 +23,7 @@ from .sweeps import MANIFEST
 
 # Settings that do not change what a run learns or how it is scored.
 BOOKKEEPING = ("results_path", "resume", "log_every", "checkpoint_every", "keep_checkpoints", "eval_batch_size",
-               "skip_nonfinite")
+               "skip_nonfinite", "fast_eval")
 SKIP_DIRS = {"adapter", "adapter_best", "checkpoints", "tensorboard", "logs", "evals", "__pycache__", "report"}
 
 
