@@ -261,7 +261,11 @@ def prepare(model, input_ids, device: torch.device, zero3: bool = False, autocas
         with autocast() if autocast else contextlib.nullcontext():
             out = getattr(hf, hf.base_model_prefix)(input_ids=prefix, attention_mask=torch.ones_like(prefix),
                                                     use_cache=True)
-        runner.prefix_ids = prefix
-        runner.prefix_cache = [(k, v, s) for k, v, s in out.past_key_values]
+        if out.past_key_values is None:  # a (remote-code) decoder that returns no cache: nothing to reuse
+            log.info("fast evaluation: %s returned no key/value cache; the prefix is not reused", type(hf).__name__)
+            p = 0
+        else:
+            runner.prefix_ids = prefix
+            runner.prefix_cache = [(k, v, s) for k, v, s in out.past_key_values]
     info["eval_prefix_tokens"] = p
     return runner
