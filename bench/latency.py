@@ -5,7 +5,8 @@
     python bench/latency.py --results_path R --bottleneck_results_path R2   # + a bottleneck-adapter run
 
 Arms, all on the run's own evaluation examples (cycled in dataset order, so lengths vary as in use),
-in one process, one after another:
+loaded together in one process and timed call by call in turn (the same batch through each arm, then
+the next batch), so a slow moment of a shared machine hits every arm alike:
 
 - ``base``: the base model as ``eval.py --base_only`` builds it (4-bit when the run was, fresh head);
 - ``adapter``: the run's adapter unmerged on that base (what ``eval.py`` runs);
@@ -61,21 +62,27 @@ def percentile(values, q: float) -> float:
     return ordered[max(0, math.ceil(q / 100 * len(ordered)) - 1)]
 
 
-def time_calls(forward, batcher, batch: int, calls: int, warmup: int) -> dict:
+def time_calls(forwards: dict, batcher, batch: int, calls: int, warmup: int) -> dict:
+    """Per-call times of every arm, interleaved call by call: a slow moment of a shared machine hits all arms."""
     import torch
     n = len(batcher)
-    seconds = []
+    seconds = {name: [] for name in forwards}
     with torch.inference_mode():
         for i in range(warmup + calls):
             rows = [(i * batch + j) % n for j in range(batch)]
             b = batcher(rows)
-            t0 = time.perf_counter()
-            forward(b["input_ids"], b["attention_mask"])
-            if i >= warmup:
-                seconds.append(time.perf_counter() - t0)
-    ms = [1000 * s for s in seconds]
-    return {"calls": calls, "batch": batch, "median_ms": percentile(ms, 50), "p95_ms": percentile(ms, 95),
-            "median_ms_per_example": percentile(ms, 50) / batch, "p95_ms_per_example": percentile(ms, 95) / batch}
+            for name, forward in forwards.items():
+                t0 = time.perf_counter()
+                forward(b["input_ids"], b["attention_mask"])
+                if i >= warmup:
+                    seconds[name].append(time.perf_counter() - t0)
+    out = {}
+    for name, values in seconds.items():
+        ms = [1000 * s for s in values]
+        out[name] = {"calls": calls, "batch": batch, "median_ms": percentile(ms, 50), "p95_ms": percentile(ms, 95),
+                     "median_ms_per_example": percentile(ms, 50) / batch,
+                     "p95_ms_per_example": percentile(ms, 95) / batch}
+    return out
 
 
 def short_run(args, where: Path) -> Path:
@@ -116,31 +123,23 @@ def main(argv=None) -> dict:
                             {split: args.examples}, accelerator)
         batcher = data.batchers[split]
         num_labels = data.task.spec.num_labels
-        arms, notes = {}, {}
-
-        def measure(name, forward):
-            arms[name] = {f"batch_{b}": time_calls(forward, batcher, b, args.calls, args.warmup) for b in BATCHES}
-            print(f"[latency] {name}: " + ", ".join(f"batch {b}: median {arms[name][f'batch_{b}']['median_ms']:.1f} ms"
-                                                  for b in BATCHES), flush=True)
+        notes = {}
 
         def run_model(model):
             model.eval()
             return lambda ids, mask: model(input_ids=ids.to(accelerator.device),
                                            attention_mask=mask.to(accelerator.device)).logits
 
+        forwards = {}
         set_seed(cfg.seed)
-        base = build_model(cfg, model_path, tokenizer, num_labels, accelerator, base_only=True)
-        measure("base", run_model(base))
-        del base
+        forwards["base"] = run_model(build_model(cfg, model_path, tokenizer, num_labels, accelerator, base_only=True))
         set_seed(cfg.seed)
-        adapter = build_model(cfg, model_path, tokenizer, num_labels, accelerator, adapter_dir=str(run / "adapter"))
-        measure("adapter", run_model(adapter))
-        del adapter
+        forwards["adapter"] = run_model(build_model(cfg, model_path, tokenizer, num_labels, accelerator,
+                                                    adapter_dir=str(run / "adapter")))
         merged_dir = merge_run(cfg, records, run, tmp / "merged")
         from transformers import AutoModelForSequenceClassification
-        merged = AutoModelForSequenceClassification.from_pretrained(merged_dir).to(accelerator.device)
-        measure("merged", run_model(merged))
-        del merged
+        forwards["merged"] = run_model(AutoModelForSequenceClassification.from_pretrained(merged_dir)
+                                       .to(accelerator.device))
         if args.bottleneck_results_path is None:
             notes["bottleneck"] = "skipped: no --bottleneck_results_path (a run of --method adapter) given"
         else:
@@ -153,15 +152,20 @@ def main(argv=None) -> dict:
                 try:
                     b_cfg.resolve_compute_dtype(accelerator.device.type)
                     set_seed(b_cfg.seed)
-                    model = build_model(b_cfg, model_path, tokenizer, num_labels, accelerator,
-                                        adapter_dir=str(b_run / "adapter"))
-                    measure("bottleneck", run_model(model))
+                    forwards["bottleneck"] = run_model(build_model(b_cfg, model_path, tokenizer, num_labels,
+                                                                   accelerator, adapter_dir=str(b_run / "adapter")))
                     notes["bottleneck"] = (f"trainable parameters {b_records['resolved']['parameters']['trainable']:,} "
                                            f"vs the LoRA run's {resolved['parameters']['trainable']:,}")
                 except Exception as exc:  # the methods work's loader is not on this branch yet
                     notes["bottleneck"] = f"skipped: could not load {b_run}: {type(exc).__name__}: {exc}"
-        if "bottleneck" not in arms:
+        if "bottleneck" not in forwards:
             print(f"[latency] bottleneck: {notes['bottleneck']}", flush=True)
+        arms = {name: {} for name in forwards}
+        for b in BATCHES:
+            for name, cell in time_calls(forwards, batcher, b, args.calls, args.warmup).items():
+                arms[name][f"batch_{b}"] = cell
+                print(f"[latency] {name}, batch {b}: median {cell['median_ms']:.1f} ms, p95 {cell['p95_ms']:.1f} ms",
+                      flush=True)
     result = {"started": datetime.now().isoformat(timespec="seconds"), "machine": _machine(),
               "settings": {**vars(args), "run": str(run) if args.results_path else "short run (deleted)",
                            "compute_dtype": cfg.bnb_4bit_compute_dtype, "model": model_path,
