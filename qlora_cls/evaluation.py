@@ -8,7 +8,7 @@ than trust padding arithmetic.
 With ``fast=True`` (``--fast_eval``, the default) the forwards run through ``fast_eval``: a copy of
 the model with its 4-bit weights de-quantized once (and float32 LoRA merged) when memory allows, and
 for decoders the template's shared token prefix computed once; the argmax is the old path's and the
-logits agree within float rounding (README "Fast evaluation").
+logits agree within float rounding (README "Merged models, fast evaluation, latency").
 """
 from __future__ import annotations
 

@@ -30,7 +30,8 @@ costs of evaluation, and both can be paid once per evaluation instead:
    last real token. Decoders = model types transformers has a causal-LM class for and no masked-LM
    class (BERT-style models have both: they are encoders that can be configured as decoders).
 
-Measured on the embedded SmolLM2-135M (float32 compute): see README "Fast evaluation".
+Measured on the embedded SmolLM2-135M (float32 compute): README "Merged models, fast evaluation, latency"
+(2.36x the Trainer's predict(), max |logit diff| 3.9e-6, argmax identical on 408 MRPC examples).
 """
 from __future__ import annotations
 
