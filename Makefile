@@ -7,7 +7,7 @@ STAMP := $(VENV)/.setup-done
 DATASET ?= $(if $(wildcard ../shared/data/glue),../shared/data/glue,nyu-mll/glue)
 export QLORA_TEST_DATASET := $(DATASET)
 
-.PHONY: setup demo test test-quick sweep report bench clean
+.PHONY: setup demo test test-quick sweep report bench bench-eval latency clean
 
 setup: $(STAMP)
 	@$(PY) -c "from qlora_cls.modeling import embedded_model_dir; print('embedded model:', embedded_model_dir())"
@@ -47,6 +47,15 @@ report: setup
 BENCH_STEPS ?= 80
 bench: setup
 	$(PY) bench/bench.py --steps $(BENCH_STEPS) --dataset $(DATASET)
+
+# Evaluation only, one model: Trainer.predict() vs ft.py's evaluation, plain and fast (--fast_eval), whole validation split.
+bench-eval: setup
+	OMP_NUM_THREADS=1 $(PY) bench/eval_bench.py --dataset $(DATASET) $(ARGS)
+
+# Median/p95 latency at batch 1 and 8 of base, unmerged adapter and merged model (bench/results/latency-*.md).
+# RUN=results/<run> measures that run; without it a 5-step run of the embedded model is trained first.
+latency: setup
+	OMP_NUM_THREADS=1 $(PY) bench/latency.py --dataset $(DATASET) $(if $(RUN),--results_path $(RUN)) $(ARGS)
 
 clean:
 	rm -rf $(VENV) .pytest_cache

@@ -116,7 +116,8 @@ def evaluate_runs(ecfg: EvalConfig) -> list[dict]:
     for i, p in enumerate(plans):
         loaded.use(i)
         batch_size = ecfg.eval_batch_size or p["cfg"].eval_batch_size
-        logits, stats = predict(loaded.model, p["data"].batchers[p["split"]], batch_size, accelerator)
+        logits, stats = predict(loaded.model, p["data"].batchers[p["split"]], batch_size, accelerator,
+                                fast=ecfg.fast_eval)
         results.append(_write(ecfg, p, logits, stats, batch_size, accelerator))
     line = loaded.timing_line()
     if line:

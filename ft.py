@@ -384,7 +384,8 @@ def evaluate(run: Run, model, progress: dict, epoch: int, trigger: str):
     from qlora_cls.metrics import compute_metrics
 
     accelerator, spec, step = run.accelerator, run.spec, progress["global_step"]
-    logits, stats = predict(accelerator.unwrap_model(model), run.eval_rows, run.cfg.eval_batch_size, accelerator)
+    logits, stats = predict(accelerator.unwrap_model(model), run.eval_rows, run.cfg.eval_batch_size, accelerator,
+                            fast=run.cfg.fast_eval)
     scores = compute_metrics(spec, logits, run.eval_rows.labels.numpy()) if accelerator.is_main_process else {}
     scores = broadcast_object_list([scores])[0]
     entry = {"epoch": epoch, "step": step, "split": run.eval_split, "trigger": trigger, **scores, **stats}
@@ -422,7 +423,8 @@ def finish(run: Run, model, progress: dict, logits) -> dict:
     extra = {}
     for split in run.extra_splits:
         rows = run.data.batchers[split]
-        extra_logits, extra_stats = predict(accelerator.unwrap_model(model), rows, cfg.eval_batch_size, accelerator)
+        extra_logits, extra_stats = predict(accelerator.unwrap_model(model), rows, cfg.eval_batch_size, accelerator,
+                                            fast=cfg.fast_eval)
         if accelerator.is_main_process:
             extra[split] = {**compute_metrics(spec, extra_logits, rows.labels.numpy()), **extra_stats}
             atomic_write_csv(run_dir / f"predictions_{split}.csv", *prediction_table(spec, label_names, rows, extra_logits))

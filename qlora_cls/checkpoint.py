@@ -67,7 +67,8 @@ def checkpoints(run_dir: Path) -> list[Path]:
 
 # Fields that may change between the interrupted command and the resuming one: they do not change
 # what is computed. Anything else differing would silently mix two experiments in one folder.
-RESUME_MAY_CHANGE = ("resume", "log_every", "checkpoint_every", "keep_checkpoints", "eval_batch_size", "latency_calls")
+RESUME_MAY_CHANGE = ("resume", "log_every", "checkpoint_every", "keep_checkpoints", "eval_batch_size", "latency_calls",
+                     "fast_eval")
 # Fields added after runs already existed: the value that reproduces what those runs did (a function of the
 # saved config where it depends on it: before --method, load_in_4bit alone said qlora or lora).
 FIELDS_ADDED_LATER = {"fast_cpu_dropout": False, "eval_every": 0,

@@ -118,6 +118,10 @@ class TrainConfig:
         "examples per optimizer step over all processes; sets --batch_size to it / (processes x accumulation), "
         "which must divide it; none = batch_size x processes x accumulation"))
     eval_batch_size: int = field(default=32, metadata=_help("evaluation examples per process per forward"))
+    fast_eval: bool = field(default=True, metadata=_help(
+        "evaluate through an inference copy with the 4-bit weights de-quantized once and float32 LoRA merged (when "
+        "the copy fits in half the free memory) and, for decoders, the prompt's shared token prefix computed once; "
+        "same argmax, logits within float rounding of the plain path (qlora_cls/fast_eval.py)"))
     gradient_accumulation_steps: int = field(default=1, metadata=_help("micro-steps per optimizer step"))
     epochs: int = field(default=2, metadata=_help("passes over the training data"))
     max_steps: Optional[int] = field(default=None, metadata=_help("train for exactly this many optimizer steps (overrides epochs)"))
@@ -285,6 +289,10 @@ class EvalConfig:
     output_dir: Optional[str] = field(default=None, metadata=_help(
         "where to write; none = <results_path>/evals/<split>-<prompt>[-base]"))
     overwrite: bool = field(default=False, metadata=_help("replace an existing evaluation with the same name"))
+    fast_eval: bool = field(default=True, metadata=_help(
+        "evaluate through an inference copy with the 4-bit weights de-quantized once and float32 LoRA merged (when "
+        "the copy fits in half the free memory) and, for decoders, the prompt's shared token prefix computed once; "
+        "same argmax, logits within float rounding of the plain path (qlora_cls/fast_eval.py)"))
 
     def __post_init__(self) -> None:
         if isinstance(self.results_path, str):  # one folder, as a config built in Python gives it
@@ -346,3 +354,34 @@ class PredictConfig:
         for ok, message in checks:
             if not ok:
                 raise UsageError(message)
+
+
+MERGE_INTO = ("auto", "dequantized-4bit", "original-16bit")
+
+
+@dataclass
+class MergeConfig:
+    results_path: str = field(default="", metadata=_help("run folder written by ft.py"))
+    output_dir: str = field(default="", metadata=_help(
+        "folder to create for the merged model (must not exist: nothing is overwritten)"))
+    adapter: str = field(default="adapter", metadata=_help("adapter folder inside the run: adapter or adapter_best"))
+    merge_into: str = field(default="auto", metadata=_help(
+        "base weights the adapter is merged into: dequantized-4bit = the exact 4-bit base it was trained against, "
+        "de-quantized (predictions equal the adapter's); original-16bit = the base model's original weights "
+        "(closer to the original model, predictions differ by the quantization error); auto = dequantized-4bit "
+        "for a 4-bit run, original-16bit for a 16-bit one", choices=MERGE_INTO))
+    dtype: str = field(default="float32", metadata=_help(
+        "dtype of the saved weights (float32 keeps the merge exact; bfloat16/float16 halve the size)", choices=DTYPES))
+    model_dir: Optional[str] = field(default=None, metadata=_help("base model location; none = the run's"))
+
+    def __post_init__(self) -> None:
+        if not self.results_path:
+            raise UsageError("--results_path is required: the run folder written by ft.py")
+        if not self.output_dir:
+            raise UsageError("--output_dir is required: the folder to create for the merged model")
+        if self.adapter not in ("adapter", "adapter_best"):
+            raise UsageError(f"--adapter must be adapter or adapter_best, got {self.adapter!r}")
+        if self.merge_into not in MERGE_INTO:
+            raise UsageError(f"--merge_into must be one of {', '.join(MERGE_INTO)}, got {self.merge_into!r}")
+        if self.dtype not in DTYPES:
+            raise UsageError(f"--dtype must be one of {', '.join(DTYPES)}, got {self.dtype!r}")

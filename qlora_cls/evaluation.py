@@ -4,6 +4,11 @@ Every process predicts its share of length-sorted batches with the *unwrapped* m
 collectives in forward), then the (row, logits) pairs are gathered and put back in dataset order.
 The result has exactly one prediction per example whatever the process count; we assert it rather
 than trust padding arithmetic.
+
+With ``fast=True`` (``--fast_eval``, the default) the forwards run through ``fast_eval``: a copy of
+the model with its 4-bit weights de-quantized once (and float32 LoRA merged) when memory allows, and
+for decoders the template's shared token prefix computed once; the argmax is the old path's and the
+logits agree within float rounding (README "Merged models, fast evaluation, latency").
 """
 from __future__ import annotations
 
@@ -18,12 +23,21 @@ from .tasks import TaskSpec
 
 
 @torch.inference_mode()
-def predict(model, batcher: Batcher, batch_size: int, accelerator) -> tuple[np.ndarray, dict[str, float]]:
-    """Logits for every row of ``batcher`` in dataset order, plus throughput figures."""
+def predict(model, batcher: Batcher, batch_size: int, accelerator,
+            fast: bool = False) -> tuple[np.ndarray, dict[str, float]]:
+    """Logits for every row of ``batcher`` in dataset order, plus throughput figures.
+
+    The time includes building the fast path's inference copy and prefix cache (it is part of the cost).
+    """
     was_training = model.training
     model.eval()
     batches = eval_batches(batcher.lengths, batch_size, accelerator.num_processes, accelerator.process_index)
     start = time.perf_counter()
+    runner = None
+    if fast:
+        from .fast_eval import prepare
+        runner = prepare(model, batcher.input_ids, accelerator.device, zero3=zero_stage(accelerator) == 3,
+                         autocast=accelerator.autocast)
     rows: list[int] = []
     outputs: list[torch.Tensor] = []
     # Under ZeRO-3 every forward gathers the sharded weights collectively, so all processes must run
@@ -35,13 +49,16 @@ def predict(model, batcher: Batcher, batch_size: int, accelerator) -> tuple[np.n
         padded += [batches[0] if batches else [0]] * (most - len(batches))
     for i, batch_rows in enumerate(padded):
         batch = batcher(batch_rows)
+        ids, mask = batch["input_ids"].to(accelerator.device), batch["attention_mask"].to(accelerator.device)
         with accelerator.autocast():
-            logits = model(input_ids=batch["input_ids"].to(accelerator.device),
-                           attention_mask=batch["attention_mask"].to(accelerator.device)).logits
+            logits = (runner.logits(ids, mask) if runner is not None else
+                      model(input_ids=ids, attention_mask=mask).logits)
         if i >= len(batches):
             continue
         outputs.append(logits.float())
         rows.extend(batch_rows)
+    info = runner.info if runner is not None else {}
+    del runner  # the inference copy and prefix cache go now, before the next training step
     local = torch.cat(outputs).cpu().numpy() if outputs else np.zeros((0, 0), dtype=np.float32)
     # One object per process; gather_for_metrics with objects returns them all, in rank order.
     shards = accelerator.gather_for_metrics([(rows, local)], use_gather_object=True)
@@ -62,6 +79,9 @@ def predict(model, batcher: Batcher, batch_size: int, accelerator) -> tuple[np.n
     all_batches = [b for b in eval_batches(batcher.lengths, batch_size)]
     stats = {"eval_examples_per_s": n / elapsed, "eval_tokens_per_s": tokens / elapsed, "eval_seconds": elapsed,
              "eval_padding_efficiency": padding_efficiency(all_batches, batcher.lengths)}
+    if fast:
+        stats.update({k: v for k, v in info.items() if not isinstance(v, str)})
+        stats["eval_dequantized"] = info["eval_dequantized"].startswith("yes")
     return result, stats
 
 

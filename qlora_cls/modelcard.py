@@ -43,19 +43,20 @@ def _quote(v: Any) -> str:
     return shlex.quote(f"{v:g}" if isinstance(v, float) else str(v))
 
 
-def _metrics_table(scores: dict, baseline: dict, metrics: list[str]) -> str:
+def metrics_table(scores: dict, baseline: dict, metrics: list[str], name: str = "this adapter") -> str:
+    """The metrics beside the trivial baseline's, as a Markdown table (also used by merged models' cards)."""
     rows = ["| | " + " | ".join(metrics) + " |", "|---|" + "---:|" * len(metrics)]
 
     def cell(v, missing="undefined"):
         return missing if v is None else f"{v:.4f}"
-    rows.append("| this adapter | " + " | ".join(cell(scores.get(m), "–") for m in metrics) + " |")
+    rows.append(f"| {name} | " + " | ".join(cell(scores.get(m), "–") for m in metrics) + " |")
     if baseline:
-        rows.append(f"| trivial baseline ({_baseline_name(baseline)}) | "
+        rows.append(f"| trivial baseline ({baseline_name(baseline)}) | "
                     + " | ".join(cell(baseline.get("metrics", {}).get(m)) for m in metrics) + " |")
     return "\n".join(rows)
 
 
-def _baseline_name(baseline: dict) -> str:
+def baseline_name(baseline: dict) -> str:
     if baseline.get("kind") == "majority_class":
         return f"always '{baseline.get('prediction_name')}'"
     return f"always the training mean {baseline.get('prediction', 0):.4g}"
@@ -160,7 +161,7 @@ def write_model_card(adapter_dir: Path, records: dict, quant: dict, template: st
 
 On {run.get('eval')}, this adapter {verdict} on {cmp.get('metric', resolved.get('main_metric'))}:
 
-{_metrics_table(scores, baseline, metrics + (["mse"] if resolved.get('num_labels') == 1 else []))}
+{metrics_table(scores, baseline, metrics + (["mse"] if resolved.get('num_labels') == 1 else []))}
 
 The trivial baseline {baseline.get('description', 'is not recorded')}, scored with the same metric code.
 {'A constant has no correlation with the labels: Pearson/Spearman are undefined, so the comparison uses the mean squared error.' if resolved.get('num_labels') == 1 else ''}

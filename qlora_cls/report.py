@@ -23,7 +23,7 @@ from .sweeps import MANIFEST
 
 # Settings that do not change what a run learns or how it is scored.
 BOOKKEEPING = ("results_path", "resume", "log_every", "checkpoint_every", "keep_checkpoints", "eval_batch_size",
-               "skip_nonfinite")
+               "skip_nonfinite", "fast_eval", "latency_calls")
 # Fields added after some runs were written: absent = what those runs did (evaluated per epoch only, no
 # parameter budget). ``method`` is derived separately (method_of).
 LEGACY = {"eval_every": 0, "param_budget": None}

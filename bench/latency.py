@@ -1,0 +1,210 @@
+"""Per-example latency of a trained classifier: base model, unmerged adapter, merged model (make latency).
+
+    make latency                                                   # trains a tiny run first when given none
+    OMP_NUM_THREADS=1 python bench/latency.py --results_path results/<run> --calls 100
+    python bench/latency.py --results_path R --bottleneck_results_path R2   # + a bottleneck-adapter run
+
+Arms, all on the run's own evaluation examples (cycled in dataset order, so lengths vary as in use),
+loaded together in one process and timed call by call in turn (the same batch through each arm, then
+the next batch), so a slow moment of a shared machine hits every arm alike:
+
+- ``base``: the base model as ``eval.py --base_only`` builds it (4-bit when the run was, fresh head);
+- ``adapter``: the run's adapter unmerged on that base (what ``eval.py`` runs);
+- ``merged``: ``merge.py``'s folder (de-quantized base + merged adapter, float32) loaded with plain
+  ``AutoModelForSequenceClassification``;
+- ``bottleneck``: a run of the methods work's bottleneck adapters (``--method adapter``) of equal
+  trainable size, when ``--bottleneck_results_path`` names one; otherwise skipped with a message.
+
+Each arm: ``--warmup`` untimed calls, then ``--calls`` timed forward calls (>= 100) at batch 1 and at
+batch 8, ``torch.inference_mode``; reported per call and per example (call / batch), median and p95.
+Without ``--results_path`` a short run is trained first on the embedded model (``--train_steps``
+optimizer steps on MRPC), so the command works on a fresh machine. Writes
+``bench/results/latency-<timestamp>.md`` and ``.json``.
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import sys
+import tempfile
+import time
+from datetime import datetime
+from pathlib import Path
+
+REPO = Path(__file__).resolve().parent.parent
+sys.path.insert(0, str(REPO))
+
+BATCHES = (1, 8)
+
+
+def parse_args(argv=None):
+    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    p.add_argument("--results_path", default=None, help="run folder written by ft.py; none = train a short one first")
+    p.add_argument("--bottleneck_results_path", default=None,
+                   help="a run with --method adapter (bottleneck adapters) of equal trainable size; none = arm skipped")
+    p.add_argument("--dataset", default="nyu-mll/glue", help="for the short run and when the run's data moved")
+    p.add_argument("--train_steps", type=int, default=5, help="optimizer steps of the short run")
+    p.add_argument("--calls", type=int, default=100, help="timed calls per arm and batch size (>= 100)")
+    p.add_argument("--warmup", type=int, default=5, help="untimed calls first")
+    p.add_argument("--examples", type=int, default=64, help="evaluation examples cycled through")
+    p.add_argument("--out", default=str(REPO / "bench" / "results"))
+    args = p.parse_args(argv)
+    if args.calls < 100:
+        p.error(f"--calls must be >= 100 (a p95 of fewer calls is one or two samples), got {args.calls}")
+    return args
+
+
+def percentile(values, q: float) -> float:
+    """Nearest-rank percentile (q in 0..100): the smallest value with at least q % of the values at or below it."""
+    ordered = sorted(values)
+    import math
+    return ordered[max(0, math.ceil(q / 100 * len(ordered)) - 1)]
+
+
+def time_calls(forwards: dict, batcher, batch: int, calls: int, warmup: int) -> dict:
+    """Per-call times of every arm, interleaved call by call: a slow moment of a shared machine hits all arms."""
+    import torch
+    n = len(batcher)
+    seconds = {name: [] for name in forwards}
+    with torch.inference_mode():
+        for i in range(warmup + calls):
+            rows = [(i * batch + j) % n for j in range(batch)]
+            b = batcher(rows)
+            for name, forward in forwards.items():
+                t0 = time.perf_counter()
+                forward(b["input_ids"], b["attention_mask"])
+                if i >= warmup:
+                    seconds[name].append(time.perf_counter() - t0)
+    out = {}
+    for name, values in seconds.items():
+        ms = [1000 * s for s in values]
+        out[name] = {"calls": calls, "batch": batch, "median_ms": percentile(ms, 50), "p95_ms": percentile(ms, 95),
+                     "median_ms_per_example": percentile(ms, 50) / batch,
+                     "p95_ms_per_example": percentile(ms, 95) / batch}
+    return out
+
+
+def short_run(args, where: Path) -> Path:
+    import ft
+    run = where / "run"
+    ft.main(["--dataset", args.dataset, "--results_path", str(run), "--max_steps", str(args.train_steps),
+             "--max_train_samples", "64", "--max_eval_samples", str(args.examples), "--log_every", "1"])
+    return run
+
+
+def main(argv=None) -> dict:
+    import torch
+    from accelerate import Accelerator
+    from accelerate.utils import set_seed
+
+    from bench.bench import _machine
+    from eval import load_run_config
+    from qlora_cls.data import DataSource
+    from qlora_cls.merging import merge_run, run_method
+    from qlora_cls.pipeline import build_model, prepare_data, tokenizer_for
+    from qlora_cls.prompts import parse_template
+
+    args = parse_args(argv)
+    with tempfile.TemporaryDirectory() as tmp:
+        tmp = Path(tmp)
+        run = Path(args.results_path) if args.results_path else short_run(args, tmp)
+        cfg, records = load_run_config(run)
+        if not Path(cfg.dataset).exists() and Path(args.dataset).exists():
+            cfg.dataset = args.dataset
+        resolved = records["resolved"]
+        split = resolved.get("eval_split", "validation")
+        accelerator = Accelerator()
+        cfg.resolve_compute_dtype(accelerator.device.type)
+        model_path, tokenizer = tokenizer_for(cfg)
+        template = parse_template(resolved.get("prompt_name", "run"),
+                                  (run / "prompt.txt").read_text(encoding="utf-8").rstrip("\r\n"))
+        data = prepare_data(DataSource.from_config(cfg), template, tokenizer, [split], cfg.max_length,
+                            {split: args.examples}, accelerator)
+        batcher = data.batchers[split]
+        num_labels = data.task.spec.num_labels
+        notes = {}
+
+        def run_model(model):
+            model.eval()
+            return lambda ids, mask: model(input_ids=ids.to(accelerator.device),
+                                           attention_mask=mask.to(accelerator.device)).logits
+
+        forwards = {}
+        set_seed(cfg.seed)
+        forwards["base"] = run_model(build_model(cfg, model_path, tokenizer, num_labels, accelerator, base_only=True))
+        set_seed(cfg.seed)
+        forwards["adapter"] = run_model(build_model(cfg, model_path, tokenizer, num_labels, accelerator,
+                                                    adapter_dir=str(run / "adapter")))
+        merged_dir = merge_run(cfg, records, run, tmp / "merged")
+        from transformers import AutoModelForSequenceClassification
+        forwards["merged"] = run_model(AutoModelForSequenceClassification.from_pretrained(merged_dir)
+                                       .to(accelerator.device))
+        if args.bottleneck_results_path is None:
+            notes["bottleneck"] = "skipped: no --bottleneck_results_path (a run of --method adapter) given"
+        else:
+            b_run = Path(args.bottleneck_results_path)
+            b_cfg, b_records = load_run_config(b_run)
+            if run_method(b_records["config"]) != "adapter":
+                notes["bottleneck"] = (f"skipped: {b_run} has method {run_method(b_records['config'])!r}, "
+                                       f"not 'adapter' (bottleneck adapters)")
+            else:
+                try:
+                    b_cfg.resolve_compute_dtype(accelerator.device.type)
+                    set_seed(b_cfg.seed)
+                    forwards["bottleneck"] = run_model(build_model(b_cfg, model_path, tokenizer, num_labels,
+                                                                   accelerator, adapter_dir=str(b_run / "adapter")))
+                    notes["bottleneck"] = (f"trainable parameters {b_records['resolved']['parameters']['trainable']:,} "
+                                           f"vs the LoRA run's {resolved['parameters']['trainable']:,}")
+                except Exception as exc:  # the methods work's loader is not on this branch yet
+                    notes["bottleneck"] = f"skipped: could not load {b_run}: {type(exc).__name__}: {exc}"
+        if "bottleneck" not in forwards:
+            print(f"[latency] bottleneck: {notes['bottleneck']}", flush=True)
+        arms = {name: {} for name in forwards}
+        for b in BATCHES:
+            for name, cell in time_calls(forwards, batcher, b, args.calls, args.warmup).items():
+                arms[name][f"batch_{b}"] = cell
+                print(f"[latency] {name}, batch {b}: median {cell['median_ms']:.1f} ms, p95 {cell['p95_ms']:.1f} ms",
+                      flush=True)
+    result = {"started": datetime.now().isoformat(timespec="seconds"), "machine": _machine(),
+              "settings": {**vars(args), "run": str(run) if args.results_path else "short run (deleted)",
+                           "compute_dtype": cfg.bnb_4bit_compute_dtype, "model": model_path,
+                           "examples": len(batcher), "mean_tokens": sum(batcher.lengths) / len(batcher),
+                           "load_in_4bit": cfg.load_in_4bit, "threads": torch.get_num_threads(),
+                           "load_average_1min": os.getloadavg()[0]},
+              "arms": arms, "notes": notes}
+    out = Path(args.out)
+    out.mkdir(parents=True, exist_ok=True)
+    path = out / f"latency-{datetime.now().strftime('%Y%m%d-%H%M%S')}.json"
+    path.write_text(json.dumps(result, indent=2) + "\n")
+    md = markdown(result)
+    path.with_suffix(".md").write_text(md)
+    print(md)
+    print(f"[latency] wrote {path} and {path.with_suffix('.md')}")
+    result["json_path"] = str(path)
+    return result
+
+
+def markdown(result: dict) -> str:
+    s, m = result["settings"], result["machine"]
+    names = {"base": "base model (untrained head)" + (", 4-bit" if s["load_in_4bit"] else ""),
+             "adapter": "adapter, unmerged" + (" (4-bit base)" if s["load_in_4bit"] else ""),
+             "merged": "merged model (merge.py, float32)", "bottleneck": "bottleneck adapter (equal trainable size)"}
+    lines = [f"Latency {result['started']}: {s['model']}, {s['compute_dtype']} compute, {s['examples']} evaluation "
+             f"examples cycled (mean {s['mean_tokens']:.1f} tokens), {s['calls']} timed calls per cell after "
+             f"{s['warmup']} warm-up; {m.get('cpu_model', m.get('cpu'))}, {s['threads']} torch thread(s).", "",
+             "| arm | batch 1: median ms | batch 1: p95 ms | batch 8: median ms/example | batch 8: p95 ms/example "
+             "| batch 8: median ms/call |", "| --- | ---: | ---: | ---: | ---: | ---: |"]
+    for arm, label in names.items():
+        a = result["arms"].get(arm)
+        if a is None:
+            lines.append(f"| {label} | {result['notes'].get(arm, 'skipped')} | | | | |")
+            continue
+        b1, b8 = a["batch_1"], a["batch_8"]
+        lines.append(f"| {label} | {b1['median_ms']:.1f} | {b1['p95_ms']:.1f} | {b8['median_ms_per_example']:.1f} | "
+                     f"{b8['p95_ms_per_example']:.1f} | {b8['median_ms']:.1f} |")
+    return "\n".join(lines) + "\n"
+
+
+if __name__ == "__main__":
+    main()

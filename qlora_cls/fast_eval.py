@@ -1,0 +1,273 @@
+"""The fast evaluation path: de-quantize once (and merge LoRA), and reuse the prompt's shared prefix.
+
+Today's path runs the training model as is: every 4-bit layer de-quantizes its whole weight on every
+forward, and every example re-computes the template text it shares with all the others. Both are fixed
+costs of evaluation, and both can be paid once per evaluation instead:
+
+1. **An inference copy** (``inference_copy``): the model's module tree copied with ``copy.deepcopy``
+   whose memo is pre-filled with every parameter and buffer, so the copy *shares* every tensor that
+   needs no change (embeddings, norms, head, LoRA weights) and only the replaced layers get new ones.
+   Each bitsandbytes ``Linear4bit`` becomes a ``DequantizedLinear`` holding
+   ``bitsandbytes.functional.dequantize_4bit(weight, quant_state)`` in the layer's compute dtype, which
+   casts its input and output as ``Linear4bit.forward`` does. A plain LoRA layer whose compute dtype is
+   float32 is merged too (base + PEFT's ``get_delta_weight``) into one float32 ``nn.Linear``; in a 16-bit
+   compute dtype the LoRA layer is kept (over its de-quantized base), because rounding the merged weight
+   to bf16 would change the logits by more than the bf16 rounding of the old path does. Any other PEFT
+   layer type (DoRA, IA3, ...) makes the whole copy fall back to the old path (one log line). The
+   training model is never modified: the copy is built under ``torch.inference_mode`` from read-only
+   views and dropped after the evaluation.
+   It is built only when memory allows: the new tensors' bytes (every de-quantized weight in its
+   dtype) must be at most half of what is free: ``MemAvailable`` of ``/proc/meminfo`` on a CPU,
+   ``torch.cuda.mem_get_info`` on a GPU (half, to leave room for the activations of the evaluation
+   batches and for other processes). Under ZeRO-3 the weights are sharded, so no copy is built.
+2. **Shared-prefix reuse** for decoders (causal attention only: an encoder's prefix tokens attend to
+   the rest, so their states differ per example): the longest common *token* prefix of the split's
+   input_ids is found once (so whatever the tokenizer did at the template/text boundary, only tokens
+   that are really identical are shared; capped one token short of the shortest example, so every
+   example keeps a token of its own). Its key/value cache is computed once (batch 1) and expanded over
+   each batch; the remaining tokens run with position ids starting after the prefix and an attention
+   mask covering prefix + rest. The head pools the last real token of the rest, which is the example's
+   last real token. Decoders = model types transformers has a causal-LM class for and no masked-LM
+   class (BERT-style models have both: they are encoders that can be configured as decoders).
+
+Measured on the embedded SmolLM2-135M (float32 compute): README "Merged models, fast evaluation, latency"
+(1.29x the plain path and 1.36x the Trainer's predict() with rotating rounds, max |logit diff| 3.5e-6,
+argmax identical; the 2x target is not met on this CPU).
+"""
+from __future__ import annotations
+
+import copy
+import itertools
+import logging
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Optional
+
+import torch
+
+log = logging.getLogger(__name__)
+
+MEMORY_FRACTION = 0.5  # the copy may use at most this share of the free memory
+
+
+class NotSupported(Exception):
+    """The model has a layer the fast path does not know how to de-quantize or merge exactly."""
+
+
+class DequantizedLinear(torch.nn.Linear):
+    """A ``Linear4bit`` with its weight de-quantized once; casts like ``Linear4bit.forward``.
+
+    ``Linear4bit`` computes in ``compute_dtype`` and returns the input's dtype (the float32 residual
+    stream after ``prepare_model_for_kbit_training``); so does this layer.
+    """
+
+    def __init__(self, weight: torch.Tensor, bias: Optional[torch.Tensor], compute_dtype: torch.dtype):
+        torch.nn.Module.__init__(self)
+        self.in_features, self.out_features = weight.shape[1], weight.shape[0]
+        self.weight = torch.nn.Parameter(weight, requires_grad=False)
+        self.bias = None if bias is None else torch.nn.Parameter(bias.to(compute_dtype), requires_grad=False)
+        self.compute_dtype = compute_dtype
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return torch.nn.functional.linear(x.to(self.compute_dtype), self.weight, self.bias).to(x.dtype)
+
+
+def _linear4bit_class():
+    try:
+        import bitsandbytes as bnb
+    except ImportError:  # pragma: no cover - bitsandbytes is a requirement
+        return None
+    return bnb.nn.Linear4bit
+
+
+def _compute_dtype(layer) -> torch.dtype:
+    return layer.compute_dtype or layer.weight.quant_state.dtype
+
+
+def dequantized_weight(layer, dtype: Optional[torch.dtype] = None) -> torch.Tensor:
+    """The weight a ``Linear4bit`` multiplies with, [out, in], in ``dtype`` (default: its compute dtype)."""
+    import bitsandbytes.functional as bnbf
+    w = bnbf.dequantize_4bit(layer.weight.data, layer.weight.quant_state)
+    return w.to(dtype or _compute_dtype(layer))
+
+
+def _is_plain_lora(layer) -> bool:
+    from peft.tuners.lora import LoraLayer
+    if not isinstance(layer, LoraLayer) or getattr(layer, "merged", False):
+        return False
+    active = list(layer.active_adapters)
+    return bool(active) and all(a in layer.lora_A and not layer.use_dora.get(a, False) for a in active) \
+        and not any(getattr(layer, "lora_embedding_A", {}).get(a) is not None for a in active)
+
+
+def copy_bytes(model) -> int:
+    """Bytes of the tensors an inference copy would add (de-quantized and merged weights)."""
+    from peft.tuners.lora import LoraLayer
+    linear4bit = _linear4bit_class()
+    total = 0
+    for module in model.modules():
+        if linear4bit is not None and isinstance(module, linear4bit):
+            total += module.out_features * module.in_features * torch.finfo(_compute_dtype(module)).bits // 8
+        elif isinstance(module, LoraLayer) and isinstance(module.get_base_layer(), torch.nn.Linear) \
+                and not (linear4bit and isinstance(module.get_base_layer(), linear4bit)):
+            total += module.get_base_layer().weight.numel() * module.get_base_layer().weight.element_size()
+    return total
+
+
+def free_bytes(device: torch.device) -> Optional[int]:
+    """Free memory where the copy would live; None when it cannot be told."""
+    if device.type == "cuda":
+        return int(torch.cuda.mem_get_info(device)[0])
+    try:
+        for line in Path("/proc/meminfo").read_text().splitlines():
+            if line.startswith("MemAvailable:"):
+                return int(line.split()[1]) * 1024
+    except OSError:
+        pass
+    return None
+
+
+def _set(root, name: str, module) -> None:
+    parent, _, child = name.rpartition(".")
+    setattr(root.get_submodule(parent) if parent else root, child, module)
+
+
+@torch.inference_mode()
+def inference_copy(model) -> tuple[torch.nn.Module, dict]:
+    """A copy of ``model`` for inference: 4-bit layers de-quantized, float32 LoRA layers merged.
+
+    Raises NotSupported for PEFT layers other than plain LoRA. ``model`` itself is not changed.
+    """
+    from peft.tuners.tuners_utils import BaseTunerLayer
+    linear4bit = _linear4bit_class()
+    shared = {id(t): t for t in itertools.chain(model.parameters(), model.buffers())}
+    clone = copy.deepcopy(model, shared)
+    clone.eval()
+    merged = dequantized = kept_lora = 0
+    for name, module in list(clone.named_modules()):
+        if not isinstance(module, BaseTunerLayer):
+            continue
+        if not _is_plain_lora(module):
+            raise NotSupported(f"{type(module).__module__}.{type(module).__name__} at {name}")
+        base = module.get_base_layer()
+        is4 = linear4bit is not None and isinstance(base, linear4bit)
+        if not is4 and type(base) is not torch.nn.Linear:
+            raise NotSupported(f"LoRA over {type(base).__name__} at {name}")
+        dtype = _compute_dtype(base) if is4 else base.weight.dtype
+        if dtype == torch.float32:
+            weight = dequantized_weight(base, torch.float32) if is4 else base.weight.detach().clone()
+            for adapter in module.active_adapters:
+                weight += module.get_delta_weight(adapter).to(torch.float32)
+            new = DequantizedLinear(weight, None if base.bias is None else base.bias.detach(), torch.float32)
+            _set(clone, name, new)
+            merged += 1
+        else:  # 16-bit compute: keep the LoRA layer (exact), de-quantize its base once
+            if is4:
+                module.base_layer = DequantizedLinear(dequantized_weight(base), base.bias, dtype)
+                dequantized += 1
+            kept_lora += 1
+    for name, module in list(clone.named_modules()):
+        if linear4bit is not None and isinstance(module, linear4bit):
+            _set(clone, name, DequantizedLinear(dequantized_weight(module), module.bias, _compute_dtype(module)))
+            dequantized += 1
+    return clone, {"merged_lora_layers": merged, "dequantized_layers": dequantized + merged, "kept_lora_layers": kept_lora}
+
+
+# -- shared prefix ---------------------------------------------------------------------------------------
+def common_prefix_length(sequences) -> int:
+    """Longest common token prefix of all sequences, at most the shortest length minus one."""
+    if not sequences:
+        return 0
+    first = list(sequences[0])
+    n = min(len(s) for s in sequences) - 1
+    n = min(n, len(first))
+    for s in sequences[1:]:
+        i = 0
+        while i < n and s[i] == first[i]:
+            i += 1
+        n = i
+        if n == 0:
+            break
+    return max(n, 0)
+
+
+def is_causal_decoder(config) -> bool:
+    """Causal self-attention only: a causal-LM class exists for the model type and no masked-LM class."""
+    from transformers.models.auto.modeling_auto import (MODEL_FOR_CAUSAL_LM_MAPPING_NAMES,
+                                                        MODEL_FOR_MASKED_LM_MAPPING_NAMES)
+    kind = getattr(config, "model_type", None)
+    return (not getattr(config, "is_encoder_decoder", False) and kind in MODEL_FOR_CAUSAL_LM_MAPPING_NAMES
+            and kind not in MODEL_FOR_MASKED_LM_MAPPING_NAMES)
+
+
+def _hf_model(model):
+    """The transformers model under a PeftModel (LoRA layers are modules inside it)."""
+    return model.get_base_model() if hasattr(model, "get_base_model") else model
+
+
+@dataclass
+class Runner:
+    """Turns a padded batch into logits, on whichever model and with whichever prefix was decided."""
+    model: torch.nn.Module
+    prefix_ids: Optional[torch.Tensor] = None  # [1, P]
+    prefix_cache: list = field(default_factory=list)  # per layer (key, value, sliding window or None), batch 1
+    info: dict = field(default_factory=dict)
+
+    @property
+    def prefix_length(self) -> int:
+        return 0 if self.prefix_ids is None else self.prefix_ids.shape[1]
+
+    def logits(self, input_ids: torch.Tensor, attention_mask: torch.Tensor) -> torch.Tensor:
+        if not self.prefix_length:
+            return self.model(input_ids=input_ids, attention_mask=attention_mask).logits
+        from transformers import DynamicCache
+        p, (b, width) = self.prefix_length, input_ids.shape
+        hf = _hf_model(self.model)
+        cache = DynamicCache(ddp_cache_data=[(k.expand(b, *k.shape[1:]), v.expand(b, *v.shape[1:]),
+                                              *([s] if s is not None else []))
+                                             for k, v, s in self.prefix_cache], config=hf.config)
+        mask = torch.cat([attention_mask.new_ones(b, p), attention_mask[:, p:]], dim=1)
+        positions = torch.arange(p, width, device=input_ids.device).unsqueeze(0).expand(b, -1)
+        return hf(input_ids=input_ids[:, p:], attention_mask=mask, position_ids=positions, past_key_values=cache,
+                  use_cache=True).logits
+
+
+@torch.inference_mode()
+def prepare(model, input_ids, device: torch.device, zero3: bool = False, autocast=None) -> Runner:
+    """Decide the fast path for one evaluation of ``model`` on examples ``input_ids`` (lists of ids)."""
+    import contextlib
+    info: dict = {"eval_fast_path": True}
+    runner_model = model
+    need, free = copy_bytes(model), free_bytes(device)
+    if zero3:
+        info["eval_dequantized"] = "no: ZeRO-3 shards the weights"
+    elif need == 0:
+        info["eval_dequantized"] = "nothing to de-quantize or merge"
+    elif free is None or need > MEMORY_FRACTION * free:
+        info["eval_dequantized"] = (f"no: the copy needs {need / 2**20:.0f} MiB, more than half of the "
+                                    f"{'unknown' if free is None else f'{free / 2**20:.0f} MiB'} free")
+    else:
+        try:
+            runner_model, counts = inference_copy(model)
+            info.update({f"eval_{k}": v for k, v in counts.items()})
+            info["eval_dequantized"] = f"yes: {need / 2**20:.0f} MiB copy ({free / 2**20:.0f} MiB free)"
+        except NotSupported as exc:
+            info["eval_dequantized"] = f"no: {exc} is not plain LoRA"
+    if info["eval_dequantized"].startswith("no"):
+        log.info("fast evaluation: weights not de-quantized once (%s)", info["eval_dequantized"])
+    runner = Runner(runner_model, info=info)
+    hf = _hf_model(runner_model)
+    p = common_prefix_length(input_ids) if is_causal_decoder(hf.config) else 0
+    if p > 0:
+        prefix = torch.tensor([list(input_ids[0][:p])], device=device)
+        with autocast() if autocast else contextlib.nullcontext():
+            out = getattr(hf, hf.base_model_prefix)(input_ids=prefix, attention_mask=torch.ones_like(prefix),
+                                                    use_cache=True)
+        if out.past_key_values is None:  # a (remote-code) decoder that returns no cache: nothing to reuse
+            log.info("fast evaluation: %s returned no key/value cache; the prefix is not reused", type(hf).__name__)
+            p = 0
+        else:
+            runner.prefix_ids = prefix
+            runner.prefix_cache = [(k, v, s) for k, v, s in out.past_key_values]
+    info["eval_prefix_tokens"] = p
+    return runner

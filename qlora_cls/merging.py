@@ -1,0 +1,233 @@
+"""A run's adapter merged into a standalone ``AutoModelForSequenceClassification`` folder (merge.py).
+
+The adapter was trained against the *4-bit* base: its LoRA (DoRA, IA3) weights correct what that
+quantized model computes. So by default the merged weights are that exact base de-quantized
+(transformers' ``PreTrainedModel.dequantize``, which replaces each bitsandbytes ``Linear4bit`` by an
+``nn.Linear`` holding ``bitsandbytes.functional.dequantize_4bit`` of its weight) plus the adapter, merged
+by PEFT's ``merge_and_unload`` in float32: its predictions are the adapter's. ``--merge_into
+original-16bit`` merges into the base's original weights instead (what the adapter was *not* trained
+on: predictions move by the quantization error). The result loads with plain transformers: no PEFT
+modules, no bitsandbytes layers, no quantization config.
+
+Folder layout (the interface eval.py/predict.py read; ``MERGED_FORMAT``): ``config.json`` +
+``model.safetensors`` (id2label/label2id/problem_type/pad_token_id set), tokenizer files (right
+padding, pad token set), ``prompt.txt`` (the run's template), ``qlora_cls.json`` (what the model is
+and how well it did) and ``README.md`` (model card). Written under a temporary name and renamed:
+complete or absent.
+"""
+from __future__ import annotations
+
+import dataclasses
+import json
+import logging
+import os
+from pathlib import Path
+from typing import Optional
+
+import torch
+
+from .errors import UsageError
+
+log = logging.getLogger(__name__)
+
+MERGED_FORMAT = "qlora-cls-merged/1"
+MERGED_INFO = "qlora_cls.json"
+NOT_MERGEABLE = ("adapter", "full")  # methods whose weights are not a PEFT adapter (methods work)
+
+
+def run_method(config: dict) -> str:
+    """config.json's ``method``; runs written before the field existed: qlora in 4 bit, else lora."""
+    return config.get("method") or ("qlora" if config.get("load_in_4bit", True) else "lora")
+
+
+def check_merge(cfg, records: dict, run_dir: Path, adapter: str, merge_into: str, output_dir: Path) -> str:
+    """Everything cheap, before any weight is read; returns the resolved ``merge_into``."""
+    from .files import read_json
+    method = run_method(records.get("config", {}))
+    adapter_dir = run_dir / adapter
+    if method in NOT_MERGEABLE or (adapter_dir.is_dir() and not (adapter_dir / "adapter_config.json").is_file()):
+        raise UsageError(f"{adapter_dir}: method {method!r} saves no PEFT adapter (adapter_config.json), so there is "
+                         f"nothing to merge; merge.py handles LoRA, DoRA and IA3 runs")
+    if not (adapter_dir / "adapter_config.json").is_file():
+        raise UsageError(f"{adapter_dir} has no adapter (adapter_config.json); the run may be unfinished or have no "
+                         f"{adapter}/ (use --adapter adapter)")
+    if not (run_dir / "metrics.json").is_file():
+        raise UsageError(f"{run_dir} has no metrics.json: the run did not finish; finish it (ft.py --resume) first")
+    peft_type = read_json(adapter_dir / "adapter_config.json").get("peft_type")
+    if peft_type not in ("LORA", "IA3"):
+        raise UsageError(f"{adapter_dir} is a {peft_type} adapter; merge.py merges LORA (incl. DoRA) and IA3")
+    if not (run_dir / "prompt.txt").is_file():
+        raise UsageError(f"{run_dir} has no prompt.txt")
+    if output_dir.exists():
+        raise UsageError(f"--output_dir {output_dir} already exists; give a new folder (nothing is overwritten)")
+    if not output_dir.parent.is_dir():
+        raise UsageError(f"--output_dir {output_dir}: its parent folder {output_dir.parent} does not exist")
+    if merge_into == "auto":
+        return "dequantized-4bit" if cfg.load_in_4bit else "original-16bit"
+    if merge_into == "dequantized-4bit" and not cfg.load_in_4bit:
+        raise UsageError(f"--merge_into dequantized-4bit: {run_dir} trained on a 16-bit base (load_in_4bit false); "
+                         f"there is no 4-bit base to de-quantize (use --merge_into original-16bit or auto)")
+    return merge_into
+
+
+def quantization_modules(model) -> list[str]:
+    """Names of modules that need PEFT or bitsandbytes to run (none may be left in a merged model)."""
+    bad = []
+    for name, module in model.named_modules():
+        kind = type(module).__module__
+        if kind.startswith("peft.") or kind.startswith("bitsandbytes."):
+            bad.append(f"{name} ({type(module).__name__})")
+    return bad
+
+
+def merged_model(cfg, model_path: str, adapter_dir: Path, num_labels: int, pad_token_id: int, merge_into: str,
+                 device: str = "cpu"):
+    """The base (de-quantized 4-bit or original) with the adapter merged in, as a plain transformers model."""
+    from peft import PeftModel
+
+    from .modeling import load_base_model
+    if merge_into == "dequantized-4bit":
+        base = load_base_model(dataclasses.replace(cfg, gradient_checkpointing=False), model_path, num_labels,
+                               pad_token_id, {"": device})
+        # The adapter's base exactly: each 4-bit weight de-quantized with its own quant_state, in float32 (a
+        # bf16-compute run stored bf16 values: widening them is exact).
+        base = base.dequantize(dtype=torch.float32)
+        # dequantize() removes the quantization config but leaves this flag set, and PEFT's IA3 merge refuses
+        # a model that says it is 4-bit (no 4-bit layer is left: quantization_modules checks below).
+        base.is_loaded_in_4bit = False
+    else:
+        base = load_base_model(dataclasses.replace(cfg, load_in_4bit=False, bnb_4bit_compute_dtype="float32",
+                                                   gradient_checkpointing=False),
+                               model_path, num_labels, pad_token_id, {"": device})
+    base = base.float()
+    model = PeftModel.from_pretrained(base, str(adapter_dir), is_trainable=False)
+    model = model.merge_and_unload()  # float32 base + float32 adapter: the merge rounds once, in float32
+    left = quantization_modules(model)
+    if left:  # pragma: no cover - a new PEFT/bitsandbytes layer type that merge_and_unload did not remove
+        raise RuntimeError(f"merged model still holds PEFT/bitsandbytes modules: {', '.join(left[:3])}")
+    return model
+
+
+def merge_run(cfg, records: dict, run_dir: Path, output_dir: Path, adapter: str = "adapter",
+              merge_into: str = "auto", dtype: str = "float32") -> Path:
+    """Write the merged folder for ``run_dir``'s ``adapter``; returns ``output_dir``."""
+    from .files import _umask, atomic_dir, atomic_write_json, atomic_write_text, read_json
+    from .modelcard import scores_of
+    from .modeling import DTYPE
+    from .pipeline import check_model_paths, tokenizer_for
+
+    merge_into = check_merge(cfg, records, run_dir, adapter, merge_into, output_dir)
+    check_model_paths(cfg.model_dir, cfg.tokenizer_dir)
+    resolved = records.get("resolved", {})
+    summary = read_json(run_dir / "metrics.json")
+    model_path, tokenizer = tokenizer_for(cfg)
+    num_labels = int(resolved.get("num_labels") or 2)
+    label_names = resolved.get("label_names")
+    device = "cuda:0" if torch.cuda.is_available() else "cpu"
+    model = merged_model(cfg, model_path, run_dir / adapter, num_labels, tokenizer.pad_token_id, merge_into, device)
+    model = model.to(DTYPE[dtype])
+    config = model.config
+    config.pad_token_id = tokenizer.pad_token_id
+    config.problem_type = "regression" if num_labels == 1 else "single_label_classification"
+    if label_names:
+        config.id2label = {i: n for i, n in enumerate(label_names)}
+        config.label2id = {n: i for i, n in enumerate(label_names)}
+    config.use_cache = True  # training switched it off; a plain model keeps the library default
+    metrics = {k: v for k, v in scores_of(summary, adapter).items() if k in (resolved.get("metrics") or [])}
+    info = {"format": MERGED_FORMAT, "source_run": str(run_dir.resolve()), "adapter": adapter,
+            "task": resolved.get("task"), "label_names": label_names, "text_columns": resolved.get("text_columns"),
+            "prompt_name": resolved.get("prompt_name"), "max_length": cfg.max_length, "num_labels": num_labels,
+            "main_metric": resolved.get("main_metric"), "metrics": metrics, "eval_split": resolved.get("eval_split"),
+            "baseline": summary.get("baseline") or resolved.get("baseline"), "merged_into": merge_into,
+            "base_model": model_path, "dtype": dtype,
+            "peft_type": read_json(run_dir / adapter / "adapter_config.json").get("peft_type"),
+            "method": run_method(records.get("config", {}))}
+    template = (run_dir / "prompt.txt").read_text(encoding="utf-8")
+    tokenizer.padding_side = "right"
+    tokenizer.init_kwargs["padding_side"] = "right"  # saved in tokenizer_config.json: the head pools the last real token
+    with atomic_dir(output_dir) as tmp:
+        model.save_pretrained(tmp, safe_serialization=True, max_shard_size="1000GB")  # one model.safetensors
+        tokenizer.save_pretrained(tmp)
+        atomic_write_text(tmp / "prompt.txt", template)
+        atomic_write_json(tmp / MERGED_INFO, info)
+        atomic_write_text(tmp / "README.md", model_card(output_dir, info, records, summary, template.rstrip("\r\n")))
+        for f in tmp.iterdir():  # safetensors writes 0600; the folder's other files honour the umask
+            os.chmod(f, 0o666 & ~_umask())
+    log.info("merged %s/%s into %s (%s, %s)", run_dir, adapter, output_dir, merge_into, dtype)
+    return output_dir
+
+
+def model_card(output_dir: Path, info: dict, records: dict, summary: dict, template: str) -> str:
+    """README.md of a merged folder: what it is, how it was merged, how well it does, how to load it."""
+    from huggingface_hub import ModelCard, ModelCardData
+
+    from .modelcard import metrics_table
+    resolved = records.get("resolved", {})
+    run = summary.get("run", {})
+    names = info["label_names"]
+    metrics = list(resolved.get("metrics") or [])
+    baseline = info.get("baseline") or {}
+    how = ("the exact 4-bit NF4 base the adapter was trained against, de-quantized to float32 "
+           "(`bitsandbytes.functional.dequantize_4bit` of every quantized weight, via transformers' "
+           "`PreTrainedModel.dequantize`), with the adapter merged in by PEFT's `merge_and_unload` in float32. Its "
+           "predictions are the adapter's (same argmax; logits equal within float rounding). "
+           "`merge.py --merge_into original-16bit` merges into the original 16-bit weights instead, which the "
+           "adapter was not trained against (predictions then move by the quantization error)."
+           if info["merged_into"] == "dequantized-4bit" else
+           "the base model's original (unquantized) weights in float32, with the adapter merged in by PEFT's "
+           "`merge_and_unload`." + (" The adapter was trained against the 4-bit quantized base, so predictions "
+                                    "differ from the adapter's by the quantization error; the default "
+                                    "(`--merge_into dequantized-4bit`) reproduces them."
+                                    if records.get("config", {}).get("load_in_4bit") else ""))
+    fields = info.get("text_columns") or []
+    example = "{" + ", ".join(f'"{c}": "..."' for c in fields) + "}"
+    snippet = "\n".join([
+        "import torch",
+        "from transformers import AutoModelForSequenceClassification, AutoTokenizer",
+        "",
+        f"path = {json.dumps(str(output_dir.resolve()))}",
+        "model = AutoModelForSequenceClassification.from_pretrained(path).eval()",
+        "tokenizer = AutoTokenizer.from_pretrained(path)  # right padding, pad token set",
+        f"template = {json.dumps(template)}  # prompt.txt: {{field}} = a text column",
+        f"rows = [{example}]",
+        "texts = [template.format(**r) for r in rows]",
+        f"batch = tokenizer(texts, padding=True, truncation=True, max_length={info['max_length']}, return_tensors=\"pt\")",
+        "with torch.no_grad():",
+        "    logits = model(**batch).logits.float()",
+        "print(logits[:, 0].tolist())" if info["num_labels"] == 1 else
+        "print([model.config.id2label[i] for i in logits.argmax(-1).tolist()])"])
+    data = ModelCardData(base_model=info["base_model"], library_name="transformers", pipeline_tag="text-classification",
+                         tags=["text-classification", "merged-adapter", str(info.get("task"))], metrics=metrics)
+    scores = dict(info.get("metrics") or {})
+    text = f"""
+# {info.get('task')} classifier: {run.get('model') or info['base_model']} with its adapter merged
+
+A standalone `AutoModelForSequenceClassification` (no PEFT, no bitsandbytes needed), made by qlora-cls
+`merge.py` from `{info['source_run']}/{info.get('adapter', 'adapter')}`.
+
+- **Base model:** `{info['base_model']}`
+- **Trained:** {run.get('method') or info.get('method')}; {run.get('training', '')}
+- **Merged into:** {how}
+- **Weights:** {info['dtype']}
+- **Task:** {info.get('task')}; labels: {', '.join(f'{i} = {n}' for i, n in enumerate(names)) if names else 'a number (regression)'}
+- **Prompt** `{info.get('prompt_name')}` (the text the model reads, `prompt.txt`):
+
+  ```
+  {template}
+  ```
+
+## Evaluation (of the adapter, on {run.get('eval') or info.get('eval_split')})
+
+{metrics_table(scores, baseline, metrics, "this model")}
+
+The trivial baseline {baseline.get('description', 'is not recorded')}, scored with the same metric code.
+
+## How to use (plain transformers)
+
+```python
+{snippet}
+```
+
+`qlora_cls.json` holds the same facts for programs (labels, text columns, max length, metrics, baseline).
+"""
+    return str(ModelCard(f"---\n{data.to_yaml()}\n---\n{text}"))

@@ -1,0 +1,166 @@
+"""The fast evaluation path equals the plain one, and never touches the training model.
+
+Oracle: ``predict(..., fast=False)``, the path every earlier test and run used (the 4-bit training
+model run as is). LoRA B is filled with random values so the merged deltas are not zero.
+"""
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+
+import ft
+from conftest import MRPC, build_tiny_architecture, tiny_args
+
+LOGIT_TOL = 1e-5  # measured: <= 1e-7 on the tiny models, 3.3e-6 on SmolLM2-135M over 408 MRPC examples (float32)
+
+
+@pytest.fixture(scope="module")
+def tiny_models(tmp_path_factory):
+    root = tmp_path_factory.mktemp("fast-eval-models")
+    return {arch: str(build_tiny_architecture(arch, root / arch, seed=2)) for arch in ("llama", "gpt2", "roberta")}
+
+
+def _setup(model_dir: str, mrpc: str, compute: str = "float32", n: int = 40, load_in_4bit: bool = True):
+    from accelerate import Accelerator
+
+    from qlora_cls.config import TrainConfig
+    from qlora_cls.data import DataSource
+    from qlora_cls.pipeline import build_model, prepare_data, tokenizer_for
+    from qlora_cls.prompts import load_template
+    cfg = TrainConfig(model_dir=model_dir, dataset=mrpc, bnb_4bit_compute_dtype=compute, load_in_4bit=load_in_4bit,
+                      target_modules=["attention"])
+    accelerator = Accelerator()
+    cfg.resolve_compute_dtype("cpu")
+    model_path, tokenizer = tokenizer_for(cfg)
+    data = prepare_data(DataSource.from_config(cfg), load_template("perfect", "mrpc"), tokenizer, ["validation"],
+                        512, {"validation": n}, accelerator)
+    torch.manual_seed(0)
+    model = build_model(cfg, model_path, tokenizer, 2, accelerator)
+    with torch.no_grad():
+        for name, p in model.named_parameters():
+            if "lora_B" in name:
+                p.normal_(0, 0.05)
+    return model, data.batchers["validation"], accelerator
+
+
+def _state(model) -> dict:
+    return {k: v.detach().clone() for k, v in model.state_dict().items() if isinstance(v, torch.Tensor)}
+
+
+@pytest.mark.parametrize("arch,compute", [("llama", "float32"), ("gpt2", "float32"), ("roberta", "float32"),
+                                          ("llama", "bfloat16")])
+def test_fast_path_equals_plain_path(arch, compute, tiny_models, mrpc):
+    from qlora_cls.evaluation import predict
+    model, batcher, accelerator = _setup(tiny_models[arch], mrpc, compute)
+    before, types_before = _state(model), [type(m) for m in model.modules()]
+    plain, _ = predict(model, batcher, 8, accelerator)
+    fast, stats = predict(model, batcher, 8, accelerator, fast=True)
+    assert (fast.argmax(1) == plain.argmax(1)).all()
+    assert np.abs(fast - plain).max() <= LOGIT_TOL
+    assert stats["eval_dequantized"] is True and stats["eval_dequantized_layers"] > 0
+    if arch == "roberta":  # bidirectional: the prefix's states depend on the rest, nothing is reused
+        assert stats["eval_prefix_tokens"] == 0
+    else:
+        # hand-counted: the template's "Does sentence 1 mean the same as sentence 2? Sentence 1:" is shared
+        ids = batcher.input_ids
+        expected = next(i for i in range(len(ids[0])) if len({tuple(x[:i + 1]) for x in ids}) > 1)
+        assert stats["eval_prefix_tokens"] == expected > 5
+    if compute == "float32":  # LoRA merged into its float32 layer; in bf16 it stays a LoRA layer (exact)
+        assert stats["eval_merged_lora_layers"] > 0 and stats["eval_kept_lora_layers"] == 0
+    else:
+        assert stats["eval_merged_lora_layers"] == 0 and stats["eval_kept_lora_layers"] > 0
+    # the training model is untouched: same tensors, same module types (4-bit layers still 4-bit)
+    after = _state(model)
+    assert before.keys() == after.keys() and all(torch.equal(before[k], after[k]) for k in before)
+    assert [type(m) for m in model.modules()] == types_before
+
+
+def test_prefix_only_when_the_copy_does_not_fit(tiny_models, mrpc, monkeypatch):
+    from qlora_cls import fast_eval
+    from qlora_cls.evaluation import predict
+    model, batcher, accelerator = _setup(tiny_models["llama"], mrpc)
+    need = fast_eval.copy_bytes(model)
+    # hand-computed: 2 layers x (q 64x64, k 64x32, v 64x32, o 64x64, gate/up 64x128 x2, down 128x64) x 4 bytes
+    assert need == 2 * (64 * 64 + 2 * 32 * 64 + 64 * 64 + 3 * 64 * 128) * 4
+    monkeypatch.setattr(fast_eval, "free_bytes", lambda device: 2 * need - 1)  # just under twice the copy
+    plain, _ = predict(model, batcher, 8, accelerator)
+    fast, stats = predict(model, batcher, 8, accelerator, fast=True)
+    assert stats["eval_dequantized"] is False and stats["eval_prefix_tokens"] > 0
+    assert np.abs(fast - plain).max() <= LOGIT_TOL and (fast.argmax(1) == plain.argmax(1)).all()
+    monkeypatch.setattr(fast_eval, "free_bytes", lambda device: 2 * need)
+    assert predict(model, batcher, 8, accelerator, fast=True)[1]["eval_dequantized"] is True
+
+
+def test_other_peft_layers_fall_back_to_the_plain_weights(tiny_models, mrpc):
+    """A DoRA layer is not merged by the fast path: the 4-bit model runs as is, with the prefix reuse."""
+    from peft import LoraConfig, TaskType, get_peft_model
+
+    from qlora_cls.config import TrainConfig
+    from qlora_cls.evaluation import predict
+    from qlora_cls.modeling import load_base_model
+    _, batcher, accelerator = _setup(tiny_models["llama"], mrpc)
+    cfg = TrainConfig(model_dir=tiny_models["llama"], bnb_4bit_compute_dtype="float32")
+    torch.manual_seed(0)
+    base = load_base_model(cfg, cfg.model_dir, 2, batcher.pad_id, {"": "cpu"})
+    model = get_peft_model(base, LoraConfig(task_type=TaskType.SEQ_CLS, r=4, target_modules=["q_proj", "v_proj"],
+                                            use_dora=True, init_lora_weights=False))
+    plain, _ = predict(model, batcher, 8, accelerator)
+    fast, stats = predict(model, batcher, 8, accelerator, fast=True)
+    assert stats["eval_dequantized"] is False and stats["eval_prefix_tokens"] > 0
+    assert np.abs(fast - plain).max() <= LOGIT_TOL
+
+
+def test_sixteen_bit_base_merges_lora_without_changing_it(tiny_models, mrpc):
+    from qlora_cls.evaluation import predict
+    model, batcher, accelerator = _setup(tiny_models["llama"], mrpc, load_in_4bit=False)
+    before = _state(model)
+    plain, _ = predict(model, batcher, 8, accelerator)
+    fast, stats = predict(model, batcher, 8, accelerator, fast=True)
+    assert stats["eval_merged_lora_layers"] == 8 and np.abs(fast - plain).max() <= LOGIT_TOL
+    assert all(torch.equal(before[k], v) for k, v in _state(model).items())
+
+
+def test_common_prefix_length_by_hand():
+    from qlora_cls.fast_eval import common_prefix_length
+    assert common_prefix_length([[1, 2, 3, 4], [1, 2, 3, 5], [1, 2, 9]]) == 2
+    assert common_prefix_length([[1, 2, 3], [1, 2, 3, 4]]) == 2  # every example keeps one token of its own
+    assert common_prefix_length([[7, 1], [8, 1]]) == 0
+    assert common_prefix_length([[5, 6, 7]]) == 2
+    assert common_prefix_length([]) == 0
+
+
+def test_decoders_and_encoders_told_apart():
+    import transformers as tf
+
+    from qlora_cls.fast_eval import is_causal_decoder
+    for config in (tf.LlamaConfig(), tf.MistralConfig(), tf.Qwen2Config(), tf.GemmaConfig(), tf.GPT2Config()):
+        assert is_causal_decoder(config), config.model_type
+    for config in (tf.BertConfig(), tf.RobertaConfig(), tf.DistilBertConfig(), tf.DebertaV2Config()):
+        assert not is_causal_decoder(config), config.model_type
+
+
+def test_training_is_identical_with_the_fast_path_on_and_off(tiny_models, mrpc, tmp_path):
+    """Two epochs with an evaluation between them: the later losses, gradient norms and weights do not move."""
+    from safetensors.torch import load_file
+    runs = {}
+    for flag in ("true", "false"):
+        run = tmp_path / f"fast-{flag}"
+        ft.main(tiny_args(tiny_models["llama"], mrpc, run, "--max_steps", "10", "--log_every", "1", "--lr", "5e-3",
+                          "--fast_eval", flag, "--seed", "4"))
+        runs[flag] = run
+    logs = {f: [json.loads(x) for x in (r / "train_log.jsonl").read_text().splitlines()] for f, r in runs.items()}
+    assert len(logs["true"]) == 10
+    assert [(e["loss"], e["grad_norm"]) for e in logs["true"]] == [(e["loss"], e["grad_norm"]) for e in logs["false"]]
+    a, b = (load_file(r / "adapter" / "adapter_model.safetensors") for r in runs.values())
+    assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
+    summaries = {f: json.loads((r / "metrics.json").read_text()) for f, r in runs.items()}
+    assert len(summaries["true"]["epochs"]) == 2  # 6 steps per epoch: an evaluation after step 6, one after 10
+    for e_fast, e_plain in zip(summaries["true"]["epochs"], summaries["false"]["epochs"]):
+        assert e_fast["accuracy"] == e_plain["accuracy"] and e_fast["eval_fast_path"] is True
+        assert "eval_fast_path" not in e_plain
+    for f in ("true", "false"):
+        assert json.loads((runs[f] / "config.json").read_text())["config"]["fast_eval"] == (f == "true")
