@@ -25,7 +25,7 @@ def main(argv: Optional[Sequence[str]] = None) -> Path:
     logging.basicConfig(format="%(asctime)s %(levelname)s %(name)s: %(message)s", level=logging.INFO)
     try:
         mcfg = parse_dataclass(MergeConfig, argv, "merge.py", __doc__)
-        from eval import load_run_config
+        from qlora_cls.runs import load_run_config
         from qlora_cls.merging import merge_run
         run_dir = Path(mcfg.results_path)
         cfg, records = load_run_config(run_dir)

@@ -63,7 +63,7 @@ def main(argv=None) -> dict:
 
     args = parse_args(argv)
     if args.results_path:
-        from eval import load_run_config
+        from qlora_cls.runs import load_run_config
         cfg, _ = load_run_config(Path(args.results_path))
         cfg.max_eval_samples = args.max_eval_samples
     else:

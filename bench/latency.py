@@ -99,7 +99,7 @@ def main(argv=None) -> dict:
     from accelerate.utils import set_seed
 
     from bench.bench import _machine
-    from eval import load_run_config
+    from qlora_cls.runs import load_run_config
     from qlora_cls.data import DataSource
     from qlora_cls.merging import merge_run, run_method
     from qlora_cls.pipeline import build_model, prepare_data, tokenizer_for

@@ -96,8 +96,10 @@ def merged_model(cfg, model_path: str, adapter_dir: Path, num_labels: int, pad_t
         # a model that says it is 4-bit (no 4-bit layer is left: quantization_modules checks below).
         base.is_loaded_in_4bit = False
     else:
-        base = load_base_model(dataclasses.replace(cfg, load_in_4bit=False, bnb_4bit_compute_dtype="float32",
-                                                   gradient_checkpointing=False),
+        # The same method on a 16-bit base: QLoRA's adapter is a LoRA adapter there.
+        sixteen = dataclasses.replace(cfg, method="lora" if cfg.method == "qlora" else cfg.method, load_in_4bit=False,
+                                      bnb_4bit_compute_dtype="float32", gradient_checkpointing=False)
+        base = load_base_model(sixteen,
                                model_path, num_labels, pad_token_id, {"": device})
     base = base.float()
     model = PeftModel.from_pretrained(base, str(adapter_dir), is_trainable=False)

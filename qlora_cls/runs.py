@@ -126,6 +126,11 @@ def open_source(path: str | Path, adapter: str = "adapter", base_only: bool = Fa
 
 def load_run_config(run_dir: Path) -> tuple[TrainConfig, dict]:
     """A run's TrainConfig (fields this version does not know are dropped) and its config.json."""
+    run_dir = Path(run_dir)
+    if not run_dir.is_dir():
+        raise UsageError(f"--results_path {run_dir}: no such folder")
+    if not (run_dir / "config.json").is_file():
+        raise UsageError(f"--results_path {run_dir} has no config.json; is it a run folder written by ft.py?")
     records = read_json(run_dir / "config.json")
     if "config" not in records:
         raise UsageError(f"{run_dir}/config.json has no 'config' block; is it a run folder written by ft.py?")

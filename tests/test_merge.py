@@ -71,7 +71,7 @@ def adapter_logits(run: Path, adapter_dir: Path, rows: list[dict], bare: bool = 
     """The adapter on its 4-bit base, through PEFT (bare=True: the de-quantized base alone, no adapter)."""
     from peft import PeftModel
 
-    from eval import load_run_config
+    from qlora_cls.runs import load_run_config
     from qlora_cls.modeling import load_base_model, load_tokenizer
     cfg, records = load_run_config(run)
     tokenizer = load_tokenizer(cfg.model_dir)
@@ -204,7 +204,7 @@ def _peft_adapter(run: Path, dest: Path, kind: str) -> None:
     """A DoRA or IA3 adapter (random, non-trivial weights) built with PEFT on the run's own 4-bit base."""
     from peft import IA3Config, LoraConfig, TaskType, get_peft_model
 
-    from eval import load_run_config
+    from qlora_cls.runs import load_run_config
     from qlora_cls.modeling import load_base_model
     cfg, records = load_run_config(run)
     torch.manual_seed(5)
@@ -244,7 +244,7 @@ def test_merge_into_original_16bit_weights(llama_run, tmp_path):
     """The documented option: the original weights + the adapter, equal to PEFT's unmerged forward on them."""
     from peft import PeftModel
 
-    from eval import load_run_config
+    from qlora_cls.runs import load_run_config
     from qlora_cls.modeling import load_base_model
     out = merge.main(["--results_path", str(llama_run), "--output_dir", str(tmp_path / "m"),
                       "--merge_into", "original-16bit"])
@@ -257,7 +257,7 @@ def test_merge_into_original_16bit_weights(llama_run, tmp_path):
     import dataclasses
     from transformers import AutoTokenizer
     torch.manual_seed(0)
-    base = load_base_model(dataclasses.replace(cfg, load_in_4bit=False, bnb_4bit_compute_dtype="float32"),
+    base = load_base_model(dataclasses.replace(cfg, method="lora", load_in_4bit=False, bnb_4bit_compute_dtype="float32"),
                            cfg.model_dir, 2, records["resolved"]["pad_token_id"], {"": "cpu"})
     oracle = PeftModel.from_pretrained(base, str(llama_run / "adapter")).eval()
     tok = AutoTokenizer.from_pretrained(out)
