@@ -131,7 +131,7 @@ def evaluate_runs(ecfg: EvalConfig) -> list[dict]:
 def _write(ecfg: EvalConfig, p: dict, logits, stats: dict, batch_size: int, accelerator) -> dict:
     from qlora_cls import records as rec
     from qlora_cls.evaluation import prediction_table
-    from qlora_cls.files import atomic_dir, atomic_write_csv, atomic_write_json
+    from qlora_cls.files import crash_safe_dir, atomic_write_csv, atomic_write_json
     from qlora_cls.metrics import compute_metrics
 
     data, split, cfg, source = p["data"], p["split"], p["cfg"], p["source"]
@@ -158,7 +158,7 @@ def _write(ecfg: EvalConfig, p: dict, logits, stats: dict, batch_size: int, acce
     out_dir = p["out_dir"]
     if accelerator.is_main_process:
         out_dir.parent.mkdir(parents=True, exist_ok=True)
-        with atomic_dir(out_dir) as tmp:
+        with crash_safe_dir(out_dir) as tmp:
             header, rows = prediction_table(spec, label_names, batcher, logits)
             atomic_write_csv(tmp / "predictions.csv", header, rows)
             atomic_write_json(tmp / "metrics.json", result)

@@ -215,7 +215,7 @@ def setup(cfg: TrainConfig):
     from qlora_cls import methods
     from qlora_cls.modeling import meta_model
     from qlora_cls.pipeline import check_model_paths, prepare_data, tokenizer_for
-    from qlora_cls.preflight import preflight
+    from qlora_cls.preflight import check_launch_and_resolve
     from qlora_cls.prompts import load_template
     from qlora_cls.tasks import GLUE_TASKS
 
@@ -228,7 +228,7 @@ def setup(cfg: TrainConfig):
                               # stamp); the tracker is pointed at it before init_trackers.
                               project_config=ProjectConfiguration(project_dir=str(RESULTS_DIR)))
     cfg.resolve_compute_dtype(accelerator.device.type)
-    zero3 = preflight(cfg, accelerator)
+    zero3 = check_launch_and_resolve(cfg, accelerator)
     eval_split = cfg.eval_split or _default_eval_split(cfg)
     if eval_split in cfg.train_splits:
         raise UsageError(f"cannot select epochs on {eval_split!r}: it is also trained on (--train_splits "
@@ -303,7 +303,7 @@ def build_training(run: Run):
     log.info("trainable parameters: %s of %s (%.3f%%)", f"{counts['trainable']:,}", f"{counts['total']:,}",
              100 * counts["trainable"] / counts["total"])
     trainable = [p for p in model.parameters() if p.requires_grad]
-    optimizer = _optimizer(cfg, trainable)
+    optimizer = make_optimizer(cfg, trainable)
     # The scheduler is stepped by hand once per optimizer step: accelerate's prepared scheduler would
     # step it once per process, which makes warm-up and decay depend on the process count.
     scheduler = get_linear_schedule_with_warmup(optimizer, run.warmup_steps, run.total_steps)
@@ -401,7 +401,7 @@ def evaluate(run: Run, model, progress: dict, epoch: int, trigger: str):
     best = progress["best"]
     if run.select_best and scores and (best is None or scores[spec.main_metric] > best["score"]):
         progress["best"] = {"epoch": epoch, "step": step, "score": scores[spec.main_metric]}
-        _save_adapter(run.accelerator, model, run.dir / "adapter_best", run.zero3, run.cfg)
+        save_trained(run.accelerator, model, run.dir / "adapter_best", run.zero3, run.cfg)
     return logits
 
 
@@ -418,7 +418,7 @@ def finish(run: Run, model, progress: dict, logits) -> dict:
 
     cfg, accelerator, spec, run_dir = run.cfg, run.accelerator, run.spec, run.dir
     label_names, eval_rows = run.data.task.label_names, run.eval_rows
-    _save_adapter(accelerator, model, run_dir / "adapter", run.zero3, cfg)
+    save_trained(accelerator, model, run_dir / "adapter", run.zero3, cfg)
     # The final weights on the task's other evaluation splits (MNLI mismatched), reported beside the main one.
     extra = {}
     for split in run.extra_splits:
@@ -512,7 +512,7 @@ def _results_dir(cfg, prompt_name, accelerator, broadcast_object_list) -> Path:
     return path
 
 
-def _optimizer(cfg: TrainConfig, params):
+def make_optimizer(cfg: TrainConfig, params):
     import torch
     if cfg.optim == "adamw_torch":
         return torch.optim.AdamW(params, lr=cfg.lr, weight_decay=cfg.weight_decay)
@@ -521,14 +521,14 @@ def _optimizer(cfg: TrainConfig, params):
     return cls(params, lr=cfg.lr, weight_decay=cfg.weight_decay)
 
 
-def _save_adapter(accelerator, model, path: Path, zero3: bool, cfg: TrainConfig) -> None:
+def save_trained(accelerator, model, path: Path, zero3: bool, cfg: TrainConfig) -> None:
     """The trained weights including the head, as safetensors, atomically (format by method: methods.py)."""
-    from qlora_cls.files import atomic_dir
+    from qlora_cls.files import crash_safe_dir
     from qlora_cls.methods import save_trainable
     # Under ZeRO-3 the weights are sharded: gathering them is collective, so every process joins.
     state_dict = accelerator.get_state_dict(model) if zero3 else None
     if accelerator.is_main_process:
-        with atomic_dir(path) as tmp:
+        with crash_safe_dir(path) as tmp:
             save_trainable(accelerator.unwrap_model(model), tmp, cfg, state_dict)
     accelerator.wait_for_everyone()
 

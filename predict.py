@@ -205,12 +205,12 @@ def _predict_rows(source, rows: list[dict], tokenizer, model, batch_size: Option
     inside the chunk (evaluation.predict), and put back in row order."""
     import numpy as np
 
-    from qlora_cls.data import Batcher, encode_prompts
+    from qlora_cls.data import TokenizedSplit, encode_prompts
     from qlora_cls.evaluation import predict, probabilities
     if not rows:
         return []
     ids = encode_prompts(tokenizer, source.template, rows, source.max_length)
-    batcher = Batcher({"input_ids": ids, "length": [len(x) for x in ids], "idx": list(range(len(ids))),
+    batcher = TokenizedSplit({"input_ids": ids, "length": [len(x) for x in ids], "idx": list(range(len(ids))),
                        "labels": [0] * len(ids)}, tokenizer.pad_token_id, False)
     logits, _ = predict(model, batcher, batch_size or source.default_batch_size, accelerator)
     probs = probabilities(source.spec, logits)

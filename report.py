@@ -23,7 +23,7 @@ from datetime import datetime
 from pathlib import Path
 from typing import Any, Optional, Sequence
 
-from qlora_cls.cli import _OneLineParser
+from qlora_cls.cli import OneLineArgumentParser
 from qlora_cls.errors import UsageError
 
 OUTPUTS = ("report.md", "report.csv", "evals.csv", "methods.csv", "eval_vs_step.csv", "eval_per_epoch.png",
@@ -37,7 +37,7 @@ def _ours(name: str) -> bool:
 
 def main(argv: Optional[Sequence[str]] = None) -> dict:
     logging.basicConfig(format="%(levelname)s %(name)s: %(message)s", level=logging.WARNING)
-    parser = _OneLineParser(prog="report.py", description=__doc__, allow_abbrev=False,
+    parser = OneLineArgumentParser(prog="report.py", description=__doc__, allow_abbrev=False,
                             formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("folder", help="sweep folder, results folder or run folder (searched recursively)")
     parser.add_argument("--out", help="output folder (default: <folder>/report)")

@@ -28,7 +28,7 @@ from pathlib import Path
 from typing import Optional, Sequence
 
 from qlora_cls import procs
-from qlora_cls.cli import _OneLineParser, strict_bool
+from qlora_cls.cli import OneLineArgumentParser, strict_bool
 from qlora_cls.errors import UsageError
 
 REPO = Path(__file__).resolve().parent
@@ -37,7 +37,7 @@ log = logging.getLogger("sweep")
 
 def build_parser() -> argparse.ArgumentParser:
     from qlora_cls.prompts import available_templates
-    p = _OneLineParser(prog="sweep.py", description=__doc__, allow_abbrev=False,
+    p = OneLineArgumentParser(prog="sweep.py", description=__doc__, allow_abbrev=False,
                        formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--grid", help="YAML/JSON file: field: [values] (swept) or field: value (fixed); "
                                   "command-line fields win")

@@ -27,8 +27,8 @@ def main(argv=None) -> dict:
     from peft import LoraConfig, TaskType, get_peft_model, prepare_model_for_kbit_training
     from transformers import AutoModelForSequenceClassification, BitsAndBytesConfig
 
-    from bench.bench import _data, _train_config, ft_plan
-    from qlora_cls.data import Batcher
+    from bench.bench import tokenized_data, train_config, ft_plan
+    from qlora_cls.data import TokenizedSplit
     from qlora_cls.modeling import DTYPE, add_lora, disable_cpu_weight_repacking, load_base_model
 
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
@@ -38,13 +38,13 @@ def main(argv=None) -> dict:
                    help="build the Trainer recipe's model after ft.py's two (the model built first ran up to 4 %% "
                         "faster here, whichever it was)")
     args = p.parse_args(argv)
-    # the fields bench._train_config reads
+    # the fields bench.train_config reads
     args.model_dir, args.prompt, args.batch_size, args.eval_batch_size = None, "perfect", 8, 32
     args.lr, args.warmup_ratio, args.seed, args.max_length = 3e-4, 0.06, 42, 512
     args.gradient_checkpointing, args.max_train_samples, args.max_eval_samples = "false", None, None
-    cfg = _train_config(args)
-    model_path, tok, spec, data = _data(cfg)
-    batcher = Batcher(data["train"], tok.pad_token_id, spec.is_regression)
+    cfg = train_config(args)
+    model_path, tok, spec, data = tokenized_data(cfg)
+    batcher = TokenizedSplit(data["train"], tok.pad_token_id, spec.is_regression)
     plan = ft_plan(batcher.lengths, cfg)
     compute = DTYPE[cfg.bnb_4bit_compute_dtype]
 

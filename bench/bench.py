@@ -107,7 +107,7 @@ def parse_args(argv=None):
 
 
 # -- shared by the arms ------------------------------------------------------------------------------
-def _train_config(args, compute_dtype: str = "auto"):
+def train_config(args, compute_dtype: str = "auto"):
     from qlora_cls.config import TrainConfig
     cfg = TrainConfig(model_dir=args.model_dir, dataset=args.dataset, prompt=args.prompt, batch_size=args.batch_size,
                       eval_batch_size=args.eval_batch_size, lr=args.lr, warmup_ratio=args.warmup_ratio, seed=args.seed,
@@ -127,7 +127,7 @@ def _checkpointing(args) -> bool:
     return args.gradient_checkpointing == "true"
 
 
-def _data(cfg):
+def tokenized_data(cfg):
     """Tokenized train/validation (HF datasets with input_ids, labels, length), as ft.py tokenizes them."""
     from qlora_cls.data import DataSource, load_task_data, tokenize
     from qlora_cls.modeling import load_tokenizer, resolve_model_dir
@@ -192,8 +192,8 @@ def run_trainer(args, grouped: bool, compute_dtype: str, state_dir: Optional[Pat
 
     from qlora_cls.modeling import DTYPE, disable_cpu_weight_repacking
 
-    cfg = _train_config(args, compute_dtype)
-    model_path, tokenizer, spec, data = _data(cfg)
+    cfg = train_config(args, compute_dtype)
+    model_path, tokenizer, spec, data = tokenized_data(cfg)
     compute = DTYPE[cfg.bnb_4bit_compute_dtype]
     on_gpu = torch.cuda.is_available()
     # The recipe as its tutorials write it.
@@ -263,8 +263,8 @@ def run_trainer(args, grouped: bool, compute_dtype: str, state_dir: Optional[Pat
 def run_ft(args, extra: tuple[str, ...] = ()) -> dict:
     import ft
     from qlora_cls.batching import padding_efficiency
-    cfg = _train_config(args)
-    _, _, _, data = _data(cfg)
+    cfg = train_config(args)
+    _, _, _, data = tokenized_data(cfg)
     lengths = data["train"]["length"]
     plan = ft_plan(lengths, cfg)
     with tempfile.TemporaryDirectory() as tmp:
@@ -315,8 +315,8 @@ def run_dense(args) -> dict:
 
     from qlora_cls.modeling import add_lora, load_base_model
 
-    cfg = _train_config(args)
-    model_path, tokenizer, spec, data = _data(cfg)
+    cfg = train_config(args)
+    model_path, tokenizer, spec, data = tokenized_data(cfg)
     lengths, ids, labels = data["train"]["length"], data["train"]["input_ids"], data["train"]["labels"]
     plan = ft_plan(lengths, cfg)
     device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
@@ -500,8 +500,8 @@ def main(argv=None) -> dict:
     out_dir = Path(args.out)
     out_dir.mkdir(parents=True, exist_ok=True)
     stamp = datetime.now().strftime("%Y%m%d-%H%M%S")
-    cfg = _train_config(args)
-    _, _, _, data = _data(cfg)
+    cfg = train_config(args)
+    _, _, _, data = tokenized_data(cfg)
     result = {"started": datetime.now().isoformat(timespec="seconds"), "machine": _machine(),
               "settings": {**{k: v for k, v in vars(args).items() if k not in ("run_arm", "arm_out", "out")},
                            "model": args.model_dir or "embedded SmolLM2-135M-Instruct",

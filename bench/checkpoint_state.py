@@ -42,7 +42,7 @@ def main(argv=None):
     acc = Accelerator(cpu=True)
     model = add_lora(load_base_model(cfg, path, 2, load_tokenizer(path).pad_token_id, {"": "cpu"}), cfg)
     trainable = [p for p in model.parameters() if p.requires_grad]
-    optimizer = ft._optimizer(cfg, trainable)
+    optimizer = ft.make_optimizer(cfg, trainable)
     scheduler = get_linear_schedule_with_warmup(optimizer, 1, 100)
     model, optimizer = acc.prepare(model, optimizer)
     torch.manual_seed(0)

@@ -27,13 +27,13 @@ def run(args, compiled: bool) -> dict:
     import torch
     from transformers import get_linear_schedule_with_warmup
 
-    from bench.bench import _data, _train_config, ft_plan, train_step
-    from qlora_cls.data import Batcher
+    from bench.bench import tokenized_data, train_config, ft_plan, train_step
+    from qlora_cls.data import TokenizedSplit
     from qlora_cls.modeling import add_lora, load_base_model
 
-    cfg = _train_config(args)
-    model_path, tokenizer, spec, data = _data(cfg)
-    batcher = Batcher(data["train"], tokenizer.pad_token_id, spec.is_regression)
+    cfg = train_config(args)
+    model_path, tokenizer, spec, data = tokenized_data(cfg)
+    batcher = TokenizedSplit(data["train"], tokenizer.pad_token_id, spec.is_regression)
     plan = ft_plan(batcher.lengths, cfg)
     torch.manual_seed(cfg.seed)
     model = add_lora(load_base_model(cfg, model_path, spec.num_labels, tokenizer.pad_token_id, {"": "cpu"}), cfg)
@@ -67,7 +67,7 @@ def main(argv=None) -> dict:
     p.add_argument("--mode", choices=("model", "layers"), default="model")
     p.add_argument("--out", default=str(REPO / "bench" / "results"))
     args = p.parse_args(argv)
-    # the fields bench._train_config reads
+    # the fields bench.train_config reads
     args.model_dir, args.prompt, args.batch_size, args.eval_batch_size = None, "perfect", 8, 32
     args.lr, args.warmup_ratio, args.seed, args.max_length = 3e-4, 0.06, 42, 512
     args.gradient_checkpointing, args.max_train_samples, args.max_eval_samples = "false", None, None

@@ -54,10 +54,9 @@ def main(argv=None) -> dict:
     from transformers import DataCollatorWithPadding, Trainer, TrainingArguments
 
     import utils
-    from bench.bench import _data, _machine, _scores
-    from qlora_cls.batching import padding_efficiency
+    from bench.bench import tokenized_data, _machine, _scores
     from qlora_cls.config import TrainConfig
-    from qlora_cls.data import Batcher
+    from qlora_cls.data import TokenizedSplit
     from qlora_cls.evaluation import predict
     from qlora_cls.pipeline import build_model
 
@@ -69,13 +68,13 @@ def main(argv=None) -> dict:
     else:
         cfg = TrainConfig(model_dir=args.model_dir, dataset=args.dataset, prompt=args.prompt,
                           max_eval_samples=args.max_eval_samples, bnb_4bit_compute_dtype=args.compute_dtype)
-    cfg.max_train_samples = 8  # _data tokenizes the training split too; it is not used here
+    cfg.max_train_samples = 8  # tokenized_data tokenizes the training split too; it is not used here
     accelerator = Accelerator()
     cfg.resolve_compute_dtype(accelerator.device.type)
     cfg.gradient_checkpointing = False
-    model_path, tokenizer, spec, data = _data(cfg)
+    model_path, tokenizer, spec, data = tokenized_data(cfg)
     val = data["validation"]
-    batcher = Batcher(val, tokenizer.pad_token_id, spec.is_regression)
+    batcher = TokenizedSplit(val, tokenizer.pad_token_id, spec.is_regression)
     torch.manual_seed(cfg.seed)
     model = build_model(cfg, model_path, tokenizer, spec.num_labels, accelerator,
                         adapter_dir=str(Path(args.results_path) / "adapter") if args.results_path else None)

@@ -66,10 +66,10 @@ def run_dir(args, side: str, seed: int) -> Path:
 
 def ft_steps(args) -> int:
     """The optimizer steps of ft.py's --epochs on one process (its own batch plan)."""
-    from bench.bench import _data, _train_config
+    from bench.bench import tokenized_data, train_config
     from qlora_cls.batching import train_batches
-    cfg = _train_config(_bench_args(args, 1, steps=1))
-    lengths = _data(cfg)[3]["train"]["length"]
+    cfg = train_config(_bench_args(args, 1, steps=1))
+    lengths = tokenized_data(cfg)[3]["train"]["length"]
     return args.epochs * len(train_batches(lengths, cfg.batch_size, cfg.seed, 0, 1, 0, 1, cfg.group_by_length))
 
 

@@ -127,7 +127,7 @@ def trainable_state(model) -> dict[str, torch.Tensor]:
 
 def save(accelerator, run_dir: Path, model, optimizer, scheduler, progress: dict, keep: int) -> Path | None:
     """Collective: every process calls it; the main process writes."""
-    from .files import atomic_write_json, make_temp_dir, replace_dir
+    from .files import atomic_write_json, make_temp_dir, move_dir_into_place
     from accelerate.utils import broadcast_object_list
     rngs = accelerator.gather_for_metrics([_rng_state()], use_gather_object=True)
     deepspeed = _is_deepspeed(accelerator)
@@ -157,7 +157,7 @@ def save(accelerator, run_dir: Path, model, optimizer, scheduler, progress: dict
             shutil.rmtree(tmp, ignore_errors=True)
         raise
     if accelerator.is_main_process:
-        replace_dir(tmp, path)  # the same step may be saved again (a checkpoint step that ends an epoch)
+        move_dir_into_place(tmp, path)  # the same step may be saved again (a checkpoint step that ends an epoch)
         for old in checkpoints(run_dir)[:-keep]:
             shutil.rmtree(old, ignore_errors=True)
     accelerator.wait_for_everyone()

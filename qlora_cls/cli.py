@@ -100,7 +100,7 @@ def _converter(tp: Any):
     return convert
 
 
-def _is_list(tp: Any) -> tuple[bool, Any]:
+def list_item_type(tp: Any) -> tuple[bool, Any]:
     base, _ = _unwrap_optional(tp)
     if typing.get_origin(base) in (list, Sequence, tuple):
         return True, typing.get_args(base)[0]
@@ -110,7 +110,7 @@ def _is_list(tp: Any) -> tuple[bool, Any]:
 def coerce_field(cls: type, name: str, value: Any) -> Any:
     """Convert a value from a config file to the field's type, with an error naming the field."""
     hints = typing.get_type_hints(cls)
-    is_list, item_tp = _is_list(hints[name])
+    is_list, item_tp = list_item_type(hints[name])
     try:
         if is_list:
             if value is None:
@@ -122,7 +122,7 @@ def coerce_field(cls: type, name: str, value: Any) -> Any:
         raise UsageError(f"--{name}: {exc}") from None
 
 
-class _OneLineParser(argparse.ArgumentParser):
+class OneLineArgumentParser(argparse.ArgumentParser):
     """argparse prints the whole usage on error; we print one line that names the problem."""
 
     def error(self, message: str) -> typing.NoReturn:  # noqa: D102
@@ -133,10 +133,10 @@ class _OneLineParser(argparse.ArgumentParser):
 @functools.lru_cache(maxsize=None)
 def _dataclass_parser_class() -> type:
     # transformers is imported on first use: report.py and sweep.py import this module for
-    # _OneLineParser and strict_bool alone, and importing transformers costs them ~1.7 s.
+    # OneLineArgumentParser and strict_bool alone, and importing transformers costs them ~1.7 s.
     from transformers import HfArgumentParser
 
-    class _DataclassParser(HfArgumentParser, _OneLineParser):
+    class _DataclassParser(HfArgumentParser, OneLineArgumentParser):
         """transformers' HfArgumentParser (one ``--field`` per dataclass field, its ``metadata`` help and
         choices, ``nargs="+"`` lists, ``--flag``/``--flag false`` booleans, defaults in ``--help``) with our
         one-line errors and our value converters, which keep what HfArgumentParser does differently:
@@ -158,7 +158,7 @@ def _dataclass_parser_class() -> type:
             field = names[0][2:] if names and names[0].startswith("--") else None
             tp = self.hints.get(field)
             if tp is not None and "action" not in kwargs:  # not HfArgumentParser's --no_<flag> (store_false)
-                is_list, item_tp = _is_list(tp)
+                is_list, item_tp = list_item_type(tp)
                 kwargs["type"] = _named(_converter(item_tp if is_list else tp), item_tp if is_list else tp)
                 if tp == AUTO_OR_BOOL:
                     kwargs.update(metavar="{auto,true,false}", nargs="?", const=True)

@@ -255,7 +255,7 @@ def warn_if_pad_in_inputs(ds, pad_id: int) -> bool:
     return hits > 0
 
 
-class Batcher:
+class TokenizedSplit:
     """Holds a tokenized split in memory and turns lists of row numbers into padded tensors.
 
     Padding is on the right, to the longest example of the batch, with the pad id that the model's
@@ -283,7 +283,7 @@ class Batcher:
         return {"input_ids": ids, "attention_mask": mask, "labels": self.labels[list(rows)]}
 
 
-def concat_batchers(batchers: Sequence["Batcher"]) -> "Batcher":
+def concat_batchers(batchers: Sequence["TokenizedSplit"]) -> "TokenizedSplit":
     """Several tokenized splits as one (training on train + validation under the final protocol)."""
     if len(batchers) == 1:
         return batchers[0]

@@ -17,13 +17,13 @@ import numpy as np
 import torch
 
 from .batching import eval_batches, padding_efficiency
-from .data import Batcher
+from .data import TokenizedSplit
 from .preflight import zero_stage
 from .tasks import TaskSpec
 
 
 @torch.inference_mode()
-def predict(model, batcher: Batcher, batch_size: int, accelerator,
+def predict(model, batcher: TokenizedSplit, batch_size: int, accelerator,
             fast: bool = False) -> tuple[np.ndarray, dict[str, float]]:
     """Logits for every row of ``batcher`` in dataset order, plus throughput figures.
 
@@ -93,7 +93,7 @@ def probabilities(spec: TaskSpec, logits: np.ndarray) -> np.ndarray:
     return e / e.sum(-1, keepdims=True)
 
 
-def prediction_table(spec: TaskSpec, label_names, batcher: Batcher, logits: np.ndarray):
+def prediction_table(spec: TaskSpec, label_names, batcher: TokenizedSplit, logits: np.ndarray):
     """Header and rows of predictions_*.csv: idx, label, prediction, per-class probabilities or the score."""
     labels = batcher.labels.numpy()
     if spec.is_regression:

@@ -88,8 +88,8 @@ def atomic_write_csv(path: str | os.PathLike, header: Sequence[str], rows: Itera
 
 
 @contextlib.contextmanager
-def atomic_dir(path: str | os.PathLike) -> Iterator[Path]:
-    """Yield a temporary folder; on success it is moved to ``path`` by ``replace_dir`` (crash-safe, not atomic:
+def crash_safe_dir(path: str | os.PathLike) -> Iterator[Path]:
+    """Yield a temporary folder; on success it is moved to ``path`` by ``move_dir_into_place`` (crash-safe, not atomic:
     an existing ``path`` is renamed aside first, so the name is absent for an instant)."""
     path = Path(path)
     tmp = make_temp_dir(path.parent, path.name)
@@ -98,10 +98,10 @@ def atomic_dir(path: str | os.PathLike) -> Iterator[Path]:
     except BaseException:
         shutil.rmtree(tmp, ignore_errors=True)
         raise
-    replace_dir(tmp, path)
+    move_dir_into_place(tmp, path)
 
 
-def replace_dir(tmp: Path, path: Path) -> None:
+def move_dir_into_place(tmp: Path, path: Path) -> None:
     """Move a complete folder into place; an existing one is renamed aside first, then removed.
 
     Two renames, not one: crash-safe (``path`` is the old complete folder, absent, or the new complete

@@ -34,7 +34,6 @@ import logging
 import math
 from typing import Optional
 
-import torch
 
 log = logging.getLogger(__name__)
 
@@ -97,7 +96,7 @@ def weight_breakdown(model, cfg, skip: list[str]) -> dict:
             continue
         seen.add(id(p))
         # prepare_model_for_kbit_training casts the non-quantized parameters to fp32; a 16-bit base keeps
-        # its head in fp32 (modeling._head_in_float32).
+        # its head in fp32 (modeling.head_in_float32).
         other += p.numel() * (4 if cfg.load_in_4bit or id(p) in head else compute)
         if not cfg.load_in_4bit and p.dim() == 2:
             largest = max(largest, p.numel())

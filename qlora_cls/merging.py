@@ -22,7 +22,6 @@ import json
 import logging
 import os
 from pathlib import Path
-from typing import Optional
 
 import torch
 
@@ -113,7 +112,7 @@ def merged_model(cfg, model_path: str, adapter_dir: Path, num_labels: int, pad_t
 def merge_run(cfg, records: dict, run_dir: Path, output_dir: Path, adapter: str = "adapter",
               merge_into: str = "auto", dtype: str = "float32") -> Path:
     """Write the merged folder for ``run_dir``'s ``adapter``; returns ``output_dir``."""
-    from .files import _umask, atomic_dir, atomic_write_json, atomic_write_text, read_json
+    from .files import _umask, crash_safe_dir, atomic_write_json, atomic_write_text, read_json
     from .modelcard import scores_of
     from .modeling import DTYPE
     from .pipeline import check_model_paths, tokenizer_for
@@ -147,7 +146,7 @@ def merge_run(cfg, records: dict, run_dir: Path, output_dir: Path, adapter: str 
     template = (run_dir / "prompt.txt").read_text(encoding="utf-8")
     tokenizer.padding_side = "right"
     tokenizer.init_kwargs["padding_side"] = "right"  # saved in tokenizer_config.json: the head pools the last real token
-    with atomic_dir(output_dir) as tmp:
+    with crash_safe_dir(output_dir) as tmp:
         model.save_pretrained(tmp, safe_serialization=True, max_shard_size="1000GB")  # one model.safetensors
         tokenizer.save_pretrained(tmp)
         atomic_write_text(tmp / "prompt.txt", template)

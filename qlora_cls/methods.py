@@ -30,7 +30,7 @@ import torch
 from torch import nn
 
 from .errors import UsageError
-from .modeling import (ModelPlan, _matches, block_outputs, head_modules, is_linear, meta_model, parameter_counts,
+from .modeling import (ModelPlan, matches_target, block_outputs, head_modules, is_linear, meta_model, parameter_counts,
                        resolve_target_modules)
 
 log = logging.getLogger(__name__)
@@ -127,7 +127,7 @@ def peft_config(cfg, model, plan_: ModelPlan):
 
     from .modeling import lora_config
     conv1d = any(isinstance(m, Conv1D) for full, m in model.named_modules()
-                 if any(_matches(t, full) for t in plan_.target_modules))
+                 if any(matches_target(t, full) for t in plan_.target_modules))
     if cfg.method in LORA_FAMILY:
         config = lora_config(cfg, plan_, fan_in_fan_out=conv1d)
         config.use_dora = cfg.method == "dora"
@@ -135,7 +135,7 @@ def peft_config(cfg, model, plan_: ModelPlan):
     ffn = set(block_outputs(model)["ffn"])
     # A target is a feed-forward one (scaled on its input) when every module it names is an FFN output.
     feedforward = [t for t in plan_.target_modules
-                   if all(full in ffn for full, m in model.named_modules() if is_linear(m) and _matches(t, full))]
+                   if all(full in ffn for full, m in model.named_modules() if is_linear(m) and matches_target(t, full))]
     return IA3Config(task_type=TaskType.SEQ_CLS, target_modules=list(plan_.target_modules),
                      feedforward_modules=feedforward, modules_to_save=list(plan_.head), fan_in_fan_out=conv1d)
 
@@ -256,7 +256,7 @@ def _largest_size(cfg, model_path: str, num_labels: int) -> int:
         return min(_out_width(arch.get_submodule(n)) for n in adapter_targets(arch))
     targets = plan(cfg, arch).target_modules
     sides = [min(m.weight.shape) for full, m in arch.named_modules()
-             if is_linear(m) and any(_matches(t, full) for t in targets)]
+             if is_linear(m) and any(matches_target(t, full) for t in targets)]
     return min(sides)
 
 

@@ -134,7 +134,7 @@ def write_model_card(adapter_dir: Path, records: dict, quant: dict, template: st
     run_dir = adapter_dir.parent
     verdict = ("beats the trivial baseline" if cmp.get("beats") else
                "**does not beat the trivial baseline**" if cmp.get("beats") is False else "cannot be compared")
-    split, n_eval = run.get("eval_split"), baseline.get("eval_examples", run.get("eval_examples"))
+    split = run.get("eval_split")
     label_names = resolved.get("label_names")
     best = summary.get("best_epoch")
     weights = ("the final weights of the run" if which == "adapter" else

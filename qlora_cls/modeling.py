@@ -140,7 +140,7 @@ def is_linear(module) -> bool:
     return isinstance(module, (torch.nn.Linear, Conv1D))  # bitsandbytes' Linear4bit is an nn.Linear
 
 
-def _matches(name: str, full: str) -> bool:
+def matches_target(name: str, full: str) -> bool:
     """PEFT's rule for a target name: the whole module name or a dotted suffix of it."""
     return full == name or full.endswith("." + name)
 
@@ -175,7 +175,7 @@ def _suffix_outside(full: str, head_linear: Sequence[str]) -> str:
     parts = full.split(".")
     for k in range(1, len(parts) + 1):
         suffix = ".".join(parts[-k:])
-        if not any(_matches(suffix, h) for h in head_linear):
+        if not any(matches_target(suffix, h) for h in head_linear):
             return suffix
     return full
 
@@ -189,11 +189,11 @@ def resolve_target_modules(model, targets: Sequence[str]) -> list[str]:
     if presets and len(targets) > 1:
         raise UsageError(f"--target_modules {' '.join(targets)}: a preset ({', '.join(PRESETS)}) stands alone")
     if not presets:
-        missing = [t for t in targets if not any(_matches(t, full) for full in base)]
+        missing = [t for t in targets if not any(matches_target(t, full) for full in base)]
         if missing:
             raise UsageError(f"--target_modules {' '.join(missing)} not in the model; its linear layers are: "
                              f"{shown} (or a preset: {', '.join(PRESETS)})")
-        in_head = [t for t in targets if any(_matches(t, h) for h in head_linear)]
+        in_head = [t for t in targets if any(matches_target(t, h) for h in head_linear)]
         if in_head:
             raise UsageError(f"--target_modules {' '.join(in_head)} also names the classification head "
                              f"({', '.join(head)}), which is trained in full; name the layers by a longer suffix")
@@ -202,7 +202,7 @@ def resolve_target_modules(model, targets: Sequence[str]) -> list[str]:
     if preset == "all-linear":
         return list(dict.fromkeys(_suffix_outside(full, head_linear) for full in base))
     if preset == "kv-ffn":  # keys, values and the FFN's output projection (the (IA)^3 paper's targets)
-        found = {role: [n for n in ROLE_NAMES[role] if any(_matches(n, full) for full in base)]
+        found = {role: [n for n in ROLE_NAMES[role] if any(matches_target(n, full) for full in base)]
                  for role in ("key", "value", "qkv")}
         kv = found["key"] + found["value"] if found["key"] and found["value"] else found["qkv"]
         ffn = block_outputs(model)["ffn"]
@@ -210,7 +210,7 @@ def resolve_target_modules(model, targets: Sequence[str]) -> list[str]:
             raise UsageError(f"--target_modules kv-ffn: cannot find the key/value and FFN output projections of "
                              f"{type(model).__name__}; name them: its linear layers are {shown}")
         return kv + unique_suffixes(ffn, [full for full, _ in model.named_modules()])
-    found = {role: [n for n in names if any(_matches(n, full) for full in base)] for role, names in ROLE_NAMES.items()}
+    found = {role: [n for n in names if any(matches_target(n, full) for full in base)] for role, names in ROLE_NAMES.items()}
     roles = ("query", "value") if preset == "attention-qv" else ("query", "key", "value", "output")
     if not all(found[r] for r in roles):  # fused q,k,v: one layer serves query, key and value
         roles = ("qkv",) if preset == "attention-qv" else ("qkv", "output")
@@ -220,8 +220,8 @@ def resolve_target_modules(model, targets: Sequence[str]) -> list[str]:
     picked = [n for r in roles for n in found[r]]
     # A role name that also names a head layer (RoBERTa's classifier.out_proj) gets a longer suffix.
     return list(dict.fromkeys(s for n in picked for s in (
-        [n] if not any(_matches(n, h) for h in head_linear)
-        else [_suffix_outside(full, head_linear) for full in base if _matches(n, full)])))
+        [n] if not any(matches_target(n, h) for h in head_linear)
+        else [_suffix_outside(full, head_linear) for full in base if matches_target(n, full)])))
 
 
 def block_outputs(model) -> dict[str, list[str]]:
@@ -232,8 +232,8 @@ def block_outputs(model) -> dict[str, list[str]]:
     """
     head = head_modules(model)
     base, head_linear = _linear_modules(model, head)
-    attn = [f for f in base if any(_matches(n, f) for n in ROLE_NAMES["output"])]
-    ffn = [f for f in base if any(_matches(n, f) for n in FFN_OUTPUT_NAMES) and not _in_attention(f)]
+    attn = [f for f in base if any(matches_target(n, f) for n in ROLE_NAMES["output"])]
+    ffn = [f for f in base if any(matches_target(n, f) for n in FFN_OUTPUT_NAMES) and not _in_attention(f)]
     return {"attention": attn, "ffn": ffn}
 
 
@@ -248,7 +248,7 @@ def unique_suffixes(selected: Sequence[str], names: Sequence[str]) -> list[str]:
         parts = full.split(".")
         for k in range(1, len(parts) + 1):
             suffix = ".".join(parts[-k:])
-            if not any(_matches(suffix, o) for o in others):
+            if not any(matches_target(suffix, o) for o in others):
                 out.append(suffix)
                 break
     return list(dict.fromkeys(out))
@@ -342,11 +342,11 @@ def load_base_model(cfg, model_path: str, num_labels: int, pad_token_id: int, de
         if cfg.gradient_checkpointing:
             model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
             model.enable_input_require_grads()
-        _head_in_float32(model, head)
+        head_in_float32(model, head)
     return model
 
 
-def _head_in_float32(model, head) -> None:
+def head_in_float32(model, head) -> None:
     """A 16-bit base (no 4 bit) still trains its fresh head in float32, as the 4-bit path does.
 
     Loaded in bf16 the head would be updated in bf16, where an lr-sized step is below the precision

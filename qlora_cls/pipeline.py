@@ -9,7 +9,7 @@ import logging
 from dataclasses import dataclass
 from typing import Optional, Sequence
 
-from .data import Batcher, DataSource, TaskData, load_task_data, tokenize, warn_if_pad_in_inputs
+from .data import TokenizedSplit, DataSource, TaskData, load_task_data, tokenize, warn_if_pad_in_inputs
 from .errors import UsageError
 from .hub import check_model_source
 from .modeling import load_base_model, load_tokenizer, resolve_model_dir
@@ -21,7 +21,7 @@ log = logging.getLogger(__name__)
 @dataclass
 class PreparedData:
     task: TaskData
-    batchers: dict[str, Batcher]  # split -> tokenized examples
+    batchers: dict[str, TokenizedSplit]  # split -> tokenized examples
     pad_in_inputs: bool
     template: Template  # bound to this data: what every example was rendered with (prompt.txt)
 
@@ -61,7 +61,7 @@ def prepare_data(source: DataSource, template: Template, tokenizer, splits: Sequ
             if cut and accelerator.is_main_process:
                 log.warning("%d of %d %s examples (%.1f%%) reached --max_length %d and were cut there", cut, len(tok),
                             split, 100 * cut / len(tok), max_length)
-            batchers[split] = Batcher(tok, tokenizer.pad_token_id, task.spec.is_regression)
+            batchers[split] = TokenizedSplit(tok, tokenizer.pad_token_id, task.spec.is_regression)
     return PreparedData(task, batchers, pad_hit, template)
 
 

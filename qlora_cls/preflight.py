@@ -24,7 +24,10 @@ def zero_stage(accelerator) -> int:
     return int(plugin.zero_stage) if plugin is not None else 0
 
 
-def preflight(cfg, accelerator) -> bool:
+def check_launch_and_resolve(cfg, accelerator) -> bool:
+    """Refuse a launch set-up known to break (one line each), and resolve what depends on the launch: it
+    changes ``cfg`` (``--global_batch_size`` sets ``batch_size``) and, under DeepSpeed, fills the plugin's
+    "auto" entries from it. Returns whether ZeRO-3 is active."""
     dist = str(accelerator.distributed_type)
     launched = int(os.environ.get("WORLD_SIZE", accelerator.num_processes))
     if launched != accelerator.num_processes:

@@ -16,7 +16,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Sequence
 
-from .cli import _is_list, load_config_file, parse_dataclass
+from .cli import list_item_type, load_config_file, parse_dataclass
 from .config import TrainConfig
 from .errors import UsageError
 
@@ -32,7 +32,7 @@ def _field_types() -> dict[str, Any]:
 
 
 def _is_list_field(name: str) -> bool:
-    return _is_list(_field_types()[name])[0]
+    return list_item_type(_field_types()[name])[0]
 
 
 def _check_field(name: str, where: str) -> None:

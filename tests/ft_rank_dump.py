@@ -1,6 +1,6 @@
 """ft.py as `accelerate launch` runs it, plus: every process writes its final trainable weights to
 $RANK_DUMP_DIR/rank<N>.safetensors (the run folder holds rank 0's only). Test-side code: it wraps
-ft._save_adapter, so production code carries no hook for it."""
+ft.save_trained, so production code carries no hook for it."""
 import os
 import sys
 from pathlib import Path
@@ -10,7 +10,7 @@ import ft  # noqa: E402
 from qlora_cls import checkpoint  # noqa: E402
 from safetensors.torch import save_file  # noqa: E402
 
-_save = ft._save_adapter
+_save = ft.save_trained
 
 
 def _save_and_dump(accelerator, model, path, *args):
@@ -20,6 +20,6 @@ def _save_and_dump(accelerator, model, path, *args):
                   Path(os.environ["RANK_DUMP_DIR"]) / f"rank{accelerator.process_index}.safetensors")
 
 
-ft._save_adapter = _save_and_dump
+ft.save_trained = _save_and_dump
 if __name__ == "__main__":
     ft.main()

@@ -2,7 +2,7 @@ import logging
 
 import datasets
 
-from qlora_cls.data import Batcher, warn_if_pad_in_inputs
+from qlora_cls.data import TokenizedSplit, warn_if_pad_in_inputs
 
 
 def _ds(ids):
@@ -19,7 +19,7 @@ def test_pad_id_inside_inputs_warns(caplog):
 
 
 def test_batcher_pads_right_with_pad_id():
-    b = Batcher(_ds([[5, 6, 7], [8]]), pad_id=2, is_regression=False)
+    b = TokenizedSplit(_ds([[5, 6, 7], [8]]), pad_id=2, is_regression=False)
     out = b([1, 0])
     assert out["input_ids"].tolist() == [[8, 2, 2], [5, 6, 7]]
     assert out["attention_mask"].tolist() == [[1, 0, 0], [1, 1, 1]]

@@ -94,13 +94,13 @@ def test_latency_keeps_training_mode_and_lora_gradients(tiny_model):
     """Timing the training model in inference mode must not trip the CPU repack trap (modeling docstring)."""
     from accelerate import Accelerator
     from conftest import tiny_lora_training_model
-    from qlora_cls.data import Batcher
+    from qlora_cls.data import TokenizedSplit
     from qlora_cls.latency import measure_latency
 
     model, tok = tiny_lora_training_model(tiny_model)
     texts = [f"example number {i} " * (1 + i % 3) for i in range(9)]
     ids = [tok(t)["input_ids"] for t in texts]
-    rows = Batcher({"input_ids": ids, "labels": [i % 2 for i in range(9)], "length": [len(x) for x in ids],
+    rows = TokenizedSplit({"input_ids": ids, "labels": [i % 2 for i in range(9)], "length": [len(x) for x in ids],
                     "idx": list(range(9))}, tok.pad_token_id, False)
     batch = {k: v for k, v in rows([0, 5]).items()}
 

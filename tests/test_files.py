@@ -6,7 +6,7 @@ from pathlib import Path
 
 import pytest
 
-from qlora_cls.files import atomic_dir, atomic_write_text
+from qlora_cls.files import crash_safe_dir, atomic_write_text
 
 
 @pytest.fixture
@@ -18,7 +18,7 @@ def umask_022():
 
 def test_written_files_and_folders_honour_the_umask(tmp_path, umask_022):
     atomic_write_text(tmp_path / "a.json", "{}\n")
-    with atomic_dir(tmp_path / "adapter") as tmp:
+    with crash_safe_dir(tmp_path / "adapter") as tmp:
         (tmp / "w.bin").write_bytes(b"x")
     assert (tmp_path / "a.json").stat().st_mode & 0o777 == 0o644
     assert (tmp_path / "adapter").stat().st_mode & 0o777 == 0o755
@@ -36,7 +36,7 @@ def test_a_failed_write_keeps_the_old_file_and_leaves_no_temporary(tmp_path, mon
         atomic_write_text(target, "new, longer content\n")
     monkeypatch.undo()
     with pytest.raises(RuntimeError):
-        with atomic_dir(tmp_path / "adapter") as tmp:
+        with crash_safe_dir(tmp_path / "adapter") as tmp:
             (tmp / "half.bin").write_bytes(b"x")
             raise RuntimeError("killed mid-save")
     assert target.read_text() == "old\n"
@@ -53,7 +53,7 @@ def test_folder_data_reaches_the_disk_before_the_rename_and_the_rename_after(tmp
 
     monkeypatch.setattr(os, "fsync", recording_fsync)
     (tmp_path / "adapter").mkdir()  # an older folder of the same name is replaced
-    with atomic_dir(tmp_path / "adapter") as tmp:
+    with crash_safe_dir(tmp_path / "adapter") as tmp:
         (tmp / "sub").mkdir()
         (tmp / "sub" / "w.bin").write_bytes(b"x")
     names = [(Path(p).name, exists) for p, exists in synced]

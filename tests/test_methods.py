@@ -84,7 +84,7 @@ def test_only_the_intended_parameters_change(models, arch, method, four_bit):
         or ("modules_to_save" in n if method in TRAINED and method != "adapter" else False)
         or (method == "adapter" and any(n.startswith(h) for h in HEAD[arch]))}
     assert trainable == expected and expected
-    opt = ft._optimizer(cfg, [p for p in model.parameters() if p.requires_grad])
+    opt = ft.make_optimizer(cfg, [p for p in model.parameters() if p.requires_grad])
     batch = _batch(path)
     for step in range(3):
         model.train()

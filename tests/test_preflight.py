@@ -11,7 +11,7 @@ import torch
 from conftest import REPO, tiny_args
 from qlora_cls.config import TrainConfig
 from qlora_cls.errors import UsageError
-from qlora_cls.preflight import preflight
+from qlora_cls.preflight import check_launch_and_resolve
 
 
 def fake_accelerator(dist="DistributedType.NO", stage=None, mixed_precision="no", processes=1, local_index=0,
@@ -30,7 +30,7 @@ def cfg(**kw):
 
 def refusal(config, accelerator) -> str:
     with pytest.raises(UsageError) as exc:
-        preflight(config, accelerator)
+        check_launch_and_resolve(config, accelerator)
     message = str(exc.value)
     assert "\n" not in message
     return message
@@ -39,15 +39,15 @@ def refusal(config, accelerator) -> str:
 def test_8bit_optimizer_with_fsdp():
     msg = refusal(cfg(optim="adamw_8bit"), fake_accelerator("DistributedType.FSDP"))
     assert "does not work with FSDP" in msg and "--optim adamw_torch" in msg
-    assert preflight(cfg(optim="adamw_torch"), fake_accelerator("DistributedType.FSDP")) is False
+    assert check_launch_and_resolve(cfg(optim="adamw_torch"), fake_accelerator("DistributedType.FSDP")) is False
 
 
 def test_zero3_with_4bit_storage_unlike_compute_dtype():
     msg = refusal(cfg(), fake_accelerator("DistributedType.DEEPSPEED", stage=3))
     assert "--bnb_4bit_quant_storage float32" in msg
-    assert preflight(cfg(bnb_4bit_quant_storage="float32"), fake_accelerator("DistributedType.DEEPSPEED", stage=3))
+    assert check_launch_and_resolve(cfg(bnb_4bit_quant_storage="float32"), fake_accelerator("DistributedType.DEEPSPEED", stage=3))
     # ZeRO-2 keeps whole weights per process: uint8 storage is fine there
-    assert preflight(cfg(), fake_accelerator("DistributedType.DEEPSPEED", stage=2)) is False
+    assert check_launch_and_resolve(cfg(), fake_accelerator("DistributedType.DEEPSPEED", stage=2)) is False
 
 
 def test_no_device_map_under_zero3():
@@ -61,7 +61,7 @@ def test_fp16_compute_with_bf16_mixed_precision_is_refused_and_fp16_warns(caplog
     msg = refusal(cfg(bnb_4bit_compute_dtype="float16"), fake_accelerator(mixed_precision="bf16"))
     assert "--bnb_4bit_compute_dtype bfloat16" in msg
     with caplog.at_level("WARNING"):
-        preflight(cfg(bnb_4bit_compute_dtype="float16"), fake_accelerator())
+        check_launch_and_resolve(cfg(bnb_4bit_compute_dtype="float16"), fake_accelerator())
     assert "unstable for QLoRA" in caplog.text
 
 
@@ -91,7 +91,7 @@ def test_global_batch_size_must_divide_by_processes_times_accumulation(monkeypat
     msg = refusal(cfg(global_batch_size=30, gradient_accumulation_steps=4), fake_accelerator(processes=2))
     assert "does not divide by 2 processes x 4 accumulation steps = 8" in msg
     ok = cfg(global_batch_size=32, gradient_accumulation_steps=4)
-    preflight(ok, fake_accelerator(processes=2))
+    check_launch_and_resolve(ok, fake_accelerator(processes=2))
     assert ok.batch_size == 4
 
 
