@@ -60,11 +60,8 @@ def main(argv=None) -> dict:
     result["speedup_train_seconds"] = old["train_seconds"] / new["train_seconds"]
     print(f"[defaults_ab] new defaults: {result['speedup_median_step']:.2f}x (median step), "
           f"{result['speedup_train_seconds']:.2f}x (training time)")
-    out = Path(args.out)
-    out.mkdir(parents=True, exist_ok=True)
-    path = out / f"defaults-ab-{datetime.now():%Y%m%d-%H%M%S}.json"
-    path.write_text(json.dumps(result, indent=2) + "\n")
-    print(f"[defaults_ab] wrote {path}")
+    from bench.results_io import write_result
+    write_result(args.out, "defaults-ab-", result, tag="defaults_ab")
     return result
 
 

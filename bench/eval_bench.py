@@ -19,7 +19,6 @@ difference| and argmax agreement of each arm against ``plain``.
 from __future__ import annotations
 
 import argparse
-import json
 import os
 import sys
 import tempfile
@@ -141,14 +140,8 @@ def main(argv=None) -> dict:
               "arms": arms, "ratios": ratios,
               "target": {"fast_over_trainer": 2.0, "met": ratios["fast_over_trainer"] >= 2.0},
               "peak_memory_bytes": utils.peak_memory_bytes(accelerator.device)}
-    out_dir = Path(args.out)
-    out_dir.mkdir(parents=True, exist_ok=True)
-    path = out_dir / f"eval-{datetime.now().strftime('%Y%m%d-%H%M%S')}.json"
-    path.write_text(json.dumps(result, indent=2) + "\n")
-    md = markdown(result)
-    path.with_suffix(".md").write_text(md)
-    print(md)
-    print(f"[eval-bench] wrote {path} and {path.with_suffix('.md')}")
+    from bench.results_io import write_result
+    path = write_result(args.out, "eval-", result, markdown(result), tag="eval-bench")
     result["json_path"] = str(path)
     return result
 

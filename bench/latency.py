@@ -24,7 +24,6 @@ optimizer steps on MRPC), so the command works on a fresh machine. Writes
 from __future__ import annotations
 
 import argparse
-import json
 import os
 import sys
 import tempfile
@@ -173,14 +172,8 @@ def main(argv=None) -> dict:
                            "load_in_4bit": cfg.load_in_4bit, "threads": torch.get_num_threads(),
                            "load_average_1min": os.getloadavg()[0]},
               "arms": arms, "notes": notes}
-    out = Path(args.out)
-    out.mkdir(parents=True, exist_ok=True)
-    path = out / f"latency-{datetime.now().strftime('%Y%m%d-%H%M%S')}.json"
-    path.write_text(json.dumps(result, indent=2) + "\n")
-    md = markdown(result)
-    path.with_suffix(".md").write_text(md)
-    print(md)
-    print(f"[latency] wrote {path} and {path.with_suffix('.md')}")
+    from bench.results_io import write_result
+    path = write_result(args.out, "latency-", result, markdown(result), tag="latency")
     result["json_path"] = str(path)
     return result
 

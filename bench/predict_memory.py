@@ -14,7 +14,6 @@ from __future__ import annotations
 
 import argparse
 import csv
-import json
 import os
 import random
 import subprocess
@@ -98,11 +97,8 @@ def main(argv=None) -> dict:
     print(f"peak RSS {large:,} rows / {small:,} rows: {ratio:.3f} (target <= 1.10: "
           f"{'met' if result['target_met'] else 'NOT met'}); growth {extra / 2 ** 20:+.1f} MiB, "
           f"{result['peak_rss_growth_bytes_per_extra_row']:.1f} bytes per extra row")
-    out_dir = Path(args.out)
-    out_dir.mkdir(parents=True, exist_ok=True)
-    path = out_dir / f"predict-memory-{datetime.now():%Y%m%d-%H%M%S}.json"
-    path.write_text(json.dumps(result, indent=2) + "\n")
-    print(f"written: {path}")
+    from bench.results_io import write_result
+    write_result(args.out, "predict-memory-", result, tag="predict-memory")
     return result
 
 
