@@ -24,7 +24,7 @@ def atomic_write_text(path: str | os.PathLike, text: str) -> None:
     atomic_write_bytes(path, text.encode("utf-8"))
 
 
-def _umask() -> int:
+def current_umask() -> int:
     mask = os.umask(0)
     os.umask(mask)
     return mask
@@ -33,7 +33,7 @@ def _umask() -> int:
 def make_temp_dir(parent: str | os.PathLike, name: str) -> Path:
     """A hidden temporary folder in ``parent`` with the permissions a plain mkdir would give."""
     tmp = Path(tempfile.mkdtemp(prefix=f".{name}.", suffix=".tmp", dir=parent))
-    os.chmod(tmp, 0o777 & ~_umask())  # mkdtemp makes it 0700: results would be private to their writer
+    os.chmod(tmp, 0o777 & ~current_umask())  # mkdtemp makes it 0700: results would be private to their writer
     return tmp
 
 
@@ -50,7 +50,7 @@ def atomic_open(path: str | os.PathLike, binary: bool = False) -> Iterator[IO]:
     path = Path(path)
     fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
     try:
-        os.fchmod(fd, 0o666 & ~_umask())  # mkstemp makes it 0600; a plain open() would honour the umask
+        os.fchmod(fd, 0o666 & ~current_umask())  # mkstemp makes it 0600; a plain open() would honour the umask
         with (os.fdopen(fd, "wb") if binary else os.fdopen(fd, "w", encoding="utf-8", newline="")) as f:
             yield f
             f.flush()

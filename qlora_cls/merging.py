@@ -112,7 +112,7 @@ def merged_model(cfg, model_path: str, adapter_dir: Path, num_labels: int, pad_t
 def merge_run(cfg, records: dict, run_dir: Path, output_dir: Path, adapter: str = "adapter",
               merge_into: str = "auto", dtype: str = "float32") -> Path:
     """Write the merged folder for ``run_dir``'s ``adapter``; returns ``output_dir``."""
-    from .files import _umask, crash_safe_dir, atomic_write_json, atomic_write_text, read_json
+    from .files import current_umask, crash_safe_dir, atomic_write_json, atomic_write_text, read_json
     from .modelcard import scores_of
     from .modeling import DTYPE
     from .pipeline import check_model_paths, tokenizer_for
@@ -153,7 +153,7 @@ def merge_run(cfg, records: dict, run_dir: Path, output_dir: Path, adapter: str 
         atomic_write_json(tmp / MERGED_INFO, info)
         atomic_write_text(tmp / "README.md", model_card(output_dir, info, records, summary, template.rstrip("\r\n")))
         for f in tmp.iterdir():  # safetensors writes 0600; the folder's other files honour the umask
-            os.chmod(f, 0o666 & ~_umask())
+            os.chmod(f, 0o666 & ~current_umask())
     log.info("merged %s/%s into %s (%s, %s)", run_dir, adapter, output_dir, merge_into, dtype)
     return output_dir
 
