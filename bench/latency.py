@@ -33,6 +33,7 @@ from pathlib import Path
 
 REPO = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(REPO))
+from qlora_cls.latency import percentile  # noqa: E402  (nearest rank, as metrics.json's latency)
 
 BATCHES = (1, 8)
 
@@ -52,13 +53,6 @@ def parse_args(argv=None):
     if args.calls < 100:
         p.error(f"--calls must be >= 100 (a p95 of fewer calls is one or two samples), got {args.calls}")
     return args
-
-
-def percentile(values, q: float) -> float:
-    """Nearest-rank percentile (q in 0..100): the smallest value with at least q % of the values at or below it."""
-    ordered = sorted(values)
-    import math
-    return ordered[max(0, math.ceil(q / 100 * len(ordered)) - 1)]
 
 
 def time_calls(forwards: dict, batcher, batch: int, calls: int, warmup: int) -> dict:

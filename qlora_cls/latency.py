@@ -6,6 +6,7 @@ are not timed. The CPU repack guard stays on (the model is the training model in
 """
 from __future__ import annotations
 
+import math
 import time
 from typing import Optional, Sequence
 
@@ -28,9 +29,16 @@ def timed_calls(forward, batches: Sequence[dict], warmup: int = WARMUP) -> list[
     return times
 
 
+def percentile(values, q: float) -> float:
+    """Nearest-rank percentile (q in 0..100): the smallest value with at least q % of the values at or below it
+    (a time some call really took, as latency reports give it; bench/latency.py uses the same)."""
+    ordered = sorted(values)
+    return ordered[max(0, math.ceil(q / 100 * len(ordered)) - 1)]
+
+
 def summarize(times: Sequence[float], batch_size: int) -> dict:
-    ms = np.asarray(times) * 1000.0
-    return {"median_ms": float(np.median(ms)), "p95_ms": float(np.percentile(ms, 95)), "calls": len(ms),
+    ms = [t * 1000.0 for t in times]
+    return {"median_ms": float(np.median(ms)), "p95_ms": float(percentile(ms, 95)), "calls": len(ms),
             "median_ms_per_example": float(np.median(ms)) / batch_size}
 
 
