@@ -339,7 +339,7 @@ def _method_markdown(col, rows, metric, baselines) -> list[str]:
                       *[cell(r, key, fmt) for _, key, fmt in METHOD_COLUMNS],
                       _pm(r[f"{metric}_mean"], r[f"{metric}_std"]) + (" **below baseline**" if r.get("beats_baseline")
                                                                       is False else ""),
-                      *[cell(r, key, lambda v: f"{v:.3g}") for _, key in LATENCY_COLUMNS]])
+                      *[cell(r, key, lambda v: f"{v:,.1f}" if v < 1000 else f"{v:,.0f}") for _, key in LATENCY_COLUMNS]])
     for t in baselines:
         v = t.get(f"{metric}_mean")
         table.append([f"trivial baseline: {t['name']}", *([""] if show_settings else []), "–", "0", "0 %", "0",

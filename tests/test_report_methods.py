@@ -123,7 +123,7 @@ def test_method_table_numbers_over_three_seeds(tmp_path):
     lora = (0.6, 0.65, 0.8)
     assert cells["lora"]["accuracy (mean ± std)"] == f"{sum(lora) / 3:.4f} ± {_sample_std(lora):.4f}"
     assert "below baseline" in cells["full"]["accuracy (mean ± std)"]
-    assert q["latency batch 1 (ms)"] == "6" and q["latency batch 8 (ms)"] == "22"
+    assert q["latency batch 1 (ms)"] == "6.0" and q["latency batch 8 (ms)"] == "22.0"
     assert cells["full"]["latency batch 1 (ms)"] == "5.5 (2 of 3 runs)"
     assert cells["trivial baseline: always 'equivalent'"]["accuracy (mean ± std)"] == "0.6000"
     assert "over the runs that record it: full" in section
