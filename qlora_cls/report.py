@@ -28,6 +28,7 @@ BOOKKEEPING = ("results_path", "resume", "log_every", "checkpoint_every", "keep_
 # parameter budget). ``method`` is derived separately (method_of).
 LEGACY = {"eval_every": 0, "param_budget": None}
 ADAPTER_ONLY = ("adapter_bottleneck", "adapter_layernorm")
+METHOD_DERIVED = ("load_in_4bit", "target_modules") + ADAPTER_ONLY  # resolved from --method (config.py)
 METHOD_ORDER = ("qlora", "lora", "dora", "ia3", "adapter", "full")
 SKIP_DIRS = {"adapter", "adapter_best", "checkpoints", "tensorboard", "logs", "evals", "__pycache__", "report"}
 
@@ -199,7 +200,10 @@ def collect(root: Path) -> Collection:
         key = json.dumps(c, sort_keys=True, default=str)
         groups.setdefault(key, Group(key, c, [])).runs.append(r)
     warnings = []
-    unswept = [k for k in varying if k not in swept]
+    # Where --method is swept, the fields it resolves (4 bit or not, ia3's default targets, the adapter's
+    # size) differ with it by construction: not a setting the runs silently disagree on.
+    derived = METHOD_DERIVED if "method" in swept else ()
+    unswept = [k for k in varying if k not in swept and k not in derived]
     for k in unswept:
         counts = Counter(json.dumps(c.get(k), sort_keys=True) for c in comparables)
         reference = counts.most_common(1)[0][0]

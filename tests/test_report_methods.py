@@ -81,9 +81,12 @@ def test_method_table_numbers_over_three_seeds(tmp_path):
             if method == "full" and seed == 3:
                 del extra["latency"]  # one run without latency: the mean is over the other two
             _run(s / f"method={method},seed={seed}", seed, acc[method][i], method=method,
+                 load_in_4bit=method == "qlora",  # as --load_in_4bit auto resolves it per method
                  trainable=params[method][0], total=params[method][1], metrics_extra=extra)
     result = report.main([str(s)])
     out = result["out"]
+    # load_in_4bit follows the swept method: no "runs differ" warning, no flagged rows
+    assert "runs differ in load_in_4bit" not in (out / "report.md").read_text()
     rows = _rows(out / "methods.csv")
     assert [r["method"] for r in rows] == ["qlora", "lora", "full", "trivial baseline: always 'equivalent'"]
     by = {r["method"]: r for r in rows}
