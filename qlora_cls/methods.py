@@ -31,7 +31,7 @@ from torch import nn
 
 from .errors import UsageError
 from .modeling import (ModelPlan, matches_target, block_outputs, head_modules, is_linear, meta_model, parameter_counts,
-                       resolve_target_modules)
+                       plan_model)
 
 log = logging.getLogger(__name__)
 
@@ -110,9 +110,9 @@ def add_adapters(model, bottleneck: int, layernorm: bool, targets: Optional[list
 def plan(cfg, model) -> ModelPlan:
     """Head + targets as config.json records them: LoRA/DoRA/(IA)^3 targets (presets resolved), the adapters'
     modules as PEFT-style suffixes, nothing for full (every weight)."""
-    head = tuple(head_modules(model))
     if cfg.method in PEFT_METHODS:
-        return ModelPlan(head=head, target_modules=tuple(resolve_target_modules(model, cfg.target_modules)))
+        return plan_model(model, cfg.target_modules)
+    head = tuple(head_modules(model))
     if cfg.method == "adapter":
         from .modeling import unique_suffixes
         names = [n for n, _ in model.named_modules()]
