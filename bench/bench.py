@@ -188,7 +188,7 @@ def run_trainer(args, grouped: bool, compute_dtype: str, state_dir: Optional[Pat
     import torch
     from peft import LoraConfig, TaskType, get_peft_model, prepare_model_for_kbit_training
     from transformers import (AutoModelForSequenceClassification, BitsAndBytesConfig, DataCollatorWithPadding,
-                              Trainer, TrainerCallback, TrainingArguments)
+                              Trainer, TrainerCallback, TrainingArguments, set_seed)
 
     from qlora_cls.modeling import DTYPE, disable_cpu_weight_repacking
 
@@ -196,7 +196,9 @@ def run_trainer(args, grouped: bool, compute_dtype: str, state_dir: Optional[Pat
     model_path, tokenizer, spec, data = tokenized_data(cfg)
     compute = DTYPE[cfg.bnb_4bit_compute_dtype]
     on_gpu = torch.cuda.is_available()
-    # The recipe as its tutorials write it.
+    # The recipe as its tutorials write it; set_seed first (as run_glue.py does), so the seed also fixes the
+    # fresh head's initialisation: TrainingArguments(seed=) seeds only from the Trainer's creation on.
+    set_seed(cfg.seed)
     model = AutoModelForSequenceClassification.from_pretrained(
         model_path, num_labels=spec.num_labels, dtype=compute, device_map={"": 0 if on_gpu else "cpu"},
         quantization_config=BitsAndBytesConfig(load_in_4bit=True, bnb_4bit_quant_type="nf4",
@@ -212,6 +214,7 @@ def run_trainer(args, grouped: bool, compute_dtype: str, state_dir: Optional[Pat
     val = data["validation"].remove_columns(["row", "idx"])
     collator = _CountingCollator(DataCollatorWithPadding(tokenizer))
     clock = {}
+    seconds_file = Path(state_dir) / "train_seconds.json" if state_dir is not None else None
 
     class Clock(TrainerCallback):
         def on_train_begin(self, *a, **k):
@@ -220,11 +223,27 @@ def run_trainer(args, grouped: bool, compute_dtype: str, state_dir: Optional[Pat
         def on_step_end(self, *a, **k):
             clock.setdefault("steps", []).append(time.perf_counter())
 
+        def on_save(self, args, state, control, **k):
+            # The seconds up to this checkpoint, so a resumed run reports all of its training time.
+            from qlora_cls.files import atomic_write_json
+            atomic_write_json(seconds_file, {"step": state.global_step,
+                                             "seconds": earlier + time.perf_counter() - clock["start"]})
+
         def on_train_end(self, *a, **k):
             clock["end"] = time.perf_counter()
 
     with tempfile.TemporaryDirectory() as tmp:
-        resume = state_dir is not None and any(Path(state_dir).glob("checkpoint-*"))
+        checkpoints = sorted(Path(state_dir).glob("checkpoint-*"), key=lambda c: int(c.name.split("-")[1])) \
+            if state_dir is not None else []
+        resume = bool(checkpoints)
+        earlier = 0.0  # training seconds of the processes before this one (0 for a fresh run)
+        if resume:
+            step = int(checkpoints[-1].name.split("-")[1])
+            saved = json.loads(seconds_file.read_text()) if seconds_file.is_file() else {}
+            if saved.get("step") != step:
+                raise SystemExit(f"{state_dir}: {checkpoints[-1].name} has no matching train_seconds.json "
+                                 f"(it records step {saved.get('step')}); its training time is unknown")
+            earlier = saved["seconds"]
         targs = TrainingArguments(
             output_dir=str(state_dir or tmp), per_device_train_batch_size=cfg.batch_size, per_device_eval_batch_size=cfg.eval_batch_size,
             learning_rate=cfg.lr, warmup_steps=math.ceil(cfg.warmup_ratio * cfg.max_steps), lr_scheduler_type="linear",
@@ -237,22 +256,28 @@ def run_trainer(args, grouped: bool, compute_dtype: str, state_dir: Optional[Pat
             gradient_checkpointing_kwargs={"use_reentrant": False})
         trainer = Trainer(model=model, args=targs, train_dataset=train, data_collator=collator, callbacks=[Clock()])
         result = trainer.train(resume_from_checkpoint=True if resume else None)
-        train_seconds = clock["end"] - clock["start"]  # of this process: a resumed run counts its last part only
+        train_seconds = earlier + clock["end"] - clock["start"]
         # accelerate's data loader fetches one batch ahead: count only the batches trained on.
         trained = collator.batches[:cfg.max_steps]
-        step_seconds = [b - a for a, b in zip([clock["start"]] + clock["steps"][:-1], clock["steps"])]
+        step_seconds = [b - a for a, b in zip([clock["start"]] + clock.get("steps", [])[:-1], clock.get("steps", []))]
         collator.batches = []
         start = time.perf_counter()
         pred = trainer.predict(val)
         eval_seconds = time.perf_counter() - start
         evaluated = collator.batches
-    scores = _scores(spec, pred.predictions, val["labels"])
+    # Score against pred.label_ids, not val["labels"]: with group_by_length the Trainer evaluates in
+    # length-grouped (shuffled) order as well (transformers PR #33514), so predictions come back permuted.
+    # Scoring them against the dataset's order gave 59.1 % for a run whose adapter scores 78.2 %.
+    scores = _scores(spec, pred.predictions, pred.label_ids)
+    # A resumed run saw only its last batches: its token counts (and throughputs) are not the run's.
+    counted = not resume
     return {
         "compute_dtype": cfg.bnb_4bit_compute_dtype,
         "train_seconds": train_seconds, "train_steps": cfg.max_steps, "train_loss": result.training_loss,
-        "train_examples": sum(b[0] for b in trained), "train_real_tokens": sum(b[1] for b in trained),
-        "step_seconds": step_seconds, "step_tokens": [b[1] for b in trained],
-        "train_padding_efficiency": sum(b[1] for b in trained) / sum(b[2] for b in trained),
+        "train_examples": sum(b[0] for b in trained) if counted else None,
+        "train_real_tokens": sum(b[1] for b in trained) if counted else None,
+        "step_seconds": step_seconds if counted else [], "step_tokens": [b[1] for b in trained] if counted else [],
+        "train_padding_efficiency": sum(b[1] for b in trained) / sum(b[2] for b in trained) if counted else None,
         "eval_seconds": eval_seconds, "eval_examples": len(val),
         "eval_padding_efficiency": sum(b[1] for b in evaluated) / sum(b[2] for b in evaluated),
         "eval_real_tokens": sum(val["length"]), **scores,
@@ -371,7 +396,7 @@ def _machine() -> dict:
 
 def _derive(r: dict) -> dict:
     out = dict(r)
-    if r.get("train_seconds"):
+    if r.get("train_seconds") and r.get("train_real_tokens") is not None:
         out["train_tokens_per_s"] = r["train_real_tokens"] / r["train_seconds"]
         out["train_examples_per_s"] = r["train_examples"] / r["train_seconds"]
         out["train_seconds_per_step"] = r["train_seconds"] / r["train_steps"]

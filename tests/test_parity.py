@@ -43,3 +43,57 @@ def test_parity_refuses_unknown_side(capsys):
         parity.main(["--sides", "ft,keras"])
     assert exc.value.code == 2
     assert "--sides: unknown keras; valid: ft, trainer" in capsys.readouterr().err
+
+
+def test_trainer_side_scores_its_predictions_against_their_own_labels(tiny_model, mrpc, tmp_path):
+    """With length grouping the Trainer evaluates in length order too; the score must not pair shuffled
+    predictions with the dataset's labels. Oracle: the saved adapter re-run one example at a time, in order."""
+    import torch
+    from peft import PeftModel
+    from transformers import AutoModelForSequenceClassification, BitsAndBytesConfig
+
+    from bench.bench import tokenized_data, train_config
+    from qlora_cls.modeling import disable_cpu_weight_repacking
+
+    argv = ["--sides", "trainer", "--seeds", "1", "--epochs", "1", "--model_dir", tiny_model, "--dataset", mrpc,
+            "--max_train_samples", "16", "--max_eval_samples", "37", "--state_dir", str(tmp_path / "state"),
+            "--out", str(tmp_path / "out")]
+    [run] = parity.main(argv)["runs"]
+    cfg = train_config(parity._bench_args(parity.parse_args(argv), 1, steps=2), "bfloat16")
+    model_path, tokenizer, spec, data = tokenized_data(cfg)
+    val = data["validation"]
+    assert len(set(val["length"])) > 1  # lengths differ, so length order is not dataset order
+    model = AutoModelForSequenceClassification.from_pretrained(
+        model_path, num_labels=2, dtype=torch.bfloat16,
+        quantization_config=BitsAndBytesConfig(load_in_4bit=True, bnb_4bit_quant_type="nf4",
+                                               bnb_4bit_use_double_quant=True, bnb_4bit_compute_dtype=torch.bfloat16))
+    model.config.pad_token_id = tokenizer.pad_token_id
+    disable_cpu_weight_repacking(model)
+    [checkpoint] = (tmp_path / "state" / "trainer-seed1" / "trainer").glob("checkpoint-*")
+    model = PeftModel.from_pretrained(model, str(checkpoint)).eval()
+    with torch.no_grad():
+        preds = np.array([int(model(input_ids=torch.tensor([ids])).logits.argmax(-1)) for ids in val["input_ids"]])
+    labels = np.array(val["labels"])
+    assert 0 < preds.mean() < 1  # both classes predicted: a shuffled pairing would score differently
+    assert run["accuracy"] == pytest.approx((preds == labels).mean())
+    tp = ((preds == 1) & (labels == 1)).sum()
+    assert run["f1"] == pytest.approx(2 * tp / (2 * tp + (preds != labels).sum()))
+
+
+def test_a_resumed_trainer_run_counts_the_training_time_of_the_processes_before_it(tiny_model, mrpc, tmp_path):
+    import json as _json
+    from bench.bench import run_trainer
+    args = parity._bench_args(parity.parse_args(["--model_dir", tiny_model, "--dataset", mrpc, "--max_train_samples",
+                                                 "16", "--max_eval_samples", "8"]), 1, steps=2)
+    state = tmp_path / "trainer"
+    first = run_trainer(args, True, "bfloat16", state_dir=state)
+    saved = _json.loads((state / "train_seconds.json").read_text())
+    assert saved["step"] == 2 and 0 < saved["seconds"] <= first["train_seconds"]
+    # A second process finds checkpoint-2 (all steps done): its time is the first one's, not ~0.
+    again = run_trainer(args, True, "bfloat16", state_dir=state)
+    assert again["train_seconds"] >= saved["seconds"]
+    assert again["accuracy"] == first["accuracy"]
+    # A checkpoint whose time was not recorded is refused rather than reported as a short run.
+    (state / "train_seconds.json").write_text(_json.dumps({"step": 1, "seconds": 5.0}))
+    with pytest.raises(SystemExit, match="training time is unknown"):
+        run_trainer(args, True, "bfloat16", state_dir=state)
