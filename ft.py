@@ -227,7 +227,13 @@ def setup(cfg: TrainConfig):
                               # The run folder is named later (it needs the processes to agree on a time
                               # stamp); the tracker is pointed at it before init_trackers.
                               project_config=ProjectConfiguration(project_dir=str(RESULTS_DIR)))
-    cfg.resolve_compute_dtype(accelerator.device.type)
+    # auto may measure the CPU (qlora_cls/hardware.py): the main process measures and caches, the others
+    # read its cache, and every process takes the main process's answer.
+    with accelerator.main_process_first():
+        cfg.resolve_compute_dtype(accelerator.device.type)
+    if accelerator.num_processes > 1:
+        from accelerate.utils import broadcast_object_list
+        cfg.bnb_4bit_compute_dtype = broadcast_object_list([cfg.bnb_4bit_compute_dtype])[0]
     zero3 = check_launch_and_resolve(cfg, accelerator)
     eval_split = cfg.eval_split or _default_eval_split(cfg)
     if eval_split in cfg.train_splits:

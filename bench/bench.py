@@ -386,8 +386,10 @@ def _machine() -> dict:
                 break
     except OSError:
         pass
-    from qlora_cls.hardware import cpu_bf16_support
-    info.update(cpu_bf16_support())  # avx512_bf16, amx_bf16, oneDNN: what decides the fast dtype
+    from qlora_cls.hardware import cpu_bf16_support, cpu_dtype_probe
+    info.update(cpu_bf16_support())  # avx512_bf16, amx_bf16, oneDNN
+    probe = cpu_dtype_probe()  # what --bnb_4bit_compute_dtype auto measured here and picked
+    info["compute_dtype_probe"] = {k: probe[k] for k in ("float32_gflops", "bfloat16_gflops", "choice")}
     import torch
     info["torch_threads"] = torch.get_num_threads()
     info["packages"] = utils.package_versions()

@@ -8,9 +8,10 @@ per-step cost (weights de-quantized in every forward and backward, optimizer) sh
 small L. Also times inference forwards (evaluation) and prints the torch.profiler top operators of
 one step. Writes a JSON next to the benchmark results.
 
-bf16 compute is fast only where oneDNN runs the bf16 matrix products on AMX-BF16 (~6x fp32's
-GFLOP/s here); with AVX512-BF16 alone they ran at 0.6x fp32, with AVX512 and no BF16 on oneDNN's
-emulation at 0.2x, and with no AVX512 (or oneDNN off) on torch's reference kernel at 0.02-0.1x.
+Whether bf16 compute beats float32 depends on the CPU and its libraries, not on a flag (qlora_cls/hardware.py
+measures it for ``auto``): with AMX-BF16 bf16 GEMMs ran ~6x fp32's GFLOP/s, on an AVX512-BF16 AMD EPYC
+without AMX ~8x (MKL's fp32 is slow there), on an AMX Intel capped at AVX512-BF16 0.6x, with AVX512 and no
+BF16 on oneDNN's emulation 0.2x, and with no AVX512 (or oneDNN off) on torch's reference kernel 0.02-0.1x.
 ``--onednn_max_isa`` caps the instruction set oneDNN may use (its ONEDNN_MAX_CPU_ISA), so the slow
 condition can be shown on a CPU that has bf16; ``--mkldnn false`` switches oneDNN off. The
 GEMM table (``--gemm``) times the two matrix products of a 4-bit linear layer, forward A @ W^T and

@@ -49,9 +49,10 @@ class TrainConfig:
     bnb_4bit_use_double_quant: bool = field(default=True, metadata=_help("quantize the quantization constants too"))
     bnb_4bit_quant_type: str = field(default="nf4", metadata=_help("4-bit data type", choices=QUANT_TYPES))
     bnb_4bit_compute_dtype: str = field(default="auto", metadata=_help(
-        "dtype of 4-bit matmuls; auto = bfloat16 on a GPU (the reference) and on a CPU with AMX-BF16 (1.7-1.8x faster "
-        "steps than float32 here), float32 on other CPUs, where bf16 steps ran 1.3x (AVX512-BF16 only) to 15x (no "
-        "AVX512) slower (qlora_cls/hardware.py)", choices=("auto",) + DTYPES))
+        "dtype of 4-bit matmuls; auto = bfloat16 on a GPU (the reference); on a CPU the faster of the two by a "
+        "half-second GEMM probe, cached per machine (bf16 must be 1.5x faster): steps were 2.4x faster in bf16 on "
+        "an AVX512-BF16 AMD EPYC, 1.8x with AMX, 1.4x slower on a capped AVX512-BF16 Intel, 15x slower without "
+        "AVX512 (qlora_cls/hardware.py)", choices=("auto",) + DTYPES))
     bnb_4bit_quant_storage: Optional[str] = field(default=None, metadata=_help(
         "dtype that stores packed 4-bit weights; none = uint8 (must equal the compute dtype under ZeRO-3)",
         choices=DTYPES + ("uint8",)))

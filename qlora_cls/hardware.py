@@ -1,13 +1,21 @@
 """What the machine computes fast: the rules behind ``--bnb_4bit_compute_dtype auto`` and
 ``--gradient_checkpointing auto``.
 
-bf16 on a CPU is fast only where oneDNN runs the bf16 matrix products on AMX-BF16 tiles. Measured on
-this project's CPU (``bench/profile_step.py --gemm``, one thread, the model's layer shapes): fp32
-GEMMs ~175 GFLOP/s; bf16 with AMX ~1000 GFLOP/s (a training step 1.8x faster than fp32); bf16
-with oneDNN capped at AVX512-BF16 (what a CPU with avx512_bf16 and no AMX has) ~100 GFLOP/s (a step
-1.4x slower than fp32); at AVX512 without BF16, oneDNN's emulation, ~35; without AVX512 or with
-oneDNN off, torch's reference kernel, 3-17 GFLOP/s (a step 15x slower, its backward 29x: the old
-"bf16 is ~25x slower on CPU"). So ``auto`` picks bf16 on a CPU only with AMX-BF16 and oneDNN allowed to use it.
+Whether bf16 beats float32 on a CPU is not written in its feature flags, so ``auto`` measures it: a
+bf16 and a float32 GEMM of a 4-bit layer's two products (forward x @ W^T, backward dY @ W), at the
+torch thread count the run uses, best of a few calls (~0.5 s), once per machine and set-up (the
+result is cached under the cache home). bf16 is chosen when its GEMMs are at least ``BF16_MARGIN``
+times as fast, since it also costs precision. The flags misled twice (one thread, the model's shapes,
+README "Compute dtype and gradient checkpointing"):
+
+- Intel Xeon with AMX-BF16: fp32 ~175 GFLOP/s, bf16 ~1000 (steps 1.5-1.8x faster in bf16); with
+  oneDNN capped at AVX512-BF16 on that CPU, bf16 ~100 (steps 1.4x slower), which made the old rule
+  ask for AMX;
+- AMD EPYC with AVX512-BF16 and no AMX (2026-12-01): fp32 53-57 GFLOP/s (MKL), bf16 180-460
+  (oneDNN): a training step 2.4x faster and evaluation 2.9x faster in bf16, where the AMX rule had
+  picked float32;
+- without AVX512 or with oneDNN off torch's reference bf16 kernel runs at 3-17 GFLOP/s (the old
+  "bf16 is ~25x slower on CPU"); a GPU computes in bf16, the reference's dtype.
 
 Gradient checkpointing only saves memory and costs a second forward (~1.4x a step). It is worth it
 where the activations would not fit: on a GPU, ``auto`` turns it on when the dry-run estimate
@@ -17,14 +25,18 @@ memory; on a CPU it is off (RAM is not what is short there: ft.py trains the emb
 """
 from __future__ import annotations
 
+import json
 import logging
 import os
 from pathlib import Path
 
 log = logging.getLogger(__name__)
 
-NATIVE_BF16_FLAGS = ("amx_bf16",)  # /proc/cpuinfo: the instructions that make bf16 faster than fp32 here
-ISA_CAP_VARS = ("ONEDNN_MAX_CPU_ISA", "DNNL_MAX_CPU_ISA")  # a cap below AMX keeps oneDNN off the tiles
+ISA_CAP_VARS = ("ONEDNN_MAX_CPU_ISA", "DNNL_MAX_CPU_ISA")  # oneDNN's instruction-set cap: part of the probe's key
+BF16_MARGIN = 1.5  # bf16 GEMMs must be this much faster than float32 for auto to pick bf16 on a CPU
+# tokens x in x out of the probe's GEMMs: a SmolLM2-135M MLP projection at a batch of 8 x 32 tokens.
+PROBE_SHAPE = (256, 576, 1536)
+PROBE_FILE = "cpu_compute_dtype.json"  # under the cache home: one measurement per machine and set-up
 # The estimate is a floor: it leaves out the CUDA context, kernel workspaces and the caching allocator's
 # slack, and the reference run reported ~18 GB per GPU against an estimate of 6.4-8.7 GiB (README,
 # "Memory dry-run"). So checkpointing goes on unless the estimate without it fits in half the device.
@@ -45,22 +57,95 @@ def cpu_flags() -> set[str]:
 
 
 def cpu_bf16_support() -> dict:
-    """Whether this CPU computes bf16 matrix products faster than fp32, and why (saved by bench/profile)."""
+    """The CPU's bf16 instructions and oneDNN's state (recorded by the benchmarks beside the probe)."""
     import torch
     flags = cpu_flags()
     cap = next((os.environ[v] for v in ISA_CAP_VARS if os.environ.get(v)), None)
-    # Without oneDNN torch's bf16 GEMM is its reference kernel whatever the CPU has.
     onednn = bool(torch.backends.mkldnn.is_available() and torch.backends.mkldnn.enabled)
-    native = all(f in flags for f in NATIVE_BF16_FLAGS) and onednn and (cap is None or "AMX" in cap.upper())
     return {"avx512_bf16": "avx512_bf16" in flags, "amx_bf16": "amx_bf16" in flags, "onednn": onednn,
-            "onednn_max_cpu_isa": cap, "native_bf16": native}
+            "onednn_max_cpu_isa": cap}
+
+
+def cpu_model_name() -> str:
+    try:
+        for line in Path("/proc/cpuinfo").read_text().splitlines():
+            if line.startswith("model name"):
+                return line.split(":", 1)[1].strip()
+    except OSError:
+        pass
+    import platform
+    return platform.processor() or platform.machine()
+
+
+def gemm_gflops(dtype, repeats: int = 5) -> float:
+    """GFLOP/s of a 4-bit layer's forward and backward products in ``dtype`` (torch's own kernels, as
+    bitsandbytes calls them after de-quantizing), best of ``repeats`` after one warm-up call each."""
+    import time
+
+    import torch
+    tokens, k, n = PROBE_SHAPE
+    g = torch.Generator().manual_seed(0)
+    x, w, dy = (torch.randn(*shape, generator=g).to(dtype) for shape in ((tokens, k), (n, k), (tokens, n)))
+    seconds = 0.0
+    for product in (lambda: torch.nn.functional.linear(x, w), lambda: dy @ w):
+        product()
+        best = float("inf")
+        for _ in range(repeats):
+            start = time.perf_counter()
+            product()
+            best = min(best, time.perf_counter() - start)
+        seconds += best
+    return 2 * 2 * tokens * k * n / seconds / 1e9
+
+
+def choose_cpu_dtype(float32_gflops: float, bfloat16_gflops: float) -> str:
+    return "bfloat16" if bfloat16_gflops >= BF16_MARGIN * float32_gflops else "float32"
+
+
+def probe_key() -> str:
+    """What the measurement depends on: CPU, torch, threads, oneDNN on/off and its instruction-set cap."""
+    import torch
+    support = cpu_bf16_support()
+    return (f"{cpu_model_name()} | avx512_bf16={support['avx512_bf16']} amx_bf16={support['amx_bf16']} | "
+            f"torch {torch.__version__} | threads {torch.get_num_threads()} | onednn={support['onednn']} "
+            f"cap={support['onednn_max_cpu_isa']}")
+
+
+def cpu_dtype_probe() -> dict:
+    """The measured float32 and bf16 GEMM rates here and the dtype ``auto`` picks from them; measured once
+    per ``probe_key()`` and cached in ``<cache home>/cpu_compute_dtype.json`` (``cached`` says which)."""
+    import torch
+
+    from .files import atomic_write_json
+    from .modeling import cache_home
+    path = cache_home() / PROBE_FILE
+    key = probe_key()
+    try:
+        known = json.loads(path.read_text())
+    except (OSError, ValueError):
+        known = {}
+    if key in known:
+        return {**known[key], "choice": choose_cpu_dtype(known[key]["float32_gflops"], known[key]["bfloat16_gflops"]),
+                "key": key, "cached": True}
+    record = {"float32_gflops": round(gemm_gflops(torch.float32), 1),
+              "bfloat16_gflops": round(gemm_gflops(torch.bfloat16), 1), "shape": list(PROBE_SHAPE)}
+    try:
+        path.parent.mkdir(parents=True, exist_ok=True)
+        atomic_write_json(path, {**known, key: record})
+    except OSError as exc:  # a read-only cache home only costs the next run another half second
+        log.warning("could not cache the compute-dtype probe in %s: %s", path, exc)
+    choice = choose_cpu_dtype(record["float32_gflops"], record["bfloat16_gflops"])
+    log.info("compute dtype auto: %s (bf16 GEMMs %.0f GFLOP/s, float32 %.0f, on %s; bf16 needs %.1fx)", choice,
+             record["bfloat16_gflops"], record["float32_gflops"], key, BF16_MARGIN)
+    return {**record, "choice": choice, "key": key, "cached": False}
 
 
 def default_compute_dtype(device_type: str) -> str:
-    """``auto``: bfloat16 on a GPU (the reference) and on a CPU with AMX-BF16, float32 elsewhere."""
+    """``auto``: bfloat16 on a GPU (the reference); on a CPU whichever the probe measured faster (with
+    bf16 needing ``BF16_MARGIN``); float32 elsewhere."""
     if device_type == "cuda":
         return "bfloat16"
-    return "bfloat16" if device_type == "cpu" and cpu_bf16_support()["native_bf16"] else "float32"
+    return cpu_dtype_probe()["choice"] if device_type == "cpu" else "float32"
 
 
 def resolve_gradient_checkpointing(cfg, model_path: str, num_labels: int, train_max_len: int, accelerator) -> None:

@@ -96,25 +96,24 @@ def test_strict_bool_function():
         strict_bool("maybe")
 
 
-def _cpu_with(monkeypatch, flags: set[str], isa_cap=None):
+def _measured(monkeypatch, tmp_path, float32_gflops, bfloat16_gflops):
+    """A CPU whose probe GEMMs run at these rates (a fresh cache home, so nothing cached decides)."""
+    import torch
     from qlora_cls import hardware
-    monkeypatch.setattr(hardware, "cpu_flags", lambda: flags)
-    for var in hardware.ISA_CAP_VARS:
-        monkeypatch.delenv(var, raising=False)
-    if isa_cap:
-        monkeypatch.setenv("ONEDNN_MAX_CPU_ISA", isa_cap)
+    monkeypatch.setenv("QLORA_CLS_HOME", str(tmp_path / "home"))
+    rates = {torch.float32: float32_gflops, torch.bfloat16: bfloat16_gflops}
+    monkeypatch.setattr(hardware, "gemm_gflops", lambda dtype, repeats=5: rates[dtype])
 
 
-@pytest.mark.parametrize("flags,isa_cap,expected", [
-    ({"avx2", "avx512f", "avx512_bf16", "amx_bf16", "amx_tile"}, None, "bfloat16"),  # AMX: bf16 ~1.7x faster
-    ({"avx2", "avx512f", "avx512_bf16"}, None, "float32"),  # AVX512-BF16 alone: bf16 steps measured 1.4x slower
-    ({"avx2", "avx512f"}, None, "float32"),  # oneDNN emulates bf16
-    ({"avx2"}, None, "float32"),  # torch's reference bf16 kernel: ~25x slower steps
-    ({"avx512_bf16", "amx_bf16"}, "AVX512_CORE_BF16", "float32"),  # oneDNN kept off the AMX tiles
-    ({"avx512_bf16", "amx_bf16"}, "avx512_core_amx", "bfloat16"),
+@pytest.mark.parametrize("float32_gflops,bfloat16_gflops,expected", [
+    (175, 1000, "bfloat16"),  # Intel with AMX-BF16: steps 1.8x faster in bf16
+    (55, 430, "bfloat16"),  # AMD EPYC, AVX512-BF16 without AMX: steps 2.4x faster in bf16
+    (175, 102, "float32"),  # the same Intel with oneDNN capped at AVX512-BF16: steps 1.4x slower
+    (175, 17, "float32"),  # torch's reference bf16 kernel (no AVX512, or oneDNN off)
+    (100, 149, "float32"), (100, 150, "bfloat16"),  # bf16 must be 1.5x as fast: it also costs precision
 ])
-def test_compute_dtype_auto_resolves_per_device(monkeypatch, flags, isa_cap, expected):
-    _cpu_with(monkeypatch, flags, isa_cap)
+def test_compute_dtype_auto_resolves_per_device(monkeypatch, tmp_path, float32_gflops, bfloat16_gflops, expected):
+    _measured(monkeypatch, tmp_path, float32_gflops, bfloat16_gflops)
     cfg = parse([])
     cfg.resolve_compute_dtype("cpu")
     assert cfg.bnb_4bit_compute_dtype == expected
@@ -129,12 +128,36 @@ def test_compute_dtype_auto_resolves_per_device(monkeypatch, flags, isa_cap, exp
     assert cfg.bnb_4bit_compute_dtype == "float32"
 
 
-def test_compute_dtype_auto_is_float32_with_onednn_off(monkeypatch):
+def test_the_cpu_probe_measures_once_per_set_up_and_reads_its_cache(monkeypatch, tmp_path):
     import torch
-    _cpu_with(monkeypatch, {"avx512_bf16", "amx_bf16"})
-    with torch.backends.mkldnn.flags(enabled=False):  # torch's bf16 GEMM is then its slow reference kernel
+    from qlora_cls import hardware
+    monkeypatch.setenv("QLORA_CLS_HOME", str(tmp_path))
+    first = hardware.cpu_dtype_probe()
+    assert not first["cached"] and first["float32_gflops"] > 0 and first["bfloat16_gflops"] > 0
+    assert first["choice"] == ("bfloat16" if first["bfloat16_gflops"] >= 1.5 * first["float32_gflops"] else "float32")
+    saved = json.loads((tmp_path / "cpu_compute_dtype.json").read_text())
+    assert list(saved) == [first["key"]] and f"threads {torch.get_num_threads()}" in first["key"]
+    again = hardware.cpu_dtype_probe()
+    assert again["cached"] and again["float32_gflops"] == first["float32_gflops"]
+    # The cached figures decide (nothing is measured again): swap them and the choice follows.
+    saved[first["key"]] = {"float32_gflops": 100.0, "bfloat16_gflops": 1000.0, "shape": [1, 1, 1]}
+    (tmp_path / "cpu_compute_dtype.json").write_text(json.dumps(saved))
+    assert hardware.cpu_dtype_probe()["choice"] == "bfloat16"
+    saved[first["key"]] = {"float32_gflops": 1000.0, "bfloat16_gflops": 100.0, "shape": [1, 1, 1]}
+    (tmp_path / "cpu_compute_dtype.json").write_text(json.dumps(saved))
+    assert hardware.cpu_dtype_probe()["choice"] == "float32"
+
+
+def test_compute_dtype_auto_is_float32_with_onednn_off(monkeypatch, tmp_path):
+    """oneDNN off is another set-up (its own measurement): torch's reference bf16 kernel is slow on any CPU."""
+    import torch
+    from qlora_cls import hardware
+    monkeypatch.setenv("QLORA_CLS_HOME", str(tmp_path))
+    with torch.backends.mkldnn.flags(enabled=False):
+        probe = hardware.cpu_dtype_probe()
         cfg = parse([])
         cfg.resolve_compute_dtype("cpu")
+    assert "onednn=False" in probe["key"] and probe["bfloat16_gflops"] < probe["float32_gflops"]
     assert cfg.bnb_4bit_compute_dtype == "float32"
 
 
@@ -192,7 +215,7 @@ def test_gradient_checkpointing_auto_on_a_gpu_follows_the_memory_estimate(monkey
 def test_auto_under_resume_keeps_what_the_run_was_started_with(tmp_path, monkeypatch):
     """A run saved before the defaults changed (float32 + checkpointing on a CPU) resumes with them."""
     from dataclasses import asdict
-    _cpu_with(monkeypatch, {"avx512_bf16", "amx_bf16"})
+    _measured(monkeypatch, tmp_path, 175, 1000)
     old = TrainConfig(bnb_4bit_compute_dtype="float32", gradient_checkpointing=True, results_path=str(tmp_path))
     (tmp_path / "config.json").write_text(json.dumps({"config": asdict(old)}))
     cfg = parse(["--results_path", str(tmp_path), "--resume"])
