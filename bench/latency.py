@@ -2,7 +2,7 @@
 
     make latency                                                   # trains a tiny run first when given none
     OMP_NUM_THREADS=1 python bench/latency.py --results_path results/<run> --calls 100
-    python bench/latency.py --results_path R --bottleneck_results_path R2   # + a bottleneck-adapter run
+    python bench/latency.py --results_path R --bottleneck_results_path R2   # a bottleneck-adapter run you have
 
 Arms, all on the run's own evaluation examples (cycled in dataset order, so lengths vary as in use),
 loaded together in one process and timed call by call in turn (the same batch through each arm, then
@@ -12,8 +12,9 @@ the next batch), so a slow moment of a shared machine hits every arm alike:
 - ``adapter``: the run's adapter unmerged on that base (what ``eval.py`` runs);
 - ``merged``: ``merge.py``'s folder (de-quantized base + merged adapter, float32) loaded with plain
   ``AutoModelForSequenceClassification``;
-- ``bottleneck``: a run of the methods work's bottleneck adapters (``--method adapter``) of equal
-  trainable size, when ``--bottleneck_results_path`` names one; otherwise skipped with a message.
+- ``bottleneck``: bottleneck adapters (``--method adapter``) of equal trainable size: the run
+  ``--bottleneck_results_path`` names, or else one trained here for ``--train_steps`` on the same base
+  and data with ``--param_budget`` = the LoRA run's trainable count (``none`` skips the arm).
 
 Each arm: ``--warmup`` untimed calls, then ``--calls`` timed forward calls (>= 100) at batch 1 and at
 batch 8, ``torch.inference_mode``; reported per call and per example (call / batch), median and p95.
@@ -42,7 +43,8 @@ def parse_args(argv=None):
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     p.add_argument("--results_path", default=None, help="run folder written by ft.py; none = train a short one first")
     p.add_argument("--bottleneck_results_path", default=None,
-                   help="a run with --method adapter (bottleneck adapters) of equal trainable size; none = arm skipped")
+                   help="a run with --method adapter (bottleneck adapters) of equal trainable size; default: train "
+                        "one here with --param_budget = the run's trainable count; 'none' skips the arm")
     p.add_argument("--dataset", default="nyu-mll/glue", help="for the short run and when the run's data moved")
     p.add_argument("--train_steps", type=int, default=5, help="optimizer steps of the short run")
     p.add_argument("--calls", type=int, default=100, help="timed calls per arm and batch size (>= 100)")
@@ -83,6 +85,21 @@ def short_run(args, where: Path) -> Path:
     run = where / "run"
     ft.main(["--dataset", args.dataset, "--results_path", str(run), "--max_steps", str(args.train_steps),
              "--max_train_samples", "64", "--max_eval_samples", str(args.examples), "--log_every", "1"])
+    return run
+
+
+def short_bottleneck_run(args, cfg, trainable: int, where: Path) -> Path:
+    """Bottleneck adapters on the run's base and data, at most as many trainable parameters as the run."""
+    import ft
+    run = where / "bottleneck"
+    argv = ["--dataset", cfg.dataset, "--results_path", str(run), "--method", "adapter", "--param_budget",
+            str(trainable), "--max_steps", str(args.train_steps), "--max_train_samples", "64", "--max_eval_samples",
+            str(args.examples), "--log_every", "1", "--latency_calls", "0", "--prompt", cfg.prompt]
+    if cfg.model_dir:
+        argv += ["--model_dir", cfg.model_dir]
+    if cfg.task:
+        argv += ["--task", cfg.task]
+    ft.main(argv)
     return run
 
 
@@ -133,24 +150,26 @@ def main(argv=None) -> dict:
         from transformers import AutoModelForSequenceClassification
         forwards["merged"] = run_model(AutoModelForSequenceClassification.from_pretrained(merged_dir)
                                        .to(accelerator.device))
-        if args.bottleneck_results_path is None:
-            notes["bottleneck"] = "skipped: no --bottleneck_results_path (a run of --method adapter) given"
+        if args.bottleneck_results_path == "none":
+            notes["bottleneck"] = "skipped: --bottleneck_results_path none"
+        elif args.bottleneck_results_path is None and cfg.train_file:
+            notes["bottleneck"] = "skipped: the run trained on local files; give --bottleneck_results_path"
         else:
-            b_run = Path(args.bottleneck_results_path)
+            b_run = Path(args.bottleneck_results_path) if args.bottleneck_results_path else \
+                short_bottleneck_run(args, cfg, resolved["parameters"]["trainable"], tmp)
             b_cfg, b_records = load_run_config(b_run)
             if run_method(b_records["config"]) != "adapter":
                 notes["bottleneck"] = (f"skipped: {b_run} has method {run_method(b_records['config'])!r}, "
                                        f"not 'adapter' (bottleneck adapters)")
             else:
-                try:
-                    b_cfg.resolve_compute_dtype(accelerator.device.type)
-                    set_seed(b_cfg.seed)
-                    forwards["bottleneck"] = run_model(build_model(b_cfg, model_path, tokenizer, num_labels,
-                                                                   accelerator, adapter_dir=str(b_run / "adapter")))
-                    notes["bottleneck"] = (f"trainable parameters {b_records['resolved']['parameters']['trainable']:,} "
-                                           f"vs the LoRA run's {resolved['parameters']['trainable']:,}")
-                except Exception as exc:  # the methods work's loader is not on this branch yet
-                    notes["bottleneck"] = f"skipped: could not load {b_run}: {type(exc).__name__}: {exc}"
+                b_cfg.resolve_compute_dtype(accelerator.device.type)
+                set_seed(b_cfg.seed)
+                forwards["bottleneck"] = run_model(build_model(b_cfg, model_path, tokenizer, num_labels,
+                                                               accelerator, adapter_dir=str(b_run / "adapter")))
+                notes["bottleneck"] = (f"trainable parameters {b_records['resolved']['parameters']['trainable']:,} "
+                                       f"vs the LoRA run's {resolved['parameters']['trainable']:,}"
+                                       + ("" if args.bottleneck_results_path else
+                                          f" (trained here, {args.train_steps} steps)"))
         if "bottleneck" not in forwards:
             print(f"[latency] bottleneck: {notes['bottleneck']}", flush=True)
         arms = {name: {} for name in forwards}

@@ -35,6 +35,21 @@ def test_latency_table_for_base_adapter_merged(tiny_model, mrpc, tmp_path):
     assert not any(p.name.startswith(".") for p in run.iterdir())  # the merge went to a temporary folder
 
 
+def test_latency_trains_a_bottleneck_arm_of_at_most_the_runs_trainable_size(tiny_model, mrpc, tmp_path):
+    import re
+    run = tmp_path / "run"
+    ft.main(tiny_args(tiny_model, mrpc, run))
+    lora = json.loads((run / "metrics.json").read_text())["parameters"]["trainable"]
+    out = latency.main(["--results_path", str(run), "--calls", "100", "--warmup", "1", "--examples", "8",
+                        "--train_steps", "2", "--dataset", mrpc, "--out", str(tmp_path / "res")])
+    data = json.loads(Path(out["json_path"]).read_text())
+    assert set(data["arms"]) == {"base", "adapter", "merged", "bottleneck"}
+    note = data["notes"]["bottleneck"]
+    counts = [int(n.replace(",", "")) for n in re.findall(r"\d[\d,]*", note.split("(")[0])]
+    assert counts[1] == lora and 0 < counts[0] <= lora and "trained here, 2 steps" in note
+    assert data["arms"]["bottleneck"]["batch_8"]["calls"] == 100
+
+
 def test_latency_refuses_fewer_than_100_calls(capsys):
     with pytest.raises(SystemExit) as exc:
         latency.parse_args(["--calls", "10"])
