@@ -9,8 +9,8 @@ Each (side, seed) is one full run (default: 2 epochs of MRPC = 918 optimizer ste
 validation split), in its own subprocess, in a folder under ``--state_dir`` that outlives the session:
 ft.py checkpoints every 50 steps (``--resume``), the Trainer every 50 steps (``resume_from_checkpoint``),
 so a run stopped by the end of a session continues where it was in the next one, and finished runs are
-not run again. On this project's CPUs one run takes 25-75 minutes on one core (bf16 with AMX-BF16 is the
-fast end, float32 or bf16 without AMX the slow end), so the study spans sessions by design.
+not run again. On this project's CPUs one run takes ~30 minutes on one core in bf16 (an AMX Intel, an
+AVX512-BF16 AMD EPYC: 1781 s of training) and ~60 in float32, so the study spans sessions by design.
 
 The sides, as the parity issue defines them: the Trainer recipe as users write it (bench.py's
 ``trainer_grouped_bf16`` arm: NF4 + double quantization, bf16 compute, LoRA r=8/alpha 16/dropout 0.1 on
