@@ -11,7 +11,7 @@ the next batch), so a slow moment of a shared machine hits every arm alike:
 - ``base``: the base model as ``eval.py --base_only`` builds it (4-bit when the run was, fresh head);
 - ``adapter``: the run's adapter unmerged on that base (what ``eval.py`` runs);
 - ``merged``: ``merge.py``'s folder (de-quantized base + merged adapter, float32) loaded with plain
-  ``AutoModelForSequenceClassification``;
+  ``AutoModelForSequenceClassification``; ``merged_bf16``: the same merge stored in bf16 (``--dtype bfloat16``);
 - ``bottleneck``: bottleneck adapters (``--method adapter``) of equal trainable size: the run
   ``--bottleneck_results_path`` names, or else one trained here for ``--train_steps`` on the same base
   and data with ``--param_budget`` = the LoRA run's trainable count (``none`` skips the arm).
@@ -150,6 +150,11 @@ def main(argv=None) -> dict:
         from transformers import AutoModelForSequenceClassification
         forwards["merged"] = run_model(AutoModelForSequenceClassification.from_pretrained(merged_dir)
                                        .to(accelerator.device))
+        # The same merge stored in bf16 (merge.py --dtype bfloat16): on a CPU whose bf16 GEMMs are fast the
+        # float32 merged model can be slower than the 4-bit adapter computing in bf16.
+        merged_bf16 = merge_run(cfg, records, run, tmp / "merged-bf16", dtype="bfloat16")
+        forwards["merged_bf16"] = run_model(AutoModelForSequenceClassification.from_pretrained(
+            merged_bf16, dtype=torch.bfloat16).to(accelerator.device))
         if args.bottleneck_results_path == "none":
             notes["bottleneck"] = "skipped: --bottleneck_results_path none"
         elif args.bottleneck_results_path is None and cfg.train_file:
@@ -195,7 +200,8 @@ def markdown(result: dict) -> str:
     s, m = result["settings"], result["machine"]
     names = {"base": "base model (untrained head)" + (", 4-bit" if s["load_in_4bit"] else ""),
              "adapter": "adapter, unmerged" + (" (4-bit base)" if s["load_in_4bit"] else ""),
-             "merged": "merged model (merge.py, float32)", "bottleneck": "bottleneck adapter (equal trainable size)"}
+             "merged": "merged model (merge.py, float32)", "merged_bf16": "merged model (merge.py --dtype bfloat16)",
+             "bottleneck": "bottleneck adapter (equal trainable size)"}
     lines = [f"Latency {result['started']}: {s['model']}, {s['compute_dtype']} compute, {s['examples']} evaluation "
              f"examples cycled (mean {s['mean_tokens']:.1f} tokens), {s['calls']} timed calls per cell after "
              f"{s['warmup']} warm-up; {m.get('cpu_model', m.get('cpu'))}, {s['threads']} torch thread(s).", "",

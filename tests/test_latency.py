@@ -22,7 +22,7 @@ def test_latency_table_for_base_adapter_merged(tiny_model, mrpc, tmp_path):
     out = latency.main(["--results_path", str(run), "--calls", "100", "--warmup", "2", "--examples", "16",
                         "--out", str(tmp_path / "res"), "--bottleneck_results_path", str(run)])
     data = json.loads(Path(out["json_path"]).read_text())
-    assert set(data["arms"]) == {"base", "adapter", "merged"}
+    assert set(data["arms"]) == {"base", "adapter", "merged", "merged_bf16"}
     for arm in data["arms"].values():
         for b in (1, 8):
             cell = arm[f"batch_{b}"]
@@ -43,7 +43,7 @@ def test_latency_trains_a_bottleneck_arm_of_at_most_the_runs_trainable_size(tiny
     out = latency.main(["--results_path", str(run), "--calls", "100", "--warmup", "1", "--examples", "8",
                         "--train_steps", "2", "--dataset", mrpc, "--out", str(tmp_path / "res")])
     data = json.loads(Path(out["json_path"]).read_text())
-    assert set(data["arms"]) == {"base", "adapter", "merged", "bottleneck"}
+    assert set(data["arms"]) == {"base", "adapter", "merged", "merged_bf16", "bottleneck"}
     note = data["notes"]["bottleneck"]
     counts = [int(n.replace(",", "")) for n in re.findall(r"\d[\d,]*", note.split("(")[0])]
     assert counts[1] == lora and 0 < counts[0] <= lora and "trained here, 2 steps" in note
