@@ -124,9 +124,14 @@ def cpu_dtype_probe() -> dict:
         known = json.loads(path.read_text())
     except (OSError, ValueError):
         known = {}
-    if key in known:
-        return {**known[key], "choice": choose_cpu_dtype(known[key]["float32_gflops"], known[key]["bfloat16_gflops"]),
-                "key": key, "cached": True}
+    entry = known.get(key) if isinstance(known, dict) else None
+    if isinstance(entry, dict) and all(isinstance(entry.get(k), (int, float))
+                                       for k in ("float32_gflops", "bfloat16_gflops")):
+        choice = choose_cpu_dtype(entry["float32_gflops"], entry["bfloat16_gflops"])
+        log.info("compute dtype auto: %s (bf16 GEMMs %.0f GFLOP/s, float32 %.0f, measured once here, cached in %s)",
+                 choice, entry["bfloat16_gflops"], entry["float32_gflops"], path)
+        return {**entry, "choice": choice, "key": key, "cached": True}
+    known = known if isinstance(known, dict) else {}
     record = {"float32_gflops": round(gemm_gflops(torch.float32), 1),
               "bfloat16_gflops": round(gemm_gflops(torch.bfloat16), 1), "shape": list(PROBE_SHAPE)}
     try:
