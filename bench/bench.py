@@ -378,15 +378,9 @@ def run_dense(args) -> dict:
 # -- orchestration -----------------------------------------------------------------------------------------
 def _machine() -> dict:
     import utils
+    from qlora_cls.hardware import cpu_bf16_support, cpu_dtype_probe, cpu_model_name
     info = utils.hardware_info()
-    try:
-        for line in Path("/proc/cpuinfo").read_text().splitlines():
-            if line.startswith("model name"):
-                info["cpu_model"] = line.split(":", 1)[1].strip()
-                break
-    except OSError:
-        pass
-    from qlora_cls.hardware import cpu_bf16_support, cpu_dtype_probe
+    info["cpu_model"] = cpu_model_name()
     info.update(cpu_bf16_support())  # avx512_bf16, amx_bf16, oneDNN
     probe = cpu_dtype_probe()  # what --bnb_4bit_compute_dtype auto measured here and picked
     info["compute_dtype_probe"] = {k: probe[k] for k in ("float32_gflops", "bfloat16_gflops", "choice")}

@@ -57,10 +57,9 @@ def main(argv=None) -> dict:
         if not args.results_path:
             ft.main(["--dataset", args.dataset, "--results_path", str(run), "--max_steps", str(args.train_steps),
                      "--bnb_4bit_compute_dtype", args.compute_dtype, "--latency_calls", "0", "--log_every", "50"])
-        cfg, _ = load_run_config(run)
+        cfg, records = load_run_config(run)
         split = datasets.load_dataset(args.dataset, cfg.task)[args.split]
-        columns = [c for c in ("sentence1", "sentence2", "sentence", "question", "premise", "hypothesis")
-                   if c in split.column_names]
+        columns = list(records["resolved"]["text_columns"])  # what the run's prompt fills in
         source = tmp / f"{args.split}.csv"
         with open(source, "w", newline="") as f:
             w = csv.writer(f)
@@ -85,7 +84,7 @@ def main(argv=None) -> dict:
                            "adapter_margin": abs(pa[i][0] - pa[i][1])} for i in differ],
     }
     md = (f"Merge check {result['started']}: {result['run']}, {cfg.method}, {cfg.bnb_4bit_compute_dtype} compute; "
-          f"MRPC {args.split}, {len(pa)} examples, each labelled by predict.py from the run (4-bit base + adapter) "
+          f"{cfg.task} {args.split}, {len(pa)} examples, each labelled by predict.py from the run (4-bit base + adapter) "
           f"and from merge.py's folder (plain transformers, float32).\n\n"
           f"| examples | argmax equal | max abs probability diff | disagreements (adapter margin) |\n"
           f"| ---: | ---: | ---: | --- |\n"

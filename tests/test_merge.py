@@ -314,3 +314,13 @@ def test_embedded_smollm2_merged_equals_unmerged_on_mrpc(mrpc, tmp_path):
     probs = run_probabilities(run)
     assert (softmax(merged).argmax(1) == probs.argmax(1)).all()
     assert np.abs(softmax(merged) - probs).max() <= 1e-4
+
+
+def test_merge_check_labels_the_whole_split_both_ways(llama_run, mrpc, tmp_path):
+    """bench/merge_check.py on a float32 run: every row labelled by both, in the same order, equal argmax."""
+    from bench import merge_check
+    import datasets
+    result = merge_check.main(["--results_path", str(llama_run), "--dataset", mrpc, "--out", str(tmp_path)])
+    n = len(datasets.load_dataset(mrpc, "mrpc")["validation"])
+    assert result["examples"] == n and result["argmax_equal"] == n and result["disagreements"] == []
+    assert result["max_abs_probability_diff"] <= 1e-5 and result["compute_dtype"] == "float32"
