@@ -4,7 +4,8 @@
     python merge.py --results_path results/<run> --output_dir M --merge_into original-16bit --dtype bfloat16
 
 By default the LoRA (DoRA, IA3) weights are merged into the exact 4-bit base the adapter was trained
-against, de-quantized to float32, so the merged model predicts what the adapter predicts. The folder
+against, de-quantized to float32, so the merged model predicts what the adapter predicts. A full
+fine-tuning run (--method full) is exported as its trained weights (nothing to merge). The folder
 (config.json + model.safetensors, tokenizer, prompt.txt, qlora_cls.json, README.md model card) loads
 with AutoModelForSequenceClassification.from_pretrained. See qlora_cls/merging.py.
 """

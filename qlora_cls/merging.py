@@ -31,7 +31,9 @@ log = logging.getLogger(__name__)
 
 MERGED_FORMAT = "qlora-cls-merged/1"
 MERGED_INFO = "qlora_cls.json"
-NOT_MERGEABLE = ("adapter", "full")  # methods whose weights are not a PEFT adapter (methods work)
+# Bottleneck adapters are modules of this toolkit wrapped around the base's layers: no transformers
+# architecture has them, so no plain folder can hold them (eval.py / predict.py run them from the run folder).
+NOT_MERGEABLE = ("adapter",)
 
 
 def run_method(config: dict) -> str:
@@ -42,17 +44,24 @@ def run_method(config: dict) -> str:
 def check_merge(cfg, records: dict, run_dir: Path, adapter: str, merge_into: str, output_dir: Path) -> str:
     """Everything cheap, before any weight is read; returns the resolved ``merge_into``."""
     from .files import read_json
+    from .methods import has_saved_weights
     method = run_method(records.get("config", {}))
     adapter_dir = run_dir / adapter
-    if method in NOT_MERGEABLE or (adapter_dir.is_dir() and not (adapter_dir / "adapter_config.json").is_file()):
+    if method in NOT_MERGEABLE or (method != "full" and adapter_dir.is_dir()
+                                   and not (adapter_dir / "adapter_config.json").is_file()):
         raise UsageError(f"{adapter_dir}: method {method!r} saves no PEFT adapter (adapter_config.json), so there is "
-                         f"nothing to merge; merge.py handles LoRA, DoRA and IA3 runs")
-    if not (adapter_dir / "adapter_config.json").is_file():
+                         f"nothing to merge into a plain transformers model; merge.py exports LoRA, DoRA, IA3 and "
+                         f"full fine-tuning runs (eval.py and predict.py run this one from its run folder)")
+    if method == "full":
+        if not has_saved_weights(adapter_dir):
+            raise UsageError(f"{adapter_dir} holds no trained weights (weights.safetensors); the run may be unfinished "
+                             f"or have no {adapter}/ (use --adapter adapter)")
+    elif not (adapter_dir / "adapter_config.json").is_file():
         raise UsageError(f"{adapter_dir} has no adapter (adapter_config.json); the run may be unfinished or have no "
                          f"{adapter}/ (use --adapter adapter)")
     if not (run_dir / "metrics.json").is_file():
         raise UsageError(f"{run_dir} has no metrics.json: the run did not finish; finish it (ft.py --resume) first")
-    peft_type = read_json(adapter_dir / "adapter_config.json").get("peft_type")
+    peft_type = read_json(adapter_dir / "adapter_config.json").get("peft_type") if method != "full" else "LORA"
     if peft_type not in ("LORA", "IA3"):
         raise UsageError(f"{adapter_dir} is a {peft_type} adapter; merge.py merges LORA (incl. DoRA) and IA3")
     if not (run_dir / "prompt.txt").is_file():
@@ -81,10 +90,18 @@ def quantization_modules(model) -> list[str]:
 
 def merged_model(cfg, model_path: str, adapter_dir: Path, num_labels: int, pad_token_id: int, merge_into: str,
                  device: str = "cpu"):
-    """The base (de-quantized 4-bit or original) with the adapter merged in, as a plain transformers model."""
+    """The base (de-quantized 4-bit or original) with the adapter merged in, as a plain transformers model.
+
+    A full fine-tuning run has nothing to merge: its saved weights (every parameter) are loaded into the
+    base's architecture in float32 (a bf16 run's values widen exactly)."""
     from peft import PeftModel
 
+    from .methods import load_saved
     from .modeling import load_base_model
+    if cfg.method == "full":
+        base = load_base_model(dataclasses.replace(cfg, bnb_4bit_compute_dtype="float32", gradient_checkpointing=False),
+                               model_path, num_labels, pad_token_id, {"": device})
+        return load_saved(base.float(), str(adapter_dir))
     if merge_into == "dequantized-4bit":
         base = load_base_model(dataclasses.replace(cfg, gradient_checkpointing=False), model_path, num_labels,
                                pad_token_id, {"": device})
@@ -141,7 +158,8 @@ def merge_run(cfg, records: dict, run_dir: Path, output_dir: Path, adapter: str 
             "main_metric": resolved.get("main_metric"), "metrics": metrics, "eval_split": resolved.get("eval_split"),
             "baseline": summary.get("baseline") or resolved.get("baseline"), "merged_into": merge_into,
             "base_model": model_path, "dtype": dtype,
-            "peft_type": read_json(run_dir / adapter / "adapter_config.json").get("peft_type"),
+            "peft_type": (read_json(run_dir / adapter / "adapter_config.json").get("peft_type")
+                          if (run_dir / adapter / "adapter_config.json").is_file() else None),
             "method": run_method(records.get("config", {}))}
     template = (run_dir / "prompt.txt").read_text(encoding="utf-8")
     tokenizer.padding_side = "right"
@@ -168,7 +186,11 @@ def model_card(output_dir: Path, info: dict, records: dict, summary: dict, templ
     names = info["label_names"]
     metrics = list(resolved.get("metrics") or [])
     baseline = info.get("baseline") or {}
-    how = ("the exact 4-bit NF4 base the adapter was trained against, de-quantized to float32 "
+    full = info.get("method") == "full"
+    how = ("nothing: every weight was trained (full fine-tuning), and these are the trained weights "
+           f"(saved by ft.py in {info.get('adapter', 'adapter')}/weights.safetensors, loaded into the base's "
+           "architecture in float32; a bf16 run's values widen exactly)." if full else
+           "the exact 4-bit NF4 base the adapter was trained against, de-quantized to float32 "
            "(`bitsandbytes.functional.dequantize_4bit` of every quantized weight, via transformers' "
            "`PreTrainedModel.dequantize`), with the adapter merged in by PEFT's `merge_and_unload` in float32. Its "
            "predictions are the adapter's (same argmax; logits equal within float rounding). "
@@ -198,10 +220,11 @@ def model_card(output_dir: Path, info: dict, records: dict, summary: dict, templ
         "print(logits[:, 0].tolist())" if info["num_labels"] == 1 else
         "print([model.config.id2label[i] for i in logits.argmax(-1).tolist()])"])
     data = ModelCardData(base_model=info["base_model"], library_name="transformers", pipeline_tag="text-classification",
-                         tags=["text-classification", "merged-adapter", str(info.get("task"))], metrics=metrics)
+                         tags=["text-classification", "full-fine-tune" if full else "merged-adapter",
+                               str(info.get("task"))], metrics=metrics)
     scores = dict(info.get("metrics") or {})
     text = f"""
-# {info.get('task')} classifier: {run.get('model') or info['base_model']} with its adapter merged
+# {info.get('task')} classifier: {run.get('model') or info['base_model']} {'fine-tuned' if full else 'with its adapter merged'}
 
 A standalone `AutoModelForSequenceClassification` (no PEFT, no bitsandbytes needed), made by qlora-cls
 `merge.py` from `{info['source_run']}/{info.get('adapter', 'adapter')}`.
@@ -217,7 +240,7 @@ A standalone `AutoModelForSequenceClassification` (no PEFT, no bitsandbytes need
   {template}
   ```
 
-## Evaluation (of the adapter, on {run.get('eval') or info.get('eval_split')})
+## Evaluation (of the {'trained weights' if full else 'adapter'}, on {run.get('eval') or info.get('eval_split')})
 
 {metrics_table(scores, baseline, metrics, "this model")}
 

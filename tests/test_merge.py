@@ -216,6 +216,33 @@ def test_non_peft_weights_are_refused(llama_run, tmp_path, capsys):
     assert not (tmp_path / "m").exists()
 
 
+def test_a_full_fine_tuning_run_exports_its_trained_weights(tmp_path_factory, mrpc, tmp_path):
+    """--method full has nothing to merge: the folder holds the trained weights, and predicts what ft.py did."""
+    root = tmp_path_factory.mktemp("merge-full")
+    model_dir = build_tiny_architecture("llama", root / "model", seed=1)
+    run = root / "run"
+    ft.main(tiny_args(str(model_dir), mrpc, run, "--method", "full", "--lr", "1e-3", "--seed", "3",
+                      "--bnb_4bit_compute_dtype", "float32"))
+    out = merge.main(["--results_path", str(run), "--output_dir", str(tmp_path / "merged")])
+    from transformers import AutoModelForSequenceClassification
+    model = AutoModelForSequenceClassification.from_pretrained(out)
+    assert {type(m).__module__.split(".")[0] for m in model.modules()} <= {"transformers", "torch"}
+    assert model.config.id2label == {0: "not_equivalent", 1: "equivalent"}
+    rows = _examples(run)
+    merged = softmax(plain_logits(out, rows))
+    probs = run_probabilities(run)  # ft.py's predictions with the weights it had just trained, in memory
+    assert (merged.argmax(1) == probs.argmax(1)).all() and np.abs(merged - probs).max() <= 1e-5
+    # the trained weights, not the base's: the untouched base (with a head) predicts something else
+    base = AutoModelForSequenceClassification.from_pretrained(model_dir, num_labels=2)
+    trained = dict(model.named_parameters())
+    moved = [n for n, p in base.named_parameters() if n in trained and not torch.equal(p, trained[n])]
+    assert len(moved) > 10, moved
+    info = json.loads((out / "qlora_cls.json").read_text())
+    assert info["method"] == "full" and info["peft_type"] is None
+    card = (out / "README.md").read_text()
+    assert "full fine-tuning" in card and "fine-tuned" in card.splitlines()[card.splitlines().index("---", 1) + 2]
+
+
 def _peft_adapter(run: Path, dest: Path, kind: str) -> None:
     """A DoRA or IA3 adapter (random, non-trivial weights) built with PEFT on the run's own 4-bit base."""
     from peft import IA3Config, LoraConfig, TaskType, get_peft_model
