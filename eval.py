@@ -117,7 +117,7 @@ def evaluate_runs(ecfg: EvalConfig) -> list[dict]:
         loaded.use(i)
         batch_size = ecfg.eval_batch_size or p["cfg"].eval_batch_size
         logits, stats = predict(loaded.model, p["data"].batchers[p["split"]], batch_size, accelerator,
-                                fast=ecfg.fast_eval)
+                                fast=ecfg.fast_eval, stream_dtype=ecfg.eval_stream_dtype)
         results.append(_write(ecfg, p, logits, stats, batch_size, accelerator))
     line = loaded.timing_line()
     if line:

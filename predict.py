@@ -160,6 +160,9 @@ def predict_file(pcfg: PredictConfig) -> dict:
             writer.writerow(_header(s, id_column))
             writers.append((writer, handle))
         start = time.perf_counter()
+        # The fast path's inference copy (fast_eval.inference_model): built once per run, on its first chunk,
+        # and reused by every later chunk (the weights do not change while predicting).
+        fast_models: dict = {}
         bar = tqdm(total=total, unit="row", desc="predicting", file=sys.stderr, disable=None)
         for chunk in inp.chunks(pcfg.chunk_size):
             ok = [row_problem(r, columns) is None for r in chunk]
@@ -167,7 +170,12 @@ def predict_file(pcfg: PredictConfig) -> dict:
             idents = [[] if id_column is None else [_cell(r.values, id_column)] for r in chunk]
             for i, (s, (_, tokenizer)) in enumerate(zip(sources, tokenizers)):
                 loaded.use(i)
-                values = iter(_predict_rows(s, good, tokenizer, loaded.model, pcfg.batch_size, accelerator))
+                if pcfg.fast_eval and good and i not in fast_models:
+                    from qlora_cls.fast_eval import inference_model
+                    fast_models[i] = inference_model(loaded.model, accelerator.device,
+                                                     stream_dtype=pcfg.eval_stream_dtype)
+                values = iter(_predict_rows(s, good, tokenizer, loaded.model, pcfg.batch_size, accelerator,
+                                            fast_models.get(i)))
                 blank = [""] * (len(_header(s, None)))
                 writer, handle = writers[i]
                 writer.writerows(ident + (next(values) if fine else blank) for ident, fine in zip(idents, ok))
@@ -199,10 +207,12 @@ def _cell(values: Optional[dict], column: str):
     return "" if values is None or values.get(column) is None else values[column]
 
 
-def _predict_rows(source, rows: list[dict], tokenizer, model, batch_size: Optional[int], accelerator) -> list[list]:
+def _predict_rows(source, rows: list[dict], tokenizer, model, batch_size: Optional[int], accelerator,
+                  fast_model: Optional[tuple] = None) -> list[list]:
     """Output cells after the id for ``rows``, in their order: the label name and each class's probability,
     or the regression score (formatted as the run's predictions_*.csv are). Batches are sorted by length
-    inside the chunk (evaluation.predict), and put back in row order."""
+    inside the chunk (evaluation.predict), and put back in row order. ``fast_model``: the run's inference
+    copy (fast_eval.inference_model), or None for the plain path."""
     import numpy as np
 
     from qlora_cls.data import TokenizedSplit, encode_prompts
@@ -212,7 +222,8 @@ def _predict_rows(source, rows: list[dict], tokenizer, model, batch_size: Option
     ids = encode_prompts(tokenizer, source.template, rows, source.max_length)
     batcher = TokenizedSplit({"input_ids": ids, "length": [len(x) for x in ids], "idx": list(range(len(ids))),
                        "labels": [0] * len(ids)}, tokenizer.pad_token_id, False)
-    logits, _ = predict(model, batcher, batch_size or source.default_batch_size, accelerator)
+    logits, _ = predict(model, batcher, batch_size or source.default_batch_size, accelerator,
+                        fast=fast_model is not None, prepared=fast_model)
     probs = probabilities(source.spec, logits)
     if source.label_names is None:
         return [[float(v)] for v in probs[:, 0]]

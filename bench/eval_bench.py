@@ -9,6 +9,8 @@ merge is not trivial) and evaluates the same validation examples at the same bat
 - ``trainer``: ``transformers.Trainer.predict()`` with ``DataCollatorWithPadding`` (the recipe's evaluation);
 - ``plain``: ``qlora_cls.evaluation.predict(fast=False)``, ft.py's evaluation before the fast path;
 - ``fast``: ``predict(fast=True)``: weights de-quantized once + LoRA merged, shared prefix reused.
+- ``fast_stream``: the same with the residual stream in the compute dtype (``--eval_stream_dtype compute``
+  of eval.py / predict.py); only differs from ``fast`` when the compute dtype is 16-bit.
 
 Same model object, data, batch size and compute dtype for all three, so the ratios measure the
 evaluation paths only. Arms run ``--rounds`` times in rotating order (the machine is shared: a slow
@@ -29,7 +31,7 @@ from pathlib import Path
 REPO = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(REPO))
 
-ARMS = ("trainer", "plain", "fast")
+ARMS = ("trainer", "plain", "fast", "fast_stream")
 
 
 def parse_args(argv=None):
@@ -105,7 +107,8 @@ def main(argv=None) -> dict:
                 logits = trainer.predict(trainer_val).predictions
                 extra = {"padding_efficiency": sum(a for a, _ in padded) / sum(b for _, b in padded)}
             else:
-                logits, stats = predict(model, batcher, args.eval_batch_size, accelerator, fast=arm == "fast")
+                logits, stats = predict(model, batcher, args.eval_batch_size, accelerator, fast=arm != "plain",
+                                        stream_dtype="compute" if arm == "fast_stream" else "float32")
                 extra = {"padding_efficiency": stats["eval_padding_efficiency"],
                          **{k: v for k, v in stats.items() if k.startswith("eval_") and k not in (
                              "eval_examples_per_s", "eval_tokens_per_s", "eval_seconds", "eval_padding_efficiency")}}
@@ -114,7 +117,7 @@ def main(argv=None) -> dict:
         rounds = {a: [] for a in ARMS}
         logits, extras = {}, {}
         for r in range(args.rounds):
-            order = ARMS[r % 3:] + ARMS[:r % 3]
+            order = ARMS[r % len(ARMS):] + ARMS[:r % len(ARMS)]
             for arm in order:
                 load = os.getloadavg()[0]
                 out, seconds, extra = run(arm)
@@ -131,14 +134,17 @@ def main(argv=None) -> dict:
                      "argmax_equal_to_plain": bool((logits[arm].argmax(1) == logits["plain"].argmax(1)).all())}
     ratios = {"fast_over_trainer": arms["fast"]["examples_per_s"] / arms["trainer"]["examples_per_s"],
               "plain_over_trainer": arms["plain"]["examples_per_s"] / arms["trainer"]["examples_per_s"],
-              "fast_over_plain": arms["fast"]["examples_per_s"] / arms["plain"]["examples_per_s"]}
+              "fast_over_plain": arms["fast"]["examples_per_s"] / arms["plain"]["examples_per_s"],
+              "fast_stream_over_trainer": arms["fast_stream"]["examples_per_s"] / arms["trainer"]["examples_per_s"],
+              "fast_stream_over_fast": arms["fast_stream"]["examples_per_s"] / arms["fast"]["examples_per_s"]}
     result = {"started": datetime.now().isoformat(timespec="seconds"), "machine": _machine(),
               "settings": {**vars(args), "compute_dtype": cfg.bnb_4bit_compute_dtype, "model": model_path,
                            "examples": len(val), "real_tokens": int(sum(val["length"])),
                            "adapter": "run adapter" if args.results_path else "fresh LoRA, B ~ N(0, 0.02)",
                            "target_modules": list(cfg.target_modules)},
               "arms": arms, "ratios": ratios,
-              "target": {"fast_over_trainer": 2.0, "met": ratios["fast_over_trainer"] >= 2.0},
+              "target": {"fast_over_trainer": 2.0, "met": ratios["fast_over_trainer"] >= 2.0,
+                         "met_with_stream_in_compute_dtype": ratios["fast_stream_over_trainer"] >= 2.0},
               "peak_memory_bytes": utils.peak_memory_bytes(accelerator.device)}
     from bench.results_io import write_result
     path = write_result(args.out, "eval-", result, markdown(result), tag="eval-bench")
@@ -149,7 +155,8 @@ def main(argv=None) -> dict:
 def markdown(result: dict) -> str:
     s, m = result["settings"], result["machine"]
     names = {"trainer": "Trainer.predict()", "plain": "ft.py evaluation, plain (--fast_eval false)",
-             "fast": "ft.py evaluation, fast (--fast_eval true)"}
+             "fast": "ft.py evaluation, fast (--fast_eval true)",
+             "fast_stream": "fast, stream in compute dtype (--eval_stream_dtype compute)"}
     lines = [f"Evaluation benchmark {result['started']}: {s['examples']} validation examples ({s['real_tokens']} real "
              f"tokens), batch {s['eval_batch_size']}, {s['compute_dtype']} compute, {s['adapter']}; "
              f"{m.get('cpu_model', m.get('cpu'))}, {m.get('torch_threads')} torch thread(s); best of {s['rounds']} "
@@ -163,7 +170,10 @@ def markdown(result: dict) -> str:
                      f"{'yes' if a['argmax_equal_to_plain'] else 'NO'} |")
     r = result["ratios"]
     lines += ["", f"fast / Trainer.predict(): **{r['fast_over_trainer']:.2f}x** (target >= 2: "
-                  f"{'met' if result['target']['met'] else 'NOT met'}); plain / Trainer: {r['plain_over_trainer']:.2f}x; "
+                  f"{'met' if result['target']['met'] else 'NOT met'}); with the stream in the compute dtype: "
+                  f"**{r['fast_stream_over_trainer']:.2f}x** ("
+                  f"{'met' if result['target']['met_with_stream_in_compute_dtype'] else 'NOT met'}); "
+                  f"plain / Trainer: {r['plain_over_trainer']:.2f}x; "
                   f"fast / plain: {r['fast_over_plain']:.2f}x. Fast path: prefix "
                   f"{result['arms']['fast'].get('eval_prefix_tokens')} tokens, de-quantized once: "
                   f"{result['arms']['fast'].get('eval_dequantized')}, merged LoRA layers: "

@@ -18,6 +18,7 @@ from .errors import UsageError
 from .tasks import GLUE_TASKS
 
 DTYPES = ("bfloat16", "float16", "float32")
+STREAM_DTYPES = ("float32", "compute")
 OPTIMIZERS = ("adamw_8bit", "paged_adamw_8bit", "adamw_torch")
 QUANT_TYPES = ("nf4", "fp4")
 MIXED_PRECISION = ("no", "bf16", "fp16")
@@ -294,6 +295,11 @@ class EvalConfig:
         "evaluate through an inference copy with the 4-bit weights de-quantized once and float32 LoRA merged (when "
         "the copy fits in half the free memory) and, for decoders, the prompt's shared token prefix computed once; "
         "same argmax, logits within float rounding of the plain path (qlora_cls/fast_eval.py)"))
+    eval_stream_dtype: str = field(default="float32", metadata=_help(
+        "with --fast_eval: the dtype of the residual stream (embeddings, norms, head and the activations between "
+        "layers): float32 = as training computes it; compute = the 16-bit compute dtype (bf16 where auto picks "
+        "it), as a model loaded in bf16 for inference runs: faster on a CPU, logits move by bf16 rounding "
+        "(README: Fast evaluation)", choices=STREAM_DTYPES))
 
     def __post_init__(self) -> None:
         if isinstance(self.results_path, str):  # one folder, as a config built in Python gives it
@@ -306,6 +312,9 @@ class EvalConfig:
             raise UsageError(f"--max_eval_samples must be >= 0 (0 = every example), got {self.max_eval_samples}")
         if self.adapter not in ("adapter", "adapter_best"):
             raise UsageError(f"--adapter must be adapter or adapter_best, got {self.adapter!r}")
+        if self.eval_stream_dtype not in STREAM_DTYPES:
+            raise UsageError(f"--eval_stream_dtype must be one of {', '.join(STREAM_DTYPES)}, "
+                             f"got {self.eval_stream_dtype!r}")
 
 
 INPUT_FORMATS = ("auto", "csv", "jsonl")
@@ -338,6 +347,15 @@ class PredictConfig:
     dtype: Optional[str] = field(default=None, metadata=_help(
         "dtype a merged folder is loaded in; none = float32 (runs use the dtypes they were trained with)",
         choices=DTYPES))
+    fast_eval: bool = field(default=True, metadata=_help(
+        "predict through an inference copy with the 4-bit weights de-quantized once and float32 LoRA merged "
+        "(built once per run when it fits in half the free memory) and, for decoders, each chunk's shared "
+        "token prefix computed once; same labels, probabilities within float rounding of the plain path"))
+    eval_stream_dtype: str = field(default="float32", metadata=_help(
+        "with --fast_eval: the dtype of the residual stream (embeddings, norms, head and the activations between "
+        "layers): float32 = as training computes it; compute = the 16-bit compute dtype (bf16 where auto picks "
+        "it), as a model loaded in bf16 for inference runs: faster on a CPU, logits move by bf16 rounding "
+        "(README: Fast evaluation)", choices=STREAM_DTYPES))
 
     def __post_init__(self) -> None:
         if isinstance(self.results_path, str):
@@ -351,6 +369,8 @@ class PredictConfig:
             (self.chunk_size > 0, f"--chunk_size must be > 0, got {self.chunk_size}"),
             (self.adapter in ("adapter", "adapter_best"), f"--adapter must be adapter or adapter_best, got {self.adapter!r}"),
             (self.dtype is None or self.dtype in DTYPES, f"--dtype must be one of {', '.join(DTYPES)}, got {self.dtype!r}"),
+            (self.eval_stream_dtype in STREAM_DTYPES,
+             f"--eval_stream_dtype must be one of {', '.join(STREAM_DTYPES)}, got {self.eval_stream_dtype!r}"),
         ]
         for ok, message in checks:
             if not ok:

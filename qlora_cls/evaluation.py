@@ -13,6 +13,7 @@ logits agree within float rounding (README "Merged models, fast evaluation, late
 from __future__ import annotations
 
 import time
+from typing import Optional
 import numpy as np
 import torch
 
@@ -24,10 +25,13 @@ from .tasks import TaskSpec
 
 @torch.inference_mode()
 def predict(model, batcher: TokenizedSplit, batch_size: int, accelerator,
-            fast: bool = False) -> tuple[np.ndarray, dict[str, float]]:
+            fast: bool = False, prepared: Optional[tuple] = None,
+            stream_dtype: str = "float32") -> tuple[np.ndarray, dict[str, float]]:
     """Logits for every row of ``batcher`` in dataset order, plus throughput figures.
 
     The time includes building the fast path's inference copy and prefix cache (it is part of the cost).
+    ``prepared``: an inference copy built earlier for ``model`` (``fast_eval.inference_model``), reused.
+    ``stream_dtype``: the fast path's residual stream, ``float32`` or ``compute`` (``--eval_stream_dtype``).
     """
     was_training = model.training
     model.eval()
@@ -37,7 +41,7 @@ def predict(model, batcher: TokenizedSplit, batch_size: int, accelerator,
     if fast:
         from .fast_eval import prepare
         runner = prepare(model, batcher.input_ids, accelerator.device, zero3=zero_stage(accelerator) == 3,
-                         autocast=accelerator.autocast)
+                         autocast=accelerator.autocast, prepared=prepared, stream_dtype=stream_dtype)
     rows: list[int] = []
     outputs: list[torch.Tensor] = []
     # Under ZeRO-3 every forward gathers the sharded weights collectively, so all processes must run

@@ -39,6 +39,7 @@ from __future__ import annotations
 import copy
 import itertools
 import logging
+import sys
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Optional
@@ -73,6 +74,10 @@ class DequantizedLinear(torch.nn.Linear):
 
 
 def _linear4bit_class():
+    # A model can hold bitsandbytes (or PEFT) layers only once that library is imported; a merged folder
+    # is plain transformers, and predicting with it must not import either (tests/test_predict.py).
+    if "bitsandbytes" not in sys.modules:
+        return None
     try:
         import bitsandbytes as bnb
     except ImportError:  # pragma: no cover - bitsandbytes is a requirement
@@ -102,8 +107,11 @@ def _is_plain_lora(layer) -> bool:
 
 def copy_bytes(model) -> int:
     """Bytes of the tensors an inference copy would add (de-quantized and merged weights)."""
-    from peft.tuners.lora import LoraLayer
     linear4bit = _linear4bit_class()
+    if "peft" not in sys.modules:
+        return sum(m.out_features * m.in_features * torch.finfo(_compute_dtype(m)).bits // 8
+                   for m in model.modules() if linear4bit is not None and isinstance(m, linear4bit))
+    from peft.tuners.lora import LoraLayer
     total = 0
     for module in model.modules():
         if linear4bit is not None and isinstance(module, linear4bit):
@@ -138,8 +146,11 @@ def inference_copy(model) -> tuple[torch.nn.Module, dict]:
 
     Raises NotSupported for PEFT layers other than plain LoRA. ``model`` itself is not changed.
     """
-    from peft.tuners.tuners_utils import BaseTunerLayer
     linear4bit = _linear4bit_class()
+    if "peft" in sys.modules:
+        from peft.tuners.tuners_utils import BaseTunerLayer
+    else:  # no PEFT layer can be in the model
+        BaseTunerLayer = ()
     shared = {id(t): t for t in itertools.chain(model.parameters(), model.buffers())}
     clone = copy.deepcopy(model, shared)
     clone.eval()
@@ -232,10 +243,35 @@ class Runner:
                   use_cache=True).logits
 
 
+def stream_in_compute_dtype(clone) -> int:
+    """The copy's other float32 weights (embeddings, norms, head) as new tensors in its 16-bit compute dtype,
+    so the residual stream runs in that dtype, as a model loaded in bf16 for inference does; LoRA weights stay
+    float32 (their small update would round away in a bf16 weight). Returns the tensors converted (0 when the
+    compute dtype is float32). The tensors are replaced, never converted in place: the copy shares them with
+    the training model, which must not change (``Module.to`` would convert the shared ones in place)."""
+    dtypes = {m.compute_dtype for m in clone.modules() if isinstance(m, DequantizedLinear)}
+    if len(dtypes) != 1 or dtypes == {torch.float32}:
+        return 0
+    dtype, converted = dtypes.pop(), 0
+    for name, module in clone.named_modules():
+        if "lora_" in name or isinstance(module, DequantizedLinear):
+            continue
+        for pname, param in list(module.named_parameters(recurse=False)):
+            if param.dtype == torch.float32:
+                setattr(module, pname, torch.nn.Parameter(param.detach().to(dtype), requires_grad=False))
+                converted += 1
+    return converted
+
+
 @torch.inference_mode()
-def prepare(model, input_ids, device: torch.device, zero3: bool = False, autocast=None) -> Runner:
-    """Decide the fast path for one evaluation of ``model`` on examples ``input_ids`` (lists of ids)."""
-    import contextlib
+def inference_model(model, device: torch.device, zero3: bool = False,
+                    stream_dtype: str = "float32") -> tuple[torch.nn.Module, dict]:
+    """The model the fast path runs: an inference copy when memory allows (see the module docstring), else
+    ``model`` itself; with what was decided. Build it once and pass it to ``prepare`` to reuse it over several
+    evaluations of unchanged weights (predict.py's chunks); the training loop builds one per evaluation.
+
+    ``stream_dtype="compute"``: the copy's residual stream in the compute dtype (``stream_in_compute_dtype``).
+    """
     info: dict = {"eval_fast_path": True}
     runner_model = model
     need, free = copy_bytes(model), free_bytes(device)
@@ -249,13 +285,27 @@ def prepare(model, input_ids, device: torch.device, zero3: bool = False, autocas
     else:
         try:
             runner_model, counts = inference_copy(model)
+            if stream_dtype == "compute":
+                counts["stream_tensors_in_compute_dtype"] = stream_in_compute_dtype(runner_model)
             info.update({f"eval_{k}": v for k, v in counts.items()})
             info["eval_dequantized"] = f"yes: {need / 2**20:.0f} MiB copy ({free / 2**20:.0f} MiB free)"
         except NotSupported as exc:
             info["eval_dequantized"] = f"no: {exc} is not plain LoRA"
     if info["eval_dequantized"].startswith("no"):
         log.info("fast evaluation: weights not de-quantized once (%s)", info["eval_dequantized"])
-    runner = Runner(runner_model, info=info)
+    return runner_model, info
+
+
+@torch.inference_mode()
+def prepare(model, input_ids, device: torch.device, zero3: bool = False, autocast=None,
+            prepared: Optional[tuple] = None, stream_dtype: str = "float32") -> Runner:
+    """Decide the fast path for one evaluation of ``model`` on examples ``input_ids`` (lists of ids).
+
+    ``prepared``: what ``inference_model`` returned for ``model`` earlier (its weights unchanged since)."""
+    import contextlib
+    runner_model, info = prepared if prepared is not None else inference_model(model, device, zero3, stream_dtype)
+    runner = Runner(runner_model, info=dict(info))
+    info = runner.info
     hf = _hf_model(runner_model)
     p = common_prefix_length(input_ids) if is_causal_decoder(hf.config) else 0
     if p > 0:

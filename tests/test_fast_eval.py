@@ -79,6 +79,40 @@ def test_fast_path_equals_plain_path(arch, compute, tiny_models, mrpc):
     assert [type(m) for m in model.modules()] == types_before
 
 
+# --eval_stream_dtype compute in bf16: every op rounds to bf16 (8 bits of mantissa) instead of float32, so
+# logits move by a few bf16 ulps per layer: measured 2.3e-3 (tiny Llama, logits up to 0.26) and 3.3e-4
+# (tiny RoBERTa) here; 3.7e-2 on SmolLM2 (30 layers, logits up to 1.9) with argmax equal on 96 of 96.
+STREAM_TOL = 1e-2
+
+
+@pytest.mark.parametrize("arch", ["llama", "roberta"])
+def test_stream_in_compute_dtype_rounds_like_bf16_and_leaves_the_training_model_alone(arch, tiny_models, mrpc):
+    from qlora_cls.evaluation import predict
+    model, batcher, accelerator = _setup(tiny_models[arch], mrpc, "bfloat16")
+    plain, _ = predict(model, batcher, 8, accelerator)
+    # after the plain pass: bitsandbytes' Linear4bit.forward itself casts its bias to the input's dtype in place
+    before = _state(model)
+    dtypes_before = {k: v.dtype for k, v in before.items()}
+    fast, _ = predict(model, batcher, 8, accelerator, fast=True)
+    stream, stats = predict(model, batcher, 8, accelerator, fast=True, stream_dtype="compute")
+    assert stats["eval_stream_tensors_in_compute_dtype"] > 0
+    diff = np.abs(stream - plain).max()
+    assert 0 < diff <= STREAM_TOL and np.abs(fast - plain).max() < diff  # it did compute differently, within bf16
+    margin = np.abs(plain[:, 1] - plain[:, 0])
+    assert (stream.argmax(1) == plain.argmax(1))[margin > 2 * STREAM_TOL].all()
+    after = _state(model)  # the shared float32 tensors were replaced in the copy, not converted in place
+    changed = [k for k in before if not (torch.equal(before[k], after[k]) and after[k].dtype == dtypes_before[k])]
+    assert not changed, changed[:3]
+
+
+def test_stream_in_compute_dtype_changes_nothing_in_float32(tiny_models, mrpc):
+    from qlora_cls.evaluation import predict
+    model, batcher, accelerator = _setup(tiny_models["llama"], mrpc, "float32")
+    fast, _ = predict(model, batcher, 8, accelerator, fast=True)
+    stream, stats = predict(model, batcher, 8, accelerator, fast=True, stream_dtype="compute")
+    assert stats["eval_stream_tensors_in_compute_dtype"] == 0 and np.array_equal(fast, stream)
+
+
 def test_prefix_only_when_the_copy_does_not_fit(tiny_models, mrpc, monkeypatch):
     from qlora_cls import fast_eval
     from qlora_cls.evaluation import predict

@@ -60,9 +60,11 @@ def test_eval_bench_compares_three_paths_on_one_model(tiny_model, mrpc, tmp_path
     out = eval_bench.main(["--model_dir", tiny_model, "--dataset", mrpc, "--max_eval_samples", "24",
                            "--eval_batch_size", "8", "--out", str(tmp_path), "--rounds", "2"])
     arms = out["arms"]
-    assert set(arms) == {"trainer", "plain", "fast"}
-    for arm in arms.values():
-        assert arm["argmax_equal_to_plain"] and arm["max_abs_logit_diff_vs_plain"] <= 1e-5
+    assert set(arms) == {"trainer", "plain", "fast", "fast_stream"}
+    for name, arm in arms.items():
+        # the stream in bf16 (where auto picks bf16) rounds more: tests/test_fast_eval.py bounds it
+        assert arm["argmax_equal_to_plain"] and arm["max_abs_logit_diff_vs_plain"] <= (
+            1e-2 if name == "fast_stream" else 1e-5)
         assert len(arm["rounds"]) == 2 and arm["accuracy"] == arms["plain"]["accuracy"]
     assert arms["fast"]["eval_prefix_tokens"] > 0 and arms["fast"]["eval_dequantized"] is True
     assert arms["trainer"]["padding_efficiency"] < arms["plain"]["padding_efficiency"]  # random vs length-sorted

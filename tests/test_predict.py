@@ -335,6 +335,28 @@ def test_several_adapters_equal_separate_runs(runs, rows, tmp_path):
     assert summary["adapters"]["switch_seconds_mean"] is not None
 
 
+def test_fast_path_copies_each_run_once_and_predicts_what_the_plain_path_does(runs, rows, tmp_path, monkeypatch):
+    """--fast_eval (the default): one inference copy per run for the whole file (not one per chunk), and the
+    same labels as --fast_eval false, probabilities within float rounding."""
+    from qlora_cls import fast_eval
+    inp = _write_csv(tmp_path / "in.csv", rows)
+    plain, fast = tmp_path / "plain", tmp_path / "fast"
+    predict.main(["--results_path", *map(str, runs), "--input", str(inp), "--output", str(plain), "--chunk_size", "10",
+                  "--fast_eval", "false"])
+    built = []
+    real = fast_eval.inference_copy
+    monkeypatch.setattr(fast_eval, "inference_copy", lambda model: built.append(model) or real(model))
+    predict.main(["--results_path", *map(str, runs), "--input", str(inp), "--output", str(fast), "--chunk_size", "10"])
+    assert len(built) == len(runs)  # 4 chunks x 2 runs, one copy per run
+    for run in runs:
+        p, f = _read(plain / f"{run.name}.csv"), _read(fast / f"{run.name}.csv")
+        assert [r["idx"] for r in p] == [r["idx"] for r in f] and len(p) == N
+        diff = max(abs(float(x[k]) - float(y[k])) for x, y in zip(p, f) for k in x if k.startswith("prob_"))
+        assert diff < 2e-6
+        assert [x["prediction"] for x in p if abs(float(x["prob_equivalent"]) - 0.5) > 1e-4] == \
+            [y["prediction"] for x, y in zip(p, f) if abs(float(x["prob_equivalent"]) - 0.5) > 1e-4]
+
+
 def test_switching_adapters_switches_heads_and_keeps_the_repack_guard(runs):
     """The head is a PEFT modules_to_save: set_adapter must select each run's own copy of it."""
     import bitsandbytes as bnb
@@ -386,3 +408,10 @@ def test_runs_on_different_bases_are_refused(runs, rows, tmp_path, capsys):
         eval_cli.main(["--results_path", str(a), str(other)])
     assert "not trained on the same base" in capsys.readouterr().err
     assert "--output FOLDER" in _error(["--results_path", str(a), str(b), "--input", str(inp)], capsys)
+
+
+def test_bad_stream_dtype_is_one_line_naming_the_choices(runs, rows, tmp_path, capsys):
+    inp = _write_csv(tmp_path / "in.csv", rows[:2])
+    msg = _error(["--results_path", str(runs[0]), "--input", str(inp), "--eval_stream_dtype", "bf16"], capsys)
+    assert "--eval_stream_dtype" in msg and "float32" in msg and "compute" in msg
+    assert [p.name for p in tmp_path.iterdir()] == ["in.csv"]  # no output begun
