@@ -19,6 +19,10 @@ from .tasks import GLUE_TASKS
 
 DTYPES = ("bfloat16", "float16", "float32")
 STREAM_DTYPES = ("float32", "compute")
+STREAM_HELP = ("with --fast_eval: the dtype of the residual stream (embeddings, norms, head and the activations between "
+               "layers): float32 = as training computes it; compute = the 16-bit compute dtype (bf16 where auto picks "
+               "it), as a model loaded in bf16 for inference runs: faster on a CPU, logits move by bf16 rounding "
+               "(README: Fast evaluation)")
 OPTIMIZERS = ("adamw_8bit", "paged_adamw_8bit", "adamw_torch")
 QUANT_TYPES = ("nf4", "fp4")
 MIXED_PRECISION = ("no", "bf16", "fp16")
@@ -295,11 +299,7 @@ class EvalConfig:
         "evaluate through an inference copy with the 4-bit weights de-quantized once and float32 LoRA merged (when "
         "the copy fits in half the free memory) and, for decoders, the prompt's shared token prefix computed once; "
         "same argmax, logits within float rounding of the plain path (qlora_cls/fast_eval.py)"))
-    eval_stream_dtype: str = field(default="float32", metadata=_help(
-        "with --fast_eval: the dtype of the residual stream (embeddings, norms, head and the activations between "
-        "layers): float32 = as training computes it; compute = the 16-bit compute dtype (bf16 where auto picks "
-        "it), as a model loaded in bf16 for inference runs: faster on a CPU, logits move by bf16 rounding "
-        "(README: Fast evaluation)", choices=STREAM_DTYPES))
+    eval_stream_dtype: str = field(default="float32", metadata=_help(STREAM_HELP, choices=STREAM_DTYPES))
 
     def __post_init__(self) -> None:
         if isinstance(self.results_path, str):  # one folder, as a config built in Python gives it
@@ -351,11 +351,7 @@ class PredictConfig:
         "predict through an inference copy with the 4-bit weights de-quantized once and float32 LoRA merged "
         "(built once per run when it fits in half the free memory) and, for decoders, each chunk's shared "
         "token prefix computed once; same labels, probabilities within float rounding of the plain path"))
-    eval_stream_dtype: str = field(default="float32", metadata=_help(
-        "with --fast_eval: the dtype of the residual stream (embeddings, norms, head and the activations between "
-        "layers): float32 = as training computes it; compute = the 16-bit compute dtype (bf16 where auto picks "
-        "it), as a model loaded in bf16 for inference runs: faster on a CPU, logits move by bf16 rounding "
-        "(README: Fast evaluation)", choices=STREAM_DTYPES))
+    eval_stream_dtype: str = field(default="float32", metadata=_help(STREAM_HELP, choices=STREAM_DTYPES))
 
     def __post_init__(self) -> None:
         if isinstance(self.results_path, str):
