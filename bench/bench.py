@@ -334,6 +334,16 @@ def train_step(forward, batch, trainable, optimizer, scheduler, max_grad_norm):
 
 
 # -- arm 4: the dense limit -------------------------------------------------------------------------------
+def dense_batch(rows, lengths, ids, labels, device) -> dict:
+    """The rows as equal-length rows of their mean real length, each cut from (or cycled over) its own
+    example's tokens: the same real token count with no padding and no attention mask to apply."""
+    import torch
+    width = max(1, round(sum(lengths[r] for r in rows) / len(rows)))
+    x = torch.tensor([(ids[r] * math.ceil(width / lengths[r]))[:width] for r in rows], device=device)
+    return {"input_ids": x, "attention_mask": torch.ones_like(x),
+            "labels": torch.tensor([labels[r] for r in rows], device=device)}
+
+
 def run_dense(args) -> dict:
     import torch
     from transformers import get_linear_schedule_with_warmup
@@ -352,12 +362,7 @@ def run_dense(args) -> dict:
     import bitsandbytes as bnb
     optimizer = bnb.optim.AdamW8bit(trainable, lr=cfg.lr, weight_decay=cfg.weight_decay)
     scheduler = get_linear_schedule_with_warmup(optimizer, math.ceil(cfg.warmup_ratio * cfg.max_steps), cfg.max_steps)
-    batches = []
-    for rows in plan:  # equal-length rows, each cut from (or cycled over) its own example's tokens
-        width = max(1, round(sum(lengths[r] for r in rows) / len(rows)))
-        x = torch.tensor([(ids[r] * math.ceil(width / lengths[r]))[:width] for r in rows], device=device)
-        batches.append({"input_ids": x, "attention_mask": torch.ones_like(x),
-                        "labels": torch.tensor([labels[r] for r in rows], device=device)})
+    batches = [dense_batch(rows, lengths, ids, labels, device) for rows in plan]
     model.train()
     start = time.perf_counter()
     step_seconds = []

@@ -73,3 +73,26 @@ def test_ratios_by_hand():
     # windows of 25 steps: |1.0 - 0.9| = 0.1, |0.5 - 0.8| = 0.3, |0.2 - 0.1| = 0.1 -> max 0.3
     assert r["loss_window_max_abs_diff_ft_vs_ft_torch_dropout"] == pytest.approx(0.3)
     assert not any("trainer_grouped" in k or "dense" in k for k in r)  # arms that did not run give no ratio
+
+
+def test_dense_batch_by_hand():
+    """Rows of lengths 3 and 5 become two rows of 4 tokens: the short one cycled, the long one cut."""
+    import torch
+    ids = [[11, 12, 13], [21, 22, 23, 24, 25]]
+    b = bench.dense_batch([0, 1], [3, 5], ids, [1, 0], "cpu")
+    assert b["input_ids"].tolist() == [[11, 12, 13, 11], [21, 22, 23, 24]]
+    assert b["attention_mask"].tolist() == [[1] * 4] * 2 and b["labels"].tolist() == [1, 0]
+    assert b["input_ids"].dtype == torch.long
+
+
+def test_loop_ab_times_every_arm_on_the_same_batches(tiny_model, mrpc, tmp_path):
+    from bench import loop_ab
+    out = loop_ab.main(["--model_dir", tiny_model, "--dataset", mrpc, "--steps", "4", "--max_train_samples", "48",
+                        "--out", str(tmp_path)])
+    arms = out["arms"]
+    assert set(arms) == set(loop_ab.ARMS) and all(len(a["step_seconds"]) == 4 for a in arms.values())
+    # ft's loop, the plain step and the dense limit see the same rows; random batches are other rows
+    assert arms["ft_loop"]["step_tokens"] == arms["plain"]["step_tokens"] == arms["dense"]["step_tokens"]
+    assert arms["random"]["step_tokens"] != arms["plain"]["step_tokens"]
+    assert out["ratios"]["ft_loop_over_dense"] == arms["ft_loop"]["tokens_per_s"] / arms["dense"]["tokens_per_s"]
+    assert "ft_loop / plain" in Path(out["json_path"]).with_suffix(".md").read_text()
