@@ -243,6 +243,17 @@ class Runner:
                   use_cache=True).logits
 
 
+def stream_bytes(model) -> int:
+    """Bytes ``stream_in_compute_dtype`` would add for ``model`` (its float32 tensors outside LoRA, in the
+    4-bit layers' 16-bit compute dtype); 0 when that dtype is float32."""
+    linear4bit = _linear4bit_class()
+    dtypes = {_compute_dtype(m) for m in model.modules() if linear4bit is not None and isinstance(m, linear4bit)}
+    if len(dtypes) != 1 or dtypes == {torch.float32}:
+        return 0
+    bits = torch.finfo(dtypes.pop()).bits
+    return sum(p.numel() * bits // 8 for n, p in model.named_parameters() if p.dtype == torch.float32 and "lora_" not in n)
+
+
 def stream_in_compute_dtype(clone) -> int:
     """The copy's other float32 weights (embeddings, norms, head) as new tensors in its 16-bit compute dtype,
     so the residual stream runs in that dtype, as a model loaded in bf16 for inference does; LoRA weights stay
@@ -274,7 +285,8 @@ def inference_model(model, device: torch.device, zero3: bool = False,
     """
     info: dict = {"eval_fast_path": True}
     runner_model = model
-    need, free = copy_bytes(model), free_bytes(device)
+    need = copy_bytes(model) + (stream_bytes(model) if stream_dtype == "compute" else 0)
+    free = free_bytes(device)
     if zero3:
         info["eval_dequantized"] = "no: ZeRO-3 shards the weights"
     elif need == 0:

@@ -61,9 +61,10 @@ def check_merge(cfg, records: dict, run_dir: Path, adapter: str, merge_into: str
                          f"{adapter}/ (use --adapter adapter)")
     if not (run_dir / "metrics.json").is_file():
         raise UsageError(f"{run_dir} has no metrics.json: the run did not finish; finish it (ft.py --resume) first")
-    peft_type = read_json(adapter_dir / "adapter_config.json").get("peft_type") if method != "full" else "LORA"
-    if peft_type not in ("LORA", "IA3"):
-        raise UsageError(f"{adapter_dir} is a {peft_type} adapter; merge.py merges LORA (incl. DoRA) and IA3")
+    if method != "full":
+        peft_type = read_json(adapter_dir / "adapter_config.json").get("peft_type")
+        if peft_type not in ("LORA", "IA3"):
+            raise UsageError(f"{adapter_dir} is a {peft_type} adapter; merge.py merges LORA (incl. DoRA) and IA3")
     if not (run_dir / "prompt.txt").is_file():
         raise UsageError(f"{run_dir} has no prompt.txt")
     if output_dir.exists():

@@ -105,6 +105,17 @@ def test_stream_in_compute_dtype_rounds_like_bf16_and_leaves_the_training_model_
     assert not changed, changed[:3]
 
 
+def test_the_memory_check_counts_the_streams_new_tensors(tiny_models, mrpc):
+    """stream_bytes (what the memory check adds) = the bytes of the tensors the conversion really created."""
+    from qlora_cls import fast_eval
+    model, _, _ = _setup(tiny_models["llama"], mrpc, "bfloat16")  # Llama: no biases in the 4-bit layers
+    clone, _ = fast_eval.inference_copy(model)
+    old = {p.data_ptr() for p in clone.parameters()}
+    assert fast_eval.stream_in_compute_dtype(clone) > 0
+    created = sum(p.numel() * p.element_size() for p in clone.parameters() if p.data_ptr() not in old)
+    assert created == fast_eval.stream_bytes(model) > 0
+
+
 def test_stream_in_compute_dtype_changes_nothing_in_float32(tiny_models, mrpc):
     from qlora_cls.evaluation import predict
     model, batcher, accelerator = _setup(tiny_models["llama"], mrpc, "float32")
