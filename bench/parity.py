@@ -23,6 +23,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import math
 import statistics
 import subprocess
 import sys
@@ -133,7 +134,11 @@ def summarize(results: list[dict]) -> dict:
     ft, tr = sides["ft"], sides["trainer"]
     diff = ft["accuracy_mean"] - tr["accuracy_mean"] if ft["runs"] and tr["runs"] else None
     enough = ft["runs"] >= 3 and tr["runs"] >= 3
-    return {"sides": sides, "accuracy_points_ft_minus_trainer": diff, "target_points": TARGET_POINTS,
+    # The standard error of the difference of the two means (Welch): how far seed noise alone moves it.
+    se = (math.sqrt(ft["accuracy_std"] ** 2 / ft["runs"] + tr["accuracy_std"] ** 2 / tr["runs"])
+          if ft["accuracy_std"] is not None and tr["accuracy_std"] is not None else None)
+    return {"sides": sides, "accuracy_points_ft_minus_trainer": diff, "accuracy_points_standard_error": se,
+            "target_points": TARGET_POINTS,
             "target_met": (diff >= TARGET_POINTS) if (enough and diff is not None) else None,
             "note": None if enough else "fewer than 3 finished runs on a side: no verdict yet"}
 
@@ -156,8 +161,10 @@ def markdown(args, results: list[dict], summary: dict) -> str:
         lines.append(f"| {names[side]} | {s['runs']} | {f(s['accuracy_mean'])} ± {f(s['accuracy_std'])} | "
                      f"{f(s['f1_mean'])} ± {f(s['f1_std'])} |")
     met = summary["target_met"]
+    se = summary.get("accuracy_points_standard_error")
     lines += ["", f"ft.py minus the recipe: {f(summary['accuracy_points_ft_minus_trainer'])} points of accuracy "
-              f"(target >= {TARGET_POINTS:g}): {'–' if met is None else 'met' if met else 'NOT met'}"
+              f"(standard error of the difference {f(se)}; target >= {TARGET_POINTS:g}): "
+              f"{'–' if met is None else 'met' if met else 'NOT met'}"
               + (f" ({summary['note']})" if summary["note"] else "")]
     return "\n".join(lines) + "\n"
 

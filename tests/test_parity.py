@@ -97,3 +97,13 @@ def test_a_resumed_trainer_run_counts_the_training_time_of_the_processes_before_
     (state / "train_seconds.json").write_text(_json.dumps({"step": 1, "seconds": 5.0}))
     with pytest.raises(SystemExit, match="training time is unknown"):
         run_trainer(args, True, "bfloat16", state_dir=state)
+
+
+def test_summary_gives_the_standard_error_of_the_difference_by_hand():
+    runs = [{"side": "ft", "accuracy": a, "f1": 0.8} for a in (0.75, 0.80, 0.78)] + \
+           [{"side": "trainer", "accuracy": a, "f1": 0.8} for a in (0.79, 0.80)]
+    s = parity.summarize(runs)
+    # ft: mean 77.667, sample variance ((-2.667)^2 + 2.333^2 + 0.333^2) / 2 = 6.3333; trainer: 79.5, variance 0.5
+    assert s["accuracy_points_ft_minus_trainer"] == pytest.approx(77.6667 - 79.5, abs=1e-3)
+    assert s["accuracy_points_standard_error"] == pytest.approx((6.3333 / 3 + 0.5 / 2) ** 0.5, abs=1e-3)
+    assert s["target_met"] is None  # two trainer runs: no verdict
