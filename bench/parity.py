@@ -137,7 +137,14 @@ def summarize(results: list[dict]) -> dict:
     # The standard error of the difference of the two means (Welch): how far seed noise alone moves it.
     se = (math.sqrt(ft["accuracy_std"] ** 2 / ft["runs"] + tr["accuracy_std"] ** 2 / tr["runs"])
           if ft["accuracy_std"] is not None and tr["accuracy_std"] is not None else None)
+    # Paired by seed: both sides call set_seed(seed) before building the model, so a seed's fresh head and
+    # LoRA initialisation may be shared; the per-seed differences then vary less than the runs do.
+    by_seed = {side: {r["seed"]: 100 * r["accuracy"] for r in results if r["side"] == side} for side in SIDES}
+    pairs = [by_seed["ft"][k] - by_seed["trainer"][k] for k in sorted(set(by_seed["ft"]) & set(by_seed["trainer"]))]
+    paired = {"seeds": len(pairs), "mean": statistics.fmean(pairs) if pairs else None,
+              "standard_error": statistics.stdev(pairs) / math.sqrt(len(pairs)) if len(pairs) > 1 else None}
     return {"sides": sides, "accuracy_points_ft_minus_trainer": diff, "accuracy_points_standard_error": se,
+            "paired_by_seed": paired,
             "target_points": TARGET_POINTS,
             "target_met": (diff >= TARGET_POINTS) if (enough and diff is not None) else None,
             "note": None if enough else "fewer than 3 finished runs on a side: no verdict yet"}
@@ -166,6 +173,10 @@ def markdown(args, results: list[dict], summary: dict) -> str:
               f"(standard error of the difference {f(se)}; target >= {TARGET_POINTS:g}): "
               f"{'–' if met is None else 'met' if met else 'NOT met'}"
               + (f" ({summary['note']})" if summary["note"] else "")]
+    paired = summary.get("paired_by_seed") or {}
+    if paired.get("seeds"):
+        lines.append(f"Paired by seed ({paired['seeds']} seeds run on both sides): mean difference "
+                     f"{f(paired['mean'])}, standard error {f(paired['standard_error'])}.")
     return "\n".join(lines) + "\n"
 
 

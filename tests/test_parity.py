@@ -100,10 +100,18 @@ def test_a_resumed_trainer_run_counts_the_training_time_of_the_processes_before_
 
 
 def test_summary_gives_the_standard_error_of_the_difference_by_hand():
-    runs = [{"side": "ft", "accuracy": a, "f1": 0.8} for a in (0.75, 0.80, 0.78)] + \
-           [{"side": "trainer", "accuracy": a, "f1": 0.8} for a in (0.79, 0.80)]
+    runs = [{"side": "ft", "seed": k, "accuracy": a, "f1": 0.8} for k, a in enumerate((0.75, 0.80, 0.78))] + \
+           [{"side": "trainer", "seed": k, "accuracy": a, "f1": 0.8} for k, a in enumerate((0.79, 0.80))]
     s = parity.summarize(runs)
     # ft: mean 77.667, sample variance ((-2.667)^2 + 2.333^2 + 0.333^2) / 2 = 6.3333; trainer: 79.5, variance 0.5
     assert s["accuracy_points_ft_minus_trainer"] == pytest.approx(77.6667 - 79.5, abs=1e-3)
     assert s["accuracy_points_standard_error"] == pytest.approx((6.3333 / 3 + 0.5 / 2) ** 0.5, abs=1e-3)
     assert s["target_met"] is None  # two trainer runs: no verdict
+
+
+def test_paired_differences_use_only_seeds_both_sides_ran():
+    runs = [{"side": "ft", "seed": k, "accuracy": a, "f1": 0.8} for k, a in ((1, 0.75), (2, 0.80), (3, 0.78))] + \
+           [{"side": "trainer", "seed": k, "accuracy": a, "f1": 0.8} for k, a in ((1, 0.78), (2, 0.79))]
+    p = parity.summarize(runs)["paired_by_seed"]
+    # seeds 1 and 2: differences -3 and +1 points; mean -1, sample std 2.828, standard error 2.828 / sqrt(2) = 2
+    assert p["seeds"] == 2 and p["mean"] == pytest.approx(-1.0) and p["standard_error"] == pytest.approx(2.0)
