@@ -105,13 +105,25 @@ def _is_plain_lora(layer) -> bool:
         and not any(getattr(layer, "lora_embedding_A", {}).get(a) is not None for a in active)
 
 
+def _peft_layer_classes():
+    """PEFT's (LoraLayer, BaseTunerLayer), or empty tuples (which match nothing) when PEFT is not imported:
+    a model can hold PEFT layers only once PEFT is imported (see ``_linear4bit_class``)."""
+    if "peft" not in sys.modules:
+        return (), ()
+    from peft.tuners.lora import LoraLayer
+    from peft.tuners.tuners_utils import BaseTunerLayer
+    return LoraLayer, BaseTunerLayer
+
+
+def _stream_dtype(compute_dtypes: set) -> Optional[torch.dtype]:
+    """The one 16-bit compute dtype of a model's 4-bit layers, or None (float32, none, or several)."""
+    return next(iter(compute_dtypes)) if len(compute_dtypes) == 1 and compute_dtypes != {torch.float32} else None
+
+
 def copy_bytes(model) -> int:
     """Bytes of the tensors an inference copy would add (de-quantized and merged weights)."""
     linear4bit = _linear4bit_class()
-    if "peft" not in sys.modules:
-        return sum(m.out_features * m.in_features * torch.finfo(_compute_dtype(m)).bits // 8
-                   for m in model.modules() if linear4bit is not None and isinstance(m, linear4bit))
-    from peft.tuners.lora import LoraLayer
+    LoraLayer, _ = _peft_layer_classes()
     total = 0
     for module in model.modules():
         if linear4bit is not None and isinstance(module, linear4bit):
@@ -147,10 +159,7 @@ def inference_copy(model) -> tuple[torch.nn.Module, dict]:
     Raises NotSupported for PEFT layers other than plain LoRA. ``model`` itself is not changed.
     """
     linear4bit = _linear4bit_class()
-    if "peft" in sys.modules:
-        from peft.tuners.tuners_utils import BaseTunerLayer
-    else:  # no PEFT layer can be in the model
-        BaseTunerLayer = ()
+    _, BaseTunerLayer = _peft_layer_classes()
     shared = {id(t): t for t in itertools.chain(model.parameters(), model.buffers())}
     clone = copy.deepcopy(model, shared)
     clone.eval()
@@ -247,10 +256,11 @@ def stream_bytes(model) -> int:
     """Bytes ``stream_in_compute_dtype`` would add for ``model`` (its float32 tensors outside LoRA, in the
     4-bit layers' 16-bit compute dtype); 0 when that dtype is float32."""
     linear4bit = _linear4bit_class()
-    dtypes = {_compute_dtype(m) for m in model.modules() if linear4bit is not None and isinstance(m, linear4bit)}
-    if len(dtypes) != 1 or dtypes == {torch.float32}:
+    dtype = _stream_dtype({_compute_dtype(m) for m in model.modules()
+                           if linear4bit is not None and isinstance(m, linear4bit)})
+    if dtype is None:
         return 0
-    bits = torch.finfo(dtypes.pop()).bits
+    bits = torch.finfo(dtype).bits
     return sum(p.numel() * bits // 8 for n, p in model.named_parameters() if p.dtype == torch.float32 and "lora_" not in n)
 
 
@@ -260,10 +270,10 @@ def stream_in_compute_dtype(clone) -> int:
     float32 (their small update would round away in a bf16 weight). Returns the tensors converted (0 when the
     compute dtype is float32). The tensors are replaced, never converted in place: the copy shares them with
     the training model, which must not change (``Module.to`` would convert the shared ones in place)."""
-    dtypes = {m.compute_dtype for m in clone.modules() if isinstance(m, DequantizedLinear)}
-    if len(dtypes) != 1 or dtypes == {torch.float32}:
+    dtype = _stream_dtype({m.compute_dtype for m in clone.modules() if isinstance(m, DequantizedLinear)})
+    if dtype is None:
         return 0
-    dtype, converted = dtypes.pop(), 0
+    converted = 0
     for name, module in clone.named_modules():
         if "lora_" in name or isinstance(module, DequantizedLinear):
             continue
