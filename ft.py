@@ -80,6 +80,7 @@ def train(cfg: TrainConfig) -> Optional[dict]:
                desc="training")
     global_step = progress["global_step"]
     window = _Window(accelerator.device)
+    forward = run.prefix.forward(accelerator.autocast)  # model(**batch), or with the shared prefix run once
     start_epoch = progress["epoch"]
     for epoch in range(start_epoch, run.epochs):
         model.train()
@@ -90,7 +91,7 @@ def train(cfg: TrainConfig) -> Optional[dict]:
         for i in range(first, len(batches)):
             batch = {k: v.to(accelerator.device) for k, v in run.train_rows(batches[i]).items()}
             with accelerator.accumulate(model):
-                loss = model(**batch).loss
+                loss = forward(model, batch).loss
                 accelerator.backward(loss)
                 # Real tokens from the known lengths, on the host: no device sync per micro-batch.
                 window.add(loss.detach(), sum(run.train_rows.lengths[r] for r in batches[i]), len(batches[i]))
@@ -178,6 +179,7 @@ class Run:
     steps_per_epoch: int
     total_steps: int
     warmup_steps: int
+    prefix: Any  # prefix.TrainingPrefix: the prompt tokens each batch runs once (0 = none), and why
     counts: dict = field(default_factory=dict)  # trainable and total parameters
     records: dict = field(default_factory=dict)  # config.json's content
     quant: dict = field(default_factory=dict)  # quant_config.json's content
@@ -205,7 +207,7 @@ def setup(cfg: TrainConfig):
     Returns the Run, or under --dry_run the memory estimate.
     """
     from accelerate import Accelerator
-    from accelerate.utils import ProjectConfiguration, broadcast_object_list, set_seed
+    from accelerate.utils import DistributedType, ProjectConfiguration, broadcast_object_list, set_seed
 
     from qlora_cls import checkpoint
     from qlora_cls import records as rec
@@ -216,6 +218,7 @@ def setup(cfg: TrainConfig):
     from qlora_cls.modeling import meta_model
     from qlora_cls.pipeline import check_model_paths, prepare_data, tokenizer_for
     from qlora_cls.preflight import check_launch_and_resolve
+    from qlora_cls.prefix import training_prefix
     from qlora_cls.prompts import load_template
     from qlora_cls.tasks import GLUE_TASKS
 
@@ -255,10 +258,17 @@ def setup(cfg: TrainConfig):
         check_trainable(data.task.splits[s], s, cfg.label_column)
     # Head and LoRA targets resolved from the architecture (meta device, no weights read): a bad
     # --target_modules fails here, and config.json records what the presets meant for this model.
-    plan = methods.plan(cfg, meta_model(model_path, spec.num_labels, cfg.trust_remote_code))
+    meta = meta_model(model_path, spec.num_labels, cfg.trust_remote_code)
+    plan = methods.plan(cfg, meta)
     budget = methods.resolve_param_budget(cfg, model_path, spec.num_labels)  # sets --r / --adapter_bottleneck
     resolve_gradient_checkpointing(cfg, model_path, spec.num_labels,  # auto: from the estimate on a GPU, off on CPU
                                    max(max(data.batchers[s].lengths) for s in cfg.train_splits), accelerator)
+    train_rows = concat_batchers([data.batchers[s] for s in cfg.train_splits])
+    # The prompt's leading tokens, the same in every training example, run once per batch where that is
+    # exact (qlora_cls/prefix.py); decided here so --share_prefix true fails before any weight is read.
+    launch = None if accelerator.distributed_type == DistributedType.NO else str(accelerator.distributed_type)
+    prefix = training_prefix(cfg, meta.config, train_rows.input_ids, launch)
+    log.info("shared prompt prefix in training: %s", prefix.reason)
 
     # Final protocol: with the validation split trained on, the only held-out split is the test set, and
     # picking an epoch on it would tune on test data: adapter/ is the last epoch and nothing is selected.
@@ -272,7 +282,6 @@ def setup(cfg: TrainConfig):
         checkpoint.check_resumable(run_dir, asdict(cfg), plan.target_modules)
     set_seed(cfg.seed)
 
-    train_rows = concat_batchers([data.batchers[s] for s in cfg.train_splits])
     eval_rows = data.batchers[eval_split]
     # The trivial baseline: the training labels' majority class (or mean), scored on the eval examples.
     baseline = rec.score_baseline(spec, rec.baseline_rule(spec, train_rows.labels.numpy(), data.task.label_names),
@@ -292,7 +301,7 @@ def setup(cfg: TrainConfig):
                param_budget=budget, zero3=zero3, select_best=select_best,
                resuming=cfg.resume and bool(checkpoint.checkpoints(run_dir)), baseline=baseline,
                steps_per_epoch=steps_per_epoch, total_steps=total_steps,
-               warmup_steps=math.ceil(cfg.warmup_ratio * total_steps))
+               warmup_steps=math.ceil(cfg.warmup_ratio * total_steps), prefix=prefix)
 
 
 def build_training(run: Run):
@@ -338,7 +347,8 @@ def write_run_records(run: Run, model) -> None:
                 "warmup_steps": run.warmup_steps, "global_batch_size": cfg.batch_size * world * accum,
                 "mixed_precision": accelerator.mixed_precision, "distributed_type": str(accelerator.distributed_type),
                 "baseline": run.baseline, "param_budget": run.param_budget,
-                "train_padding_efficiency": padding_efficiency(all_batches, run.train_rows.lengths)}
+                "train_padding_efficiency": padding_efficiency(all_batches, run.train_rows.lengths),
+                "train_prefix_tokens": run.prefix.tokens, "train_prefix": run.prefix.reason}
     quant = quantization_config(cfg, run.plan.head)
     run.quant = quant.to_dict() if quant else {"load_in_4bit": False}
     run.records = {

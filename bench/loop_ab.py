@@ -73,10 +73,12 @@ def main(argv=None) -> dict:
         g = torch.Generator().manual_seed(cfg.seed)
         random_rows = [torch.randperm(len(lengths), generator=g)[:cfg.batch_size].tolist() for _ in plan]
 
+        forward = run.prefix.forward(acc.autocast)
+
         def ft_loop(rows):
             batch = {k: v.to(acc.device) for k, v in rows_of(rows).items()}
             with acc.accumulate(model):
-                loss = model(**batch).loss
+                loss = forward(model, batch).loss
                 acc.backward(loss)
                 if acc.sync_gradients:
                     norm = torch.as_tensor(acc.clip_grad_norm_(trainable, cfg.max_grad_norm or float("inf")) or 0.0)

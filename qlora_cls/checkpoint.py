@@ -73,7 +73,8 @@ RESUME_MAY_CHANGE = ("resume", "log_every", "checkpoint_every", "keep_checkpoint
 # saved config where it depends on it: before --method, load_in_4bit alone said qlora or lora).
 FIELDS_ADDED_LATER = {"fast_cpu_dropout": False, "eval_every": 0,
                       "method": lambda saved: "qlora" if saved.get("load_in_4bit", True) else "lora",
-                      "adapter_bottleneck": 64, "adapter_layernorm": False, "param_budget": None}
+                      "adapter_bottleneck": 64, "adapter_layernorm": False, "param_budget": None,
+                      "share_prefix": False}
 
 
 def with_fields_added_later(saved: dict) -> dict:

@@ -64,6 +64,12 @@ class TrainConfig:
     gradient_checkpointing: Union[bool, str] = field(default="auto", metadata=_help(
         "recompute activations in backward: saves memory, costs ~1.4x a step; auto = off on a CPU, on a GPU on "
         "when the --dry_run estimate without it exceeds half the device memory; true/false force it"))
+    share_prefix: Union[bool, str] = field(default="auto", metadata=_help(
+        "run the prompt's leading tokens, which every training example shares, once per batch instead of once per "
+        "example (qlora_cls/prefix.py): the same loss and gradients without dropout; with LoRA dropout the batch "
+        "shares one mask on those tokens (same expected gradient). auto = on for a causal decoder in one plain "
+        "process without gradient checkpointing (off, with the reason logged, elsewhere); true = the same, and an "
+        "error where it cannot apply; false = off"))
     # -- LoRA --------------------------------------------------------------------------------------
     r: int = field(default=8, metadata=_help("LoRA rank"))
     lora_alpha: float = field(default=16, metadata=_help("LoRA scaling numerator (scale = alpha / r)"))
@@ -204,7 +210,7 @@ class TrainConfig:
         for ok, message in checks:
             if not ok:
                 raise UsageError(message)
-        for name in ("gradient_checkpointing", "load_in_4bit"):
+        for name in ("gradient_checkpointing", "load_in_4bit", "share_prefix"):
             try:  # a config built in Python or read from YAML is parsed as strictly as the flag
                 setattr(self, name, auto_or_bool(getattr(self, name)))
             except ValueError as exc:
@@ -243,7 +249,7 @@ class TrainConfig:
 
         Also resolves ``--gradient_checkpointing auto`` where no estimate is needed: a resumed run's saved
         value, off on a CPU. On a GPU ``hardware.resolve_gradient_checkpointing`` decides once the data's
-        lengths are known.
+        lengths are known. And ``--share_prefix auto`` of a resumed run saved before that flag existed: false.
         """
         from .hardware import default_compute_dtype
         if self.bnb_4bit_compute_dtype == "auto":
@@ -254,6 +260,8 @@ class TrainConfig:
                 self.gradient_checkpointing = saved
             elif device_type != "cuda":
                 self.gradient_checkpointing = False  # it only saves memory, and RAM is not what is short on a CPU
+        if self.share_prefix == "auto" and self.resume and self.saved_setting("share_prefix") is None:
+            self.share_prefix = False  # a run saved before --share_prefix existed trained without it
 
     def saved_setting(self, name: str):
         """Under --resume, the value the run was started with: ``auto`` keeps deciding the same way even

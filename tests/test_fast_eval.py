@@ -170,7 +170,7 @@ def test_sixteen_bit_base_merges_lora_without_changing_it(tiny_models, mrpc):
 
 
 def test_common_prefix_length_by_hand():
-    from qlora_cls.fast_eval import common_prefix_length
+    from qlora_cls.prefix import common_prefix_length
     assert common_prefix_length([[1, 2, 3, 4], [1, 2, 3, 5], [1, 2, 9]]) == 2
     assert common_prefix_length([[1, 2, 3], [1, 2, 3, 4]]) == 2  # every example keeps one token of its own
     assert common_prefix_length([[7, 1], [8, 1]]) == 0
@@ -181,7 +181,7 @@ def test_common_prefix_length_by_hand():
 def test_decoders_and_encoders_told_apart():
     import transformers as tf
 
-    from qlora_cls.fast_eval import is_causal_decoder
+    from qlora_cls.prefix import is_causal_decoder
     for config in (tf.LlamaConfig(), tf.MistralConfig(), tf.Qwen2Config(), tf.GemmaConfig(), tf.GPT2Config()):
         assert is_causal_decoder(config), config.model_type
     for config in (tf.BertConfig(), tf.RobertaConfig(), tf.DistilBertConfig(), tf.DebertaV2Config()):
