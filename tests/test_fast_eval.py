@@ -69,6 +69,7 @@ def test_fast_path_equals_plain_path(arch, compute, tiny_models, mrpc):
         ids = batcher.input_ids
         expected = next(i for i in range(len(ids[0])) if len({tuple(x[:i + 1]) for x in ids}) > 1)
         assert stats["eval_prefix_tokens"] == expected > 5
+    assert stats["eval_fused_gated_mlps"] == (2 if arch == "llama" else 0)  # GPT-2 and RoBERTa have no gated MLP
     if compute == "float32":  # LoRA merged into its float32 layer; in bf16 it stays a LoRA layer (exact)
         assert stats["eval_merged_lora_layers"] > 0 and stats["eval_kept_lora_layers"] == 0
     else:
@@ -167,6 +168,44 @@ def test_sixteen_bit_base_merges_lora_without_changing_it(tiny_models, mrpc):
     fast, stats = predict(model, batcher, 8, accelerator, fast=True)
     assert stats["eval_merged_lora_layers"] == 8 and np.abs(fast - plain).max() <= LOGIT_TOL
     assert all(torch.equal(before[k], v) for k, v in _state(model).items())
+
+
+@pytest.mark.parametrize("compute", ["float32", "bfloat16"])
+def test_gated_mlp_in_chunks_computes_what_the_module_it_replaces_does(compute, tiny_models, mrpc, monkeypatch):
+    from qlora_cls import fast_eval
+    from qlora_cls.evaluation import predict
+    model, batcher, accelerator = _setup(tiny_models["llama"], mrpc, compute)
+    monkeypatch.setattr(fast_eval, "CHUNK_BYTES", 4 * 128 * 5)  # 5 rows of the 128-wide product per chunk
+    unfused, fused = fast_eval.inference_copy(model)[0], fast_eval.inference_copy(model)[0]
+    assert fast_eval.fuse_gated_mlps(fused) == 2
+    layers = zip(fast_eval.hf_model(unfused).model.layers, fast_eval.hf_model(fused).model.layers)
+    x = torch.randn(2, 37, 64, generator=torch.Generator().manual_seed(1))  # 74 rows: 15 chunks, the last partial
+    with torch.inference_mode():
+        for old, new in layers:
+            assert type(new.mlp) is fast_eval.GatedMLP
+            want, got = old.mlp(x), new.mlp(x)
+            assert got.dtype == want.dtype == torch.float32 and torch.equal(got, want)
+    info = {"eval_fast_path": True, "eval_dequantized": "yes: copies built above"}
+    a, _ = predict(model, batcher, 8, accelerator, fast=True, prepared=(unfused, info))
+    b, _ = predict(model, batcher, 8, accelerator, fast=True, prepared=(fused, info))
+    assert np.array_equal(a, b)
+
+
+def test_a_module_with_gated_names_that_computes_otherwise_is_kept():
+    from qlora_cls import fast_eval
+    lin = lambda i, o: fast_eval.DequantizedLinear(torch.randn(o, i), None, torch.float32)
+
+    class Swapped(torch.nn.Module):  # act on up instead of gate
+        def __init__(self):
+            super().__init__()
+            self.gate_proj, self.up_proj, self.down_proj, self.act_fn = lin(8, 16), lin(8, 16), lin(16, 8), torch.nn.SiLU()
+
+        def forward(self, x):
+            return self.down_proj(self.act_fn(self.up_proj(x)) * self.gate_proj(x))
+    root = torch.nn.ModuleDict({"mlp": Swapped()})
+    with torch.inference_mode():
+        assert fast_eval.fuse_gated_mlps(root) == 0
+    assert type(root["mlp"]) is Swapped
 
 
 def test_common_prefix_length_by_hand():
