@@ -15,7 +15,8 @@ Arms, run one after another, each in its own subprocess (clean peak memory, no s
    and the same real token count as ft.py's batches (each batch becomes ``B`` sequences of
    ``round(real tokens / B)`` of its own tokens, built before the clock starts), in the dtype
    ``auto`` picks (the fastest here): no data loading, no padding, no bookkeeping, so it bounds what
-   any training loop can reach.
+   a training loop that runs every token of every row can reach. ft.py's shared prompt prefix
+   (``--share_prefix``) runs the prefix once per batch instead, so it can pass this bound.
 
 The targets compare ``ft`` with the bf16 Trainer arms and the dense limit; the float32 Trainer arms
 give "other ratios".

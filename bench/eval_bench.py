@@ -11,8 +11,10 @@ merge is not trivial) and evaluates the same validation examples at the same bat
 - ``fast``: ``predict(fast=True)``: weights de-quantized once + LoRA merged, shared prefix reused.
 - ``fast_stream``: the same with the residual stream in the compute dtype (``--eval_stream_dtype compute``
   of eval.py / predict.py); only differs from ``fast`` when the compute dtype is 16-bit.
+- ``fast_unfused``: ``fast`` on a copy built by ``fast_eval.inference_copy`` alone, without the gated-MLP
+  fusion that ``inference_model`` adds on a CPU (``fast`` / ``fast_unfused`` is what the fusion is worth).
 
-Same model object, data, batch size and compute dtype for all three, so the ratios measure the
+Same model object, data, batch size and compute dtype for every arm, so the ratios measure the
 evaluation paths only. Arms run ``--rounds`` times in rotating order (the machine is shared: a slow
 minute then hits every arm); the figure per arm is its best round. Writes
 ``bench/results/eval-<timestamp>.json`` and ``.md`` with examples/s, accuracy, and max |logit
@@ -31,7 +33,7 @@ from pathlib import Path
 REPO = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(REPO))
 
-ARMS = ("trainer", "plain", "fast", "fast_stream")
+ARMS = ("trainer", "plain", "fast", "fast_stream", "fast_unfused")
 
 
 def parse_args(argv=None):
@@ -58,6 +60,7 @@ def main(argv=None) -> dict:
     from bench.bench import tokenized_data, _machine, _scores
     from qlora_cls.config import TrainConfig
     from qlora_cls.data import TokenizedSplit
+    from qlora_cls import fast_eval
     from qlora_cls.evaluation import predict
     from qlora_cls.pipeline import build_model
 
@@ -100,6 +103,12 @@ def main(argv=None) -> dict:
                                                  dataloader_num_workers=0, disable_tqdm=True))
         trainer_val = val.remove_columns(["row", "idx"])
 
+        def unfused():
+            with torch.inference_mode():
+                clone, counts = fast_eval.inference_copy(model)
+            return clone, {"eval_fast_path": True, "eval_dequantized": "yes: inference_copy, no fusion",
+                           **{f"eval_{k}": v for k, v in counts.items()}}
+
         def run(arm):
             start = time.perf_counter()
             if arm == "trainer":
@@ -108,7 +117,8 @@ def main(argv=None) -> dict:
                 extra = {"padding_efficiency": sum(a for a, _ in padded) / sum(b for _, b in padded)}
             else:
                 logits, stats = predict(model, batcher, args.eval_batch_size, accelerator, fast=arm != "plain",
-                                        stream_dtype="compute" if arm == "fast_stream" else "float32")
+                                        stream_dtype="compute" if arm == "fast_stream" else "float32",
+                                        prepared=unfused() if arm == "fast_unfused" else None)
                 extra = {"padding_efficiency": stats["eval_padding_efficiency"],
                          **{k: v for k, v in stats.items() if k.startswith("eval_") and k not in (
                              "eval_examples_per_s", "eval_tokens_per_s", "eval_seconds", "eval_padding_efficiency")}}
@@ -136,7 +146,8 @@ def main(argv=None) -> dict:
               "plain_over_trainer": arms["plain"]["examples_per_s"] / arms["trainer"]["examples_per_s"],
               "fast_over_plain": arms["fast"]["examples_per_s"] / arms["plain"]["examples_per_s"],
               "fast_stream_over_trainer": arms["fast_stream"]["examples_per_s"] / arms["trainer"]["examples_per_s"],
-              "fast_stream_over_fast": arms["fast_stream"]["examples_per_s"] / arms["fast"]["examples_per_s"]}
+              "fast_stream_over_fast": arms["fast_stream"]["examples_per_s"] / arms["fast"]["examples_per_s"],
+              "fast_over_fast_unfused": arms["fast"]["examples_per_s"] / arms["fast_unfused"]["examples_per_s"]}
     result = {"started": datetime.now().isoformat(timespec="seconds"), "machine": _machine(),
               "settings": {**vars(args), "compute_dtype": cfg.bnb_4bit_compute_dtype, "model": model_path,
                            "examples": len(val), "real_tokens": int(sum(val["length"])),
@@ -156,7 +167,8 @@ def markdown(result: dict) -> str:
     s, m = result["settings"], result["machine"]
     names = {"trainer": "Trainer.predict()", "plain": "ft.py evaluation, plain (--fast_eval false)",
              "fast": "ft.py evaluation, fast (--fast_eval true)",
-             "fast_stream": "fast, stream in compute dtype (--eval_stream_dtype compute)"}
+             "fast_stream": "fast, stream in compute dtype (--eval_stream_dtype compute)",
+             "fast_unfused": "fast without the gated-MLP fusion (inference_copy alone)"}
     lines = [f"Evaluation benchmark {result['started']}: {s['examples']} validation examples ({s['real_tokens']} real "
              f"tokens), batch {s['eval_batch_size']}, {s['compute_dtype']} compute, {s['adapter']}; "
              f"{m.get('cpu_model', m.get('cpu'))}, {m.get('torch_threads')} torch thread(s); best of {s['rounds']} "
@@ -174,7 +186,8 @@ def markdown(result: dict) -> str:
                   f"**{r['fast_stream_over_trainer']:.2f}x** ("
                   f"{'met' if result['target']['met_with_stream_in_compute_dtype'] else 'NOT met'}); "
                   f"plain / Trainer: {r['plain_over_trainer']:.2f}x; "
-                  f"fast / plain: {r['fast_over_plain']:.2f}x. Fast path: prefix "
+                  f"fast / plain: {r['fast_over_plain']:.2f}x; fast / fast without the MLP fusion: "
+                  f"{r['fast_over_fast_unfused']:.2f}x. Fast path: prefix "
                   f"{result['arms']['fast'].get('eval_prefix_tokens')} tokens, de-quantized once: "
                   f"{result['arms']['fast'].get('eval_dequantized')}, merged LoRA layers: "
                   f"{result['arms']['fast'].get('eval_merged_lora_layers')}."]

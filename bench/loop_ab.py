@@ -7,9 +7,11 @@ speed of a core drifts between arms by more than the few percent its targets tur
 ft.py's model once (``ft.setup`` + ``ft.build_training``, ft.py's defaults) and, for each of ft.py's
 first ``--steps`` batches, times in turn (order reversed every step, so drift hits all arms alike):
 
-- ``ft_loop``: the calls ft.py's loop makes per micro-batch (accelerate's ``accumulate``, ``backward``,
+- ``ft_loop``: the calls ft.py's loop makes per micro-batch (its forward, with the prompt's shared prefix
+  run once per batch where ``--share_prefix`` applies; accelerate's ``accumulate``, ``backward``,
   ``clip_grad_norm_``, the finite check, optimizer and scheduler step), copied from ``ft.train``;
-- ``plain``: ``bench.train_step`` (forward, ``loss.backward()``, clip, step) on the same padded batch;
+- ``plain``: ``bench.train_step`` (``model(**batch)``, ``loss.backward()``, clip, step) on the same padded
+  batch;
 - ``dense``: ``bench.train_step`` on the batch re-shaped without padding (``bench.dense_batch``: the
   dense limit's batches);
 - ``random``: ``bench.train_step`` on a batch of 8 rows drawn at random (seeded), padded to its

@@ -25,8 +25,8 @@ from .sweeps import MANIFEST
 BOOKKEEPING = ("results_path", "resume", "log_every", "checkpoint_every", "keep_checkpoints", "eval_batch_size",
                "skip_nonfinite", "fast_eval", "latency_calls")
 # Fields added after some runs were written: absent = what those runs did (evaluated per epoch only, no
-# parameter budget). ``method`` is derived separately (method_of).
-LEGACY = {"eval_every": 0, "param_budget": None}
+# parameter budget, no shared prompt prefix in training). ``method`` is derived separately (method_of).
+LEGACY = {"eval_every": 0, "param_budget": None, "share_prefix": False}
 ADAPTER_ONLY = ("adapter_bottleneck", "adapter_layernorm")
 METHOD_DERIVED = ("load_in_4bit", "target_modules") + ADAPTER_ONLY  # resolved from --method (config.py)
 METHOD_ORDER = ("qlora", "lora", "dora", "ia3", "adapter", "full")

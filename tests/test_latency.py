@@ -56,17 +56,20 @@ def test_latency_refuses_fewer_than_100_calls(capsys):
     assert exc.value.code == 2 and "--calls must be >= 100" in capsys.readouterr().err
 
 
-def test_eval_bench_compares_three_paths_on_one_model(tiny_model, mrpc, tmp_path):
+def test_eval_bench_compares_the_paths_on_one_model(tiny_model, mrpc, tmp_path):
     out = eval_bench.main(["--model_dir", tiny_model, "--dataset", mrpc, "--max_eval_samples", "24",
                            "--eval_batch_size", "8", "--out", str(tmp_path), "--rounds", "2"])
     arms = out["arms"]
-    assert set(arms) == {"trainer", "plain", "fast", "fast_stream"}
+    assert set(arms) == {"trainer", "plain", "fast", "fast_stream", "fast_unfused"}
     for name, arm in arms.items():
         # the stream in bf16 (where auto picks bf16) rounds more: tests/test_fast_eval.py bounds it
         assert arm["argmax_equal_to_plain"] and arm["max_abs_logit_diff_vs_plain"] <= (
             1e-2 if name == "fast_stream" else 1e-5)
         assert len(arm["rounds"]) == 2 and arm["accuracy"] == arms["plain"]["accuracy"]
     assert arms["fast"]["eval_prefix_tokens"] > 0 and arms["fast"]["eval_dequantized"] is True
+    # the tiny Llama's two gated MLPs are fused in the default arm only
+    assert arms["fast"]["eval_fused_gated_mlps"] == 2 and "eval_fused_gated_mlps" not in arms["fast_unfused"]
+    assert arms["fast_unfused"]["eval_dequantized_layers"] == arms["fast"]["eval_dequantized_layers"] > 0
     assert arms["trainer"]["padding_efficiency"] < arms["plain"]["padding_efficiency"]  # random vs length-sorted
     assert out["ratios"]["fast_over_trainer"] == pytest.approx(arms["fast"]["examples_per_s"]
                                                                / arms["trainer"]["examples_per_s"])
