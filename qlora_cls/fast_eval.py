@@ -201,8 +201,9 @@ class GatedMLP(torch.nn.Module):
     the input's dtype (float32 after ``prepare_model_for_kbit_training``), rounded once to the compute dtype
     for ``down``. What differs is the order: the element-wise part runs over chunks of rows whose float32
     temporaries stay in the cache (``CHUNK_BYTES``), where the module's full-width float32 temporaries do
-    not. Measured on SmolLM2-135M, 128 MRPC examples, bf16 compute, one thread: 1.27x the fast path's
-    evaluation with identical logits (chunks of 256 rows; 1.18x at 64, 1.20x at 1024, 0.98x unchunked).
+    not. Measured on SmolLM2-135M, bf16 compute, one thread: ``bench/eval_bench.py``'s ``fast_unfused`` arm
+    (408 MRPC examples) 1.04x best of 3 rounds (1.04-1.08x per round), identical logits; a first A/B on 128
+    examples put the chunk at 256 rows 1.27x, 64 1.18x, 1024 1.20x, unchunked 0.98x.
     ``fuse_gated_mlps`` checks each replacement against the original on a probe input.
     """
 
