@@ -123,6 +123,13 @@ def finished(args) -> list[dict]:
 
 
 def summarize(results: list[dict]) -> dict:
+    """Means, spread and the verdict over the seeds finished on *both* sides: a side's extra seeds would make
+    the two means averages over different seeds (the seed moves both sides alike: see the paired figures).
+    The runs left out are listed in ``unpaired``."""
+    seeds = {side: {r["seed"] for r in results if r["side"] == side} for side in SIDES}
+    common = seeds["ft"] & seeds["trainer"]
+    unpaired = [f"{r['side']} seed {r['seed']}" for r in results if r["seed"] not in common]
+    results = [r for r in results if r["seed"] in common]
     sides = {}
     for side in SIDES:
         acc = [100 * r["accuracy"] for r in results if r["side"] == side]
@@ -143,11 +150,12 @@ def summarize(results: list[dict]) -> dict:
     pairs = [by_seed["ft"][k] - by_seed["trainer"][k] for k in sorted(set(by_seed["ft"]) & set(by_seed["trainer"]))]
     paired = {"seeds": len(pairs), "mean": statistics.fmean(pairs) if pairs else None,
               "standard_error": statistics.stdev(pairs) / math.sqrt(len(pairs)) if len(pairs) > 1 else None}
-    return {"sides": sides, "accuracy_points_ft_minus_trainer": diff, "accuracy_points_standard_error": se,
+    return {"sides": sides, "seeds_compared": sorted(common), "unpaired": unpaired,
+            "accuracy_points_ft_minus_trainer": diff, "accuracy_points_standard_error": se,
             "paired_by_seed": paired,
             "target_points": TARGET_POINTS,
             "target_met": (diff >= TARGET_POINTS) if (enough and diff is not None) else None,
-            "note": None if enough else "fewer than 3 finished runs on a side: no verdict yet"}
+            "note": None if enough else "fewer than 3 seeds finished on both sides: no verdict yet"}
 
 
 def markdown(args, results: list[dict], summary: dict) -> str:
@@ -163,7 +171,11 @@ def markdown(args, results: list[dict], summary: dict) -> str:
     for r in sorted(results, key=lambda r: (r["side"], r["seed"])):
         lines.append(f"| {names[r['side']]} | {r['seed']} | {r['compute_dtype']} | {r['train_steps']} | "
                      f"{100 * r['accuracy']:.2f} | {100 * r['f1']:.2f} | {r['train_seconds']:.0f} |")
-    lines += ["", "| side | runs | accuracy mean ± std (%) | F1 mean ± std (%) |", "| --- | ---: | ---: | ---: |"]
+    compared = summary.get("seeds_compared") or []
+    lines += ["", f"Means over the seeds finished on both sides ({', '.join(map(str, compared)) or 'none'})"
+              + (f"; not in them (no run of the other side yet): {', '.join(summary['unpaired'])}"
+                 if summary.get("unpaired") else "") + ".",
+              "", "| side | runs | accuracy mean ± std (%) | F1 mean ± std (%) |", "| --- | ---: | ---: | ---: |"]
     for side, s in summary["sides"].items():
         lines.append(f"| {names[side]} | {s['runs']} | {f(s['accuracy_mean'])} ± {f(s['accuracy_std'])} | "
                      f"{f(s['f1_mean'])} ± {f(s['f1_std'])} |")

@@ -101,12 +101,28 @@ def test_a_resumed_trainer_run_counts_the_training_time_of_the_processes_before_
 
 def test_summary_gives_the_standard_error_of_the_difference_by_hand():
     runs = [{"side": "ft", "seed": k, "accuracy": a, "f1": 0.8} for k, a in enumerate((0.75, 0.80, 0.78))] + \
-           [{"side": "trainer", "seed": k, "accuracy": a, "f1": 0.8} for k, a in enumerate((0.79, 0.80))]
+           [{"side": "trainer", "seed": k, "accuracy": a, "f1": 0.8} for k, a in enumerate((0.79, 0.80, 0.77))]
     s = parity.summarize(runs)
-    # ft: mean 77.667, sample variance ((-2.667)^2 + 2.333^2 + 0.333^2) / 2 = 6.3333; trainer: 79.5, variance 0.5
-    assert s["accuracy_points_ft_minus_trainer"] == pytest.approx(77.6667 - 79.5, abs=1e-3)
-    assert s["accuracy_points_standard_error"] == pytest.approx((6.3333 / 3 + 0.5 / 2) ** 0.5, abs=1e-3)
-    assert s["target_met"] is None  # two trainer runs: no verdict
+    # ft: mean 77.667, sample variance ((-2.667)^2 + 2.333^2 + 0.333^2) / 2 = 6.3333; trainer: 78.667, variance
+    # (0.333^2 + 1.333^2 + 1.667^2) / 2 = 2.3333
+    assert s["accuracy_points_ft_minus_trainer"] == pytest.approx(77.6667 - 78.6667, abs=1e-3)
+    assert s["accuracy_points_standard_error"] == pytest.approx((6.3333 / 3 + 2.3333 / 3) ** 0.5, abs=1e-3)
+    assert s["target_met"] is False  # -1.0 < -0.5
+
+
+def test_the_means_and_the_verdict_use_only_seeds_both_sides_ran():
+    """A side's extra seeds stay out: with them the two means would average different seeds."""
+    runs = [{"side": "ft", "seed": k, "accuracy": a, "f1": 0.8} for k, a in ((1, 0.75), (2, 0.80), (3, 0.78))] + \
+           [{"side": "trainer", "seed": k, "accuracy": a, "f1": 0.8}
+            for k, a in ((1, 0.78), (2, 0.79), (3, 0.80), (4, 0.60), (5, 0.60))]
+    s = parity.summarize(runs)
+    # seeds 1-3: ft 77.667, trainer 79.0 -> -1.333 (all five trainer runs would give 71.4 and a false "met")
+    assert s["seeds_compared"] == [1, 2, 3] and s["unpaired"] == ["trainer seed 4", "trainer seed 5"]
+    assert s["sides"]["trainer"]["runs"] == 3 and s["sides"]["trainer"]["accuracy_mean"] == pytest.approx(79.0)
+    assert s["accuracy_points_ft_minus_trainer"] == pytest.approx(-1.3333, abs=1e-3) and s["target_met"] is False
+    shown = [{**r, "compute_dtype": "bfloat16", "train_steps": 918, "train_seconds": 1.0} for r in runs]
+    md = parity.markdown(parity.parse_args([]), shown, s)
+    assert "not in them (no run of the other side yet): trainer seed 4, trainer seed 5" in md
 
 
 def test_paired_differences_use_only_seeds_both_sides_ran():
