@@ -28,7 +28,7 @@ def test_parity_runs_both_sides_per_seed_and_skips_finished_runs(tiny_model, mrp
     assert report["accuracy_points_ft_minus_trainer"] == pytest.approx(diff)
     assert report["target_met"] is None  # two seeds are no verdict
     md = (tmp_path / "out" / "parity.md").read_text()
-    assert "fewer than 3 finished runs" in md and md.count("| ft.py (defaults) | ") == 2 + 1  # a row per run, one summary row
+    assert "fewer than 3 seeds finished on both sides" in md and md.count("| ft.py (defaults) | ") == 2 + 1  # a row per run, one summary row
     # A second call runs nothing: the finished runs' result files stay as they were.
     stamps = {p: p.stat().st_mtime_ns for p in (tmp_path / "state").glob("*/result.json")}
     again = parity.main(argv)
