@@ -128,6 +128,20 @@ def test_compute_dtype_auto_resolves_per_device(monkeypatch, tmp_path, float32_g
     assert cfg.bnb_4bit_compute_dtype == "float32"
 
 
+def test_cpu_name_tells_apart_cpus_that_report_the_same_model_name():
+    """Two machines here both reported ``model name: AMD EPYC`` and ran bf16 GEMMs 2.4x apart: the probe cache
+    (keyed by this name) must not hand one machine's measurement to the other."""
+    from qlora_cls.hardware import cpu_name
+    block = ("processor\t: {n}\nvendor_id\t: AuthenticAMD\ncpu family\t: 25\nmodel\t\t: {model}\n"
+             "model name\t: AMD EPYC\nstepping\t: 1\nflags\t\t: fpu avx512_bf16\n")
+    genoa = block.format(n=0, model=17) + "\n" + block.format(n=1, model=99)  # only the first CPU's block counts
+    other = block.format(n=0, model=2)
+    assert cpu_name(genoa) == "AMD EPYC (family 25 model 17 stepping 1)"
+    assert cpu_name(other) == "AMD EPYC (family 25 model 2 stepping 1)"
+    assert cpu_name("processor\t: 0\nmodel name\t: Some CPU\n") == "Some CPU"  # no signature lines: the name alone
+    assert cpu_name("processor\t: 0\nfeatures\t: fp asimd\n") is None  # an ARM cpuinfo without a name
+
+
 def test_the_cpu_probe_measures_once_per_set_up_and_reads_its_cache(monkeypatch, tmp_path):
     import torch
     from qlora_cls import hardware
