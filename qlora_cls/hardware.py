@@ -46,12 +46,9 @@ GPU_MEMORY_SHARE = 0.5
 
 def cpu_flags() -> set[str]:
     """CPU feature flags from /proc/cpuinfo (Linux), else from torch's own CPU probes."""
-    try:
-        for line in Path("/proc/cpuinfo").read_text().splitlines():
-            if line.startswith("flags"):
-                return set(line.split(":", 1)[1].split())
-    except OSError:
-        pass
+    flags = _cpuinfo().get("flags")
+    if flags is not None:
+        return set(flags.split())
     import torch
     probes = {"avx512_bf16": "_is_avx512_bf16_supported", "amx_bf16": "_is_amx_tile_supported"}
     return {flag for flag, fn in probes.items() if getattr(torch.cpu, fn, lambda: False)()}
@@ -69,30 +66,38 @@ def cpu_bf16_support() -> dict:
 
 def cpu_model_name() -> str:
     """The CPU's name as ``/proc/cpuinfo`` gives it, with its family, model and stepping (see ``cpu_name``)."""
-    try:
-        name = cpu_name(Path("/proc/cpuinfo").read_text())
-    except OSError:
-        name = None
+    name = cpu_name(_cpuinfo())
     if name:
         return name
     import platform
     return platform.processor() or platform.machine()
 
 
-def cpu_name(cpuinfo: str) -> Optional[str]:
-    """``model name`` of the first CPU in a ``/proc/cpuinfo`` text, followed by its ``cpu family``, ``model``
-    and ``stepping`` when given. A virtual machine may report only a vendor's line name: two machines here
-    both said ``AMD EPYC``, and their bf16 GEMMs ran at 431 and 180 GFLOP/s (family 25 model 17 is the
-    second); the numbers tell them apart in the compute-dtype probe's cache and the benchmark records."""
+def cpuinfo_fields(cpuinfo: str) -> dict:
+    """The ``key: value`` lines of the first CPU's block of a ``/proc/cpuinfo`` text."""
     fields: dict = {}
     for line in cpuinfo.splitlines():
         key, sep, value = line.partition(":")
-        key = key.strip()
         if not sep:
             if fields:  # a blank line ends the first CPU's block
                 break
             continue
-        fields.setdefault(key, value.strip())
+        fields.setdefault(key.strip(), value.strip())
+    return fields
+
+
+def _cpuinfo() -> dict:
+    try:
+        return cpuinfo_fields(Path("/proc/cpuinfo").read_text())
+    except OSError:  # not Linux
+        return {}
+
+
+def cpu_name(fields: dict) -> Optional[str]:
+    """``model name`` of the first CPU (``cpuinfo_fields``), followed by its ``cpu family``, ``model`` and
+    ``stepping`` when given. A virtual machine may report only a vendor's line name: two machines here
+    both said ``AMD EPYC``, and their bf16 GEMMs ran at 431 and 180 GFLOP/s (family 25 model 17 is the
+    second); the numbers tell them apart in the compute-dtype probe's cache and the benchmark records."""
     name = fields.get("model name")
     if not name:
         return None

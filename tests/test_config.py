@@ -131,7 +131,11 @@ def test_compute_dtype_auto_resolves_per_device(monkeypatch, tmp_path, float32_g
 def test_cpu_name_tells_apart_cpus_that_report_the_same_model_name():
     """Two machines here both reported ``model name: AMD EPYC`` and ran bf16 GEMMs 2.4x apart: the probe cache
     (keyed by this name) must not hand one machine's measurement to the other."""
-    from qlora_cls.hardware import cpu_name
+    from qlora_cls.hardware import cpuinfo_fields
+
+    def cpu_name(text):
+        from qlora_cls.hardware import cpu_name
+        return cpu_name(cpuinfo_fields(text))
     block = ("processor\t: {n}\nvendor_id\t: AuthenticAMD\ncpu family\t: 25\nmodel\t\t: {model}\n"
              "model name\t: AMD EPYC\nstepping\t: 1\nflags\t\t: fpu avx512_bf16\n")
     genoa = block.format(n=0, model=17) + "\n" + block.format(n=1, model=99)  # only the first CPU's block counts
@@ -140,6 +144,7 @@ def test_cpu_name_tells_apart_cpus_that_report_the_same_model_name():
     assert cpu_name(other) == "AMD EPYC (family 25 model 2 stepping 1)"
     assert cpu_name("processor\t: 0\nmodel name\t: Some CPU\n") == "Some CPU"  # no signature lines: the name alone
     assert cpu_name("processor\t: 0\nfeatures\t: fp asimd\n") is None  # an ARM cpuinfo without a name
+    assert cpuinfo_fields(genoa)["flags"] == "fpu avx512_bf16" and cpuinfo_fields(genoa)["model"] == "17"
 
 
 def test_the_cpu_probe_measures_once_per_set_up_and_reads_its_cache(monkeypatch, tmp_path):
