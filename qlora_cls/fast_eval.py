@@ -23,6 +23,10 @@ costs of evaluation, and both can be paid once per evaluation instead:
 2. **Shared-prefix reuse** for decoders (``qlora_cls/prefix.py``): the longest common token prefix of the
    split's input_ids is found once; its key/value cache is computed once (batch 1) and expanded over each
    batch, and only the remaining positions run.
+3. **On a CPU**, two changes to the copy that keep its arithmetic: each gated MLP becomes a ``GatedMLP`` (gate
+   and up as one product, the element-wise part in cache-sized chunks, buffers kept in a ``Workspace``), and
+   a grouped-query model's attention runs SDPA's own grouped attention (``sdpa_gqa_attention``) instead of
+   transformers' copies of the key/value heads. Both give identical logits (tests/test_fast_eval.py).
 
 Measured on the embedded SmolLM2-135M (float32 compute): README "Merged models, fast evaluation, latency"
 (1.29x the plain path and 1.36x the Trainer's predict() with rotating rounds, max |logit diff| 3.5e-6,
@@ -193,6 +197,30 @@ def inference_copy(model) -> tuple[torch.nn.Module, dict]:
 CHUNK_BYTES = 1 << 20  # float32 working set of one chunk of the activation product: about a core's L2 cache
 
 
+class Workspace:
+    """The buffers the fused MLPs of one inference copy share: they run one after another, so one gate/up
+    product and one activation product, sized for the biggest batch so far, serve every layer and batch.
+
+    Why: a product of a long batch is tens of MB (32 x 96 rows x 3072 bf16 = 19 MB for SmolLM2), which the
+    allocator takes from, and gives back to, the operating system at every layer; each first touch of those
+    pages is a page fault (~0.4 ms per MB on the VMs this was measured on: filling a fresh 32 MB tensor took
+    16 ms, an already touched one 1.8 ms). Measured on SmolLM2-135M, bf16 compute, 408 MRPC examples, two
+    threads, AMD EPYC (``torch.profiler``): without it the gate/up products of two of the 13 batch shapes
+    ran at 167-170 GFLOP/s against 314-348 for the others (64 and 46 ms per layer for [3072, 576] and
+    [2144, 576] rows); with it 27 and 20 ms, identical logits. Kept buffers are the memory the products
+    took anyway, held for as long as the copy lives."""
+
+    def __init__(self):
+        self._buffers: dict[str, torch.Tensor] = {}
+
+    def get(self, name: str, rows: int, cols: int, dtype: torch.dtype, device: torch.device) -> torch.Tensor:
+        """A [rows, cols] buffer; its contents are whatever the last user left."""
+        buf = self._buffers.get(name)
+        if buf is None or buf.numel() < rows * cols or buf.dtype != dtype or buf.device != device:
+            buf = self._buffers[name] = torch.empty(rows * cols, dtype=dtype, device=device)
+        return buf[:rows * cols].view(rows, cols)
+
+
 class GatedMLP(torch.nn.Module):
     """``down(act(gate(x)) * up(x))`` (Llama, Mistral, Qwen2, Gemma, ...) over de-quantized weights, for a CPU.
 
@@ -201,29 +229,38 @@ class GatedMLP(torch.nn.Module):
     the input's dtype (float32 after ``prepare_model_for_kbit_training``), rounded once to the compute dtype
     for ``down``. What differs is the order: the element-wise part runs over chunks of rows whose float32
     temporaries stay in the cache (``CHUNK_BYTES``), where the module's full-width float32 temporaries do
-    not. Measured on SmolLM2-135M, bf16 compute, one thread: ``bench/eval_bench.py``'s ``fast_unfused`` arm
-    (408 MRPC examples) 1.04x best of 3 rounds (1.04-1.08x per round), identical logits; a first A/B on 128
-    examples put the chunk at 256 rows 1.27x, 64 1.18x, 1024 1.20x, unchunked 0.98x.
+    not; and the two products live in a ``Workspace`` shared by the copy's MLPs. Measured on SmolLM2-135M,
+    bf16 compute: ``bench/eval_bench.py``'s ``fast_unfused`` arm (408 MRPC examples) 1.04x best of 3 rounds
+    on one thread of an Intel Xeon (AMX), 1.18x in one round on two threads of an AMD EPYC (before the
+    workspace); identical logits.
     ``fuse_gated_mlps`` checks each replacement against the original on a probe input.
     """
 
-    def __init__(self, gate: DequantizedLinear, up: DequantizedLinear, down: DequantizedLinear, act):
+    def __init__(self, gate: DequantizedLinear, up: DequantizedLinear, down: DequantizedLinear, act,
+                 workspace: Optional[Workspace] = None):
         torch.nn.Module.__init__(self)
         self.width = gate.out_features
         self.weight = torch.nn.Parameter(torch.cat([gate.weight, up.weight]), requires_grad=False)
         self.bias = None if gate.bias is None else torch.nn.Parameter(torch.cat([gate.bias, up.bias]),
                                                                        requires_grad=False)
         self.down, self.act, self.compute_dtype = down, act, gate.compute_dtype
+        self.workspace = workspace or Workspace()
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         shape = x.shape
-        gu = torch.nn.functional.linear(x.reshape(-1, shape[-1]).to(self.compute_dtype), self.weight, self.bias)
-        h = torch.empty(gu.shape[0], self.width, dtype=self.compute_dtype, device=gu.device)
-        rows = max(1, CHUNK_BYTES // (4 * self.width))
-        for s in range(0, gu.shape[0], rows):
-            g, u = gu[s:s + rows, :self.width].to(x.dtype), gu[s:s + rows, self.width:].to(x.dtype)
-            h[s:s + rows] = self.act(g).mul_(u)  # the assignment rounds to the compute dtype, as down's cast does
-        return self.down(h).to(x.dtype).reshape(*shape[:-1], -1)
+        xc = x.reshape(-1, shape[-1]).to(self.compute_dtype)
+        rows = xc.shape[0]
+        gu = self.workspace.get("gate_up", rows, 2 * self.width, self.compute_dtype, x.device)
+        if self.bias is None:  # F.linear's own product (mm / addmm with the transposed weight), into gu
+            torch.mm(xc, self.weight.t(), out=gu)
+        else:
+            torch.addmm(self.bias, xc, self.weight.t(), out=gu)
+        h = self.workspace.get("hidden", rows, self.width, self.compute_dtype, x.device)
+        step = max(1, CHUNK_BYTES // (4 * self.width))
+        for s in range(0, rows, step):
+            g, u = gu[s:s + step, :self.width].to(x.dtype), gu[s:s + step, self.width:].to(x.dtype)
+            h[s:s + step] = self.act(g).mul_(u)  # the assignment rounds to the compute dtype, as down's cast does
+        return self.down(h).to(x.dtype).reshape(*shape[:-1], -1)  # down's output is new: nothing aliases gu or h
 
 
 def fuse_gated_mlps(clone) -> int:
@@ -231,13 +268,14 @@ def fuse_gated_mlps(clone) -> int:
     them) by a ``GatedMLP``, if the two agree on a probe input; returns how many were replaced."""
     fused = 0
     generator = torch.Generator().manual_seed(0)
+    workspace = Workspace()
     for name, module in list(clone.named_modules()):
         parts = [getattr(module, a, None) for a in ("gate_proj", "up_proj", "down_proj")]
         act = getattr(module, "act_fn", None)
         if act is None or not all(type(m) is DequantizedLinear for m in parts) \
                 or len({m.compute_dtype for m in parts}) != 1 or (parts[0].bias is None) != (parts[1].bias is None):
             continue
-        new = GatedMLP(*parts, act)
+        new = GatedMLP(*parts, act, workspace)
         probe = torch.randn(3, parts[0].in_features, generator=generator).to(parts[0].weight.device)
         want, got = module(probe), new(probe)
         if got.shape == want.shape and (got - want).abs().max() <= 1e-3 * want.abs().max() + 1e-6:
@@ -246,6 +284,52 @@ def fuse_gated_mlps(clone) -> int:
         else:  # a module with these names that computes something else: keep it
             log.info("fast evaluation: %s (%s) is not down(act(gate(x)) * up(x)); kept", name, type(module).__name__)
     return fused
+
+
+# -- grouped-query attention on a CPU ------------------------------------------------------------------
+GQA_ATTENTION = "qlora_cls_sdpa_gqa"  # registered with transformers' AttentionInterface / AttentionMaskInterface
+
+
+def sdpa_gqa_attention(module, query, key, value, attention_mask, dropout: float = 0.0, scaling=None,
+                       is_causal=None, **kwargs):
+    """transformers' ``sdpa`` attention with SDPA's own grouped-query attention (``enable_gqa=True``).
+
+    Why: with a padding mask on a CPU, transformers' ``sdpa_attention_forward`` repeats every key/value head
+    over its query group (``repeat_kv``: two copies per layer, 3x the cache for SmolLM2's 9 query / 3
+    key-value heads) before calling SDPA, which takes the groups itself. The same kernel with the same inputs:
+    equal outputs (tests/test_fast_eval.py). Measured on the fast path's shapes ([32, 9, 58, 64] queries over
+    74 keys, float32, a boolean mask), AMD EPYC: 7.64 ms -> 6.20 ms per layer on two threads, 12.4 -> 10.0
+    on one. Anything this does not cover (no mask, one query, a position bias, a paged cache, softcapping,
+    attention sinks) goes to transformers' function unchanged."""
+    from transformers.integrations.sdpa_attention import sdpa_attention_forward
+    plain = (getattr(module, "num_key_value_groups", 1) == 1 or attention_mask is None or query.shape[2] == 1
+             or any(kwargs.get(k) is not None for k in ("position_bias", "cache", "softcap", "s_aux"))
+             or kwargs.get("output_attentions"))
+    if plain:
+        return sdpa_attention_forward(module, query, key, value, attention_mask, dropout=dropout, scaling=scaling,
+                                      is_causal=is_causal, **kwargs)
+    # With a mask, transformers' function passes is_causal=False too (the mask holds the causal pattern).
+    out = torch.nn.functional.scaled_dot_product_attention(query, key, value, attn_mask=attention_mask,
+                                                           dropout_p=dropout, scale=scaling, is_causal=False,
+                                                           enable_gqa=True)
+    return out.transpose(1, 2).contiguous(), None
+
+
+def use_gqa_attention(clone, model) -> bool:
+    """Switch the copy (never ``model``) from ``sdpa`` to ``sdpa_gqa_attention``, where the model uses grouped
+    queries through transformers' attention interface; returns whether it did."""
+    from transformers import AttentionInterface, AttentionMaskInterface
+    from transformers.masking_utils import sdpa_mask
+    hf, original = hf_model(clone), hf_model(model)
+    config = hf.config
+    if (config is original.config or getattr(config, "_attn_implementation", None) != "sdpa"
+            or getattr(config, "num_key_value_heads", None) in (None, config.num_attention_heads)
+            or not hasattr(hf, "set_attn_implementation")):
+        return False
+    AttentionInterface.register(GQA_ATTENTION, sdpa_gqa_attention)
+    AttentionMaskInterface.register(GQA_ATTENTION, sdpa_mask)  # the same boolean masks as sdpa
+    hf.set_attn_implementation(GQA_ATTENTION)
+    return config._attn_implementation == GQA_ATTENTION
 
 
 # -- shared prefix: qlora_cls/prefix.py -----------------------------------------------------------------
@@ -324,8 +408,9 @@ def inference_model(model, device: torch.device, zero3: bool = False,
             runner_model, counts = inference_copy(model)
             if stream_dtype == "compute":
                 counts["stream_tensors_in_compute_dtype"] = stream_in_compute_dtype(runner_model)
-            if device.type == "cpu":  # the chunking is for a CPU's caches; a GPU runs the modules as they are
+            if device.type == "cpu":  # for a CPU's caches and kernels; a GPU runs the modules as they are
                 counts["fused_gated_mlps"] = fuse_gated_mlps(runner_model)
+                counts["gqa_attention"] = int(use_gqa_attention(runner_model, model))
             info.update({f"eval_{k}": v for k, v in counts.items()})
             info["eval_dequantized"] = f"yes: {need / 2**20:.0f} MiB copy ({free / 2**20:.0f} MiB free)"
         except NotSupported as exc:

@@ -191,6 +191,51 @@ def test_gated_mlp_in_chunks_computes_what_the_module_it_replaces_does(compute, 
     assert np.array_equal(a, b)
 
 
+def test_gated_mlp_workspace_serves_shrinking_and_growing_batches_exactly(tiny_models, mrpc):
+    """One workspace serves every layer and batch: a small batch after a big one (a stale tail in the buffers)
+    and a bigger one after that (the buffers regrow) compute what the unfused module does."""
+    from qlora_cls import fast_eval
+    model, _, _ = _setup(tiny_models["llama"], mrpc, "bfloat16")
+    unfused, fused = fast_eval.inference_copy(model)[0], fast_eval.inference_copy(model)[0]
+    assert fast_eval.fuse_gated_mlps(fused) == 2
+    old_layers, new_layers = fast_eval.hf_model(unfused).model.layers, fast_eval.hf_model(fused).model.layers
+    assert new_layers[0].mlp.workspace is new_layers[1].mlp.workspace
+    generator = torch.Generator().manual_seed(2)
+    with torch.inference_mode():
+        for rows in (40, 7, 90):
+            x = torch.randn(1, rows, 64, generator=generator)
+            for old, new in zip(old_layers, new_layers):
+                assert torch.equal(new.mlp(x), old.mlp(x))
+
+
+def test_grouped_query_attention_equals_transformers_sdpa_and_leaves_the_model_alone(tiny_models, mrpc):
+    """The tiny llama has 4 query heads over 2 key/value heads; with the swap its copy runs SDPA's own grouped
+    attention instead of transformers' repeat_kv, and must give the same logits; the training model keeps sdpa."""
+    from qlora_cls import fast_eval
+    from qlora_cls.evaluation import predict
+    model, batcher, accelerator = _setup(tiny_models["llama"], mrpc, "bfloat16")
+    plain_copy, gqa_copy = fast_eval.inference_copy(model)[0], fast_eval.inference_copy(model)[0]
+    calls = []
+    real = fast_eval.sdpa_gqa_attention
+
+    def counting(*args, **kwargs):
+        calls.append(args[4] is not None)  # called with a mask
+        return real(*args, **kwargs)
+    assert fast_eval.use_gqa_attention(gqa_copy, model)
+    from transformers import AttentionInterface
+    AttentionInterface.register(fast_eval.GQA_ATTENTION, counting)
+    try:
+        info = {"eval_fast_path": True, "eval_dequantized": "yes: copies built above"}
+        a, _ = predict(model, batcher, 8, accelerator, fast=True, prepared=(plain_copy, info))
+        b, _ = predict(model, batcher, 8, accelerator, fast=True, prepared=(gqa_copy, info))
+    finally:
+        AttentionInterface.register(fast_eval.GQA_ATTENTION, real)
+    assert any(calls)  # the grouped path ran on masked batches (the prefix's own pass has no mask)
+    assert np.array_equal(a, b)
+    assert fast_eval.hf_model(model).config._attn_implementation == "sdpa"
+    assert fast_eval.hf_model(plain_copy).config._attn_implementation == "sdpa"
+
+
 def test_a_module_with_gated_names_that_computes_otherwise_is_kept():
     from qlora_cls import fast_eval
     lin = lambda i, o: fast_eval.DequantizedLinear(torch.randn(o, i), None, torch.float32)
