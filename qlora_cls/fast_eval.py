@@ -322,13 +322,19 @@ def use_gqa_attention(clone, model) -> bool:
     from transformers.masking_utils import sdpa_mask
     hf, original = hf_model(clone), hf_model(model)
     config = hf.config
+    # transformers has no public getter for the implementation in use: config._attn_implementation is what
+    # its own attention modules read at every forward.
     if (config is original.config or getattr(config, "_attn_implementation", None) != "sdpa"
             or getattr(config, "num_key_value_heads", None) in (None, config.num_attention_heads)
             or not hasattr(hf, "set_attn_implementation")):
         return False
     AttentionInterface.register(GQA_ATTENTION, sdpa_gqa_attention)
     AttentionMaskInterface.register(GQA_ATTENTION, sdpa_mask)  # the same boolean masks as sdpa
-    hf.set_attn_implementation(GQA_ATTENTION)
+    try:
+        hf.set_attn_implementation(GQA_ATTENTION)
+    except (ValueError, ImportError) as exc:  # a model class that refuses it keeps sdpa
+        log.info("fast evaluation: %s keeps sdpa attention (%s)", type(hf).__name__, exc)
+        return False
     return config._attn_implementation == GQA_ATTENTION
 
 

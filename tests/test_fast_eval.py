@@ -70,6 +70,7 @@ def test_fast_path_equals_plain_path(arch, compute, tiny_models, mrpc):
         expected = next(i for i in range(len(ids[0])) if len({tuple(x[:i + 1]) for x in ids}) > 1)
         assert stats["eval_prefix_tokens"] == expected > 5
     assert stats["eval_fused_gated_mlps"] == (2 if arch == "llama" else 0)  # GPT-2 and RoBERTa have no gated MLP
+    assert stats["eval_gqa_attention"] == (arch == "llama")  # 4 query heads over 2 key/value heads; the others 1:1
     if compute == "float32":  # LoRA merged into its float32 layer; in bf16 it stays a LoRA layer (exact)
         assert stats["eval_merged_lora_layers"] > 0 and stats["eval_kept_lora_layers"] == 0
     else:
