@@ -231,20 +231,20 @@ class GatedMLP(torch.nn.Module):
     temporaries stay in the cache (``CHUNK_BYTES``), where the module's full-width float32 temporaries do
     not; and the two products live in a ``Workspace`` shared by the copy's MLPs. Measured on SmolLM2-135M,
     bf16 compute: ``bench/eval_bench.py``'s ``fast_unfused`` arm (408 MRPC examples) 1.04x best of 3 rounds
-    on one thread of an Intel Xeon (AMX), 1.18x in one round on two threads of an AMD EPYC (before the
-    workspace); identical logits.
+    on one thread of an Intel Xeon (AMX); on two threads of an AMD EPYC 1.21x best of 2 rounds with the
+    workspace (``bench/results/eval-20261203-123654.md``), 1.18x in one round before it; identical logits.
     ``fuse_gated_mlps`` checks each replacement against the original on a probe input.
     """
 
     def __init__(self, gate: DequantizedLinear, up: DequantizedLinear, down: DequantizedLinear, act,
-                 workspace: Optional[Workspace] = None):
+                 workspace: Workspace):
         torch.nn.Module.__init__(self)
         self.width = gate.out_features
         self.weight = torch.nn.Parameter(torch.cat([gate.weight, up.weight]), requires_grad=False)
         self.bias = None if gate.bias is None else torch.nn.Parameter(torch.cat([gate.bias, up.bias]),
                                                                        requires_grad=False)
         self.down, self.act, self.compute_dtype = down, act, gate.compute_dtype
-        self.workspace = workspace or Workspace()
+        self.workspace = workspace
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         shape = x.shape
