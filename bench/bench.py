@@ -34,8 +34,12 @@ comparison fair and does not change the Trainer's results). Training time is the
 (model loading excluded): Trainer ``on_train_begin`` -> ``on_train_end``, ft.py ``train_seconds``,
 the dense loop's own clock. Real tokens = non-padding tokens of the batches actually trained on.
 Evaluation is the whole validation split: ``trainer.predict()`` (the ``evaluate()`` loop that also
-returns the logits) against ft.py's evaluation after its last step. Peak memory is the arm's
-process peak RSS on CPU (``ru_maxrss``), peak allocated CUDA memory on a GPU. Besides total tokens /
+returns the logits) and ft.py's evaluation after its last step, each on its own arm's model. The
+evaluation target is measured on ONE model instead (``same_model_eval``): after its training, the
+``trainer_default_bf16`` arm times its ``predict()`` and ft.py's evaluation on its own trained model,
+in rotating rounds, and checks that both give the same argmax. Peak memory is the arm's
+process peak RSS on CPU (``ru_maxrss``), peak allocated CUDA memory on a GPU (for the
+``trainer_default_bf16`` arm: up to its ``predict()``, before that comparison). Besides total tokens /
 training seconds, each arm records per-step times and the median of per-step throughputs, which a
 step slowed down by another process on a shared machine does not move, and the load average.
 """
@@ -62,6 +66,7 @@ TRAINER_ARMS = {  # arm: (group_by_length, compute dtype)
     "trainer_default": (False, "float32"), "trainer_grouped": (True, "float32"),
 }
 OPTIONAL_ARMS = ("ft_torch_dropout",)
+SAME_MODEL_ARM = "trainer_default_bf16"  # its trained model also times ft.py's evaluation (same_model_eval)
 LOSS_WINDOW = 25  # steps per window when loss curves are compared
 TARGETS = {  # name: (ratio key, minimum); the Trainer as users write it computes in bf16
     "train tokens/s vs Trainer default (bf16)": ("train_tokens_per_s_ft_over_trainer_default_bf16", 1.25),
@@ -70,7 +75,9 @@ TARGETS = {  # name: (ratio key, minimum); the Trainer as users write it compute
     "same, median step: vs Trainer default (bf16)": ("train_tokens_per_s_median_step_ft_over_trainer_default_bf16", 1.25),
     "same, median step: vs Trainer grouped (bf16)": ("train_tokens_per_s_median_step_ft_over_trainer_grouped_bf16", 1.0),
     "same, median step: vs dense limit": ("train_tokens_per_s_median_step_ft_over_dense", 0.85),
-    "eval examples/s vs Trainer evaluate() (bf16)": ("eval_examples_per_s_ft_over_trainer_default_bf16", 2.0),
+    "eval examples/s vs Trainer predict(), same model, best of 2 rotating rounds":
+        ("eval_examples_per_s_ft_over_trainer_predict_same_model", 2.0),
+    "eval argmax agreement with Trainer predict(), same model": ("eval_argmax_agreement_ft_vs_trainer_predict_same_model", 1.0),
     "accuracy minus Trainer default (bf16, points)": ("accuracy_points_ft_minus_trainer_default_bf16", -1.0),
     "accuracy minus Trainer grouped (bf16, points)": ("accuracy_points_ft_minus_trainer_grouped_bf16", -1.0),
 }
@@ -183,9 +190,11 @@ class _CountingCollator:
         return batch
 
 
-def run_trainer(args, grouped: bool, compute_dtype: str, state_dir: Optional[Path] = None) -> dict:
+def run_trainer(args, grouped: bool, compute_dtype: str, state_dir: Optional[Path] = None,
+                compare_eval: bool = False) -> dict:
     """The Trainer recipe; with ``state_dir`` it checkpoints there every 50 steps and resumes from the last
-    checkpoint it finds (bench/parity.py's runs span sessions), else it runs in a temporary folder."""
+    checkpoint it finds (bench/parity.py's runs span sessions), else it runs in a temporary folder.
+    ``compare_eval``: also time ft.py's evaluation on this model against predict() (``same_model_eval``)."""
     import torch
     from peft import LoraConfig, TaskType, get_peft_model, prepare_model_for_kbit_training
     from transformers import (AutoModelForSequenceClassification, BitsAndBytesConfig, DataCollatorWithPadding,
@@ -266,6 +275,10 @@ def run_trainer(args, grouped: bool, compute_dtype: str, state_dir: Optional[Pat
         pred = trainer.predict(val)
         eval_seconds = time.perf_counter() - start
         evaluated = collator.batches
+        # The arm's peak memory is its training and predict(): the comparison's inference copy is not the recipe's.
+        peak = _peak_memory()
+        same_model = (same_model_eval(trainer, model, val, data["validation"], tokenizer, spec, cfg,
+                                      (eval_seconds, pred.predictions)) if compare_eval else None)
     # Score against pred.label_ids, not val["labels"]: with group_by_length the Trainer evaluates in
     # length-grouped (shuffled) order as well (transformers PR #33514), so predictions come back permuted.
     # Scoring them against the dataset's order gave 59.1 % for a run whose adapter scores 78.2 %.
@@ -282,7 +295,48 @@ def run_trainer(args, grouped: bool, compute_dtype: str, state_dir: Optional[Pat
         "eval_seconds": eval_seconds, "eval_examples": len(val),
         "eval_padding_efficiency": sum(b[1] for b in evaluated) / sum(b[2] for b in evaluated),
         "eval_real_tokens": sum(val["length"]), **scores,
+        "peak_memory_bytes": peak, **({"same_model_eval": same_model} if same_model is not None else {}),
     }
+
+
+SAME_MODEL_ROUNDS = 2
+
+
+def same_model_eval(trainer, model, trainer_val, val, tokenizer, spec, cfg, first: tuple) -> dict:
+    """The evaluation target measured on ONE model: this arm's trained model, in this process, after its training.
+
+    ``trainer.predict()`` against ft.py's evaluation (``qlora_cls.evaluation.predict(fast=True)``, what ft.py runs
+    after every epoch) on the same model object, validation rows and batch size, in rotating order
+    (Trainer, ft | ft, Trainer, ...; ``first`` is the arm's own predict() time and logits, round 1's Trainer
+    figure). Each path's figure is its best round. Why not the ``ft`` arm against this arm: those are two
+    models trained in two processes minutes apart, and on a shared VM one such measurement moves ~15 % from
+    run to run (bench/results/20261203-114106.md and -123924.md: 1.92x and 1.69x for unchanged code).
+    """
+    import numpy as np
+    from qlora_cls.data import TokenizedSplit
+    from qlora_cls.evaluation import predict
+    batcher = TokenizedSplit(val, tokenizer.pad_token_id, spec.is_regression)
+    seconds = {"trainer": [first[0]], "ft": []}
+    logits = {"trainer": np.asarray(first[1], dtype=np.float32)}
+    for r in range(SAME_MODEL_ROUNDS):
+        for path in ("trainer", "ft") if r % 2 == 0 else ("ft", "trainer"):
+            if r == 0 and path == "trainer":
+                continue  # timed already: the arm's own predict()
+            start = time.perf_counter()
+            if path == "trainer":
+                out = trainer.predict(trainer_val).predictions
+            else:
+                out, stats = predict(model, batcher, cfg.eval_batch_size, trainer.accelerator, fast=True)
+            seconds[path].append(time.perf_counter() - start)
+            logits[path] = np.asarray(out, dtype=np.float32)
+    n = len(val)
+    agree = logits["ft"].argmax(-1) == logits["trainer"].argmax(-1) if not spec.is_regression else \
+        np.isclose(logits["ft"], logits["trainer"], atol=1e-2).all(-1)
+    return {"examples": n, "rounds": SAME_MODEL_ROUNDS, "seconds": seconds,
+            "trainer_examples_per_s": n / min(seconds["trainer"]), "ft_examples_per_s": n / min(seconds["ft"]),
+            "argmax_agreement": float(agree.mean()),
+            "max_abs_logit_diff": float(np.abs(logits["ft"] - logits["trainer"]).max()),
+            "ft_fast_path": {k: v for k, v in stats.items() if k.startswith("eval_") and not isinstance(v, float)}}
 
 
 # -- arm 3: ft.py --------------------------------------------------------------------------------------
@@ -428,6 +482,11 @@ def ratios(arms: dict) -> dict:
         if "accuracy" in ft and "accuracy" in o:
             out[f"accuracy_points_ft_minus_{other}"] = 100 * (ft["accuracy"] - o["accuracy"])
             out[f"f1_points_ft_minus_{other}"] = 100 * (ft["f1"] - o["f1"])
+    same = arms.get(SAME_MODEL_ARM, {}).get("same_model_eval")
+    if same:  # one model, one process: the evaluation target (see same_model_eval)
+        out["eval_examples_per_s_ft_over_trainer_predict_same_model"] = (same["ft_examples_per_s"]
+                                                                         / same["trainer_examples_per_s"])
+        out["eval_argmax_agreement_ft_vs_trainer_predict_same_model"] = same["argmax_agreement"]
     if ft.get("loss_curve") and arms.get("ft_torch_dropout", {}).get("loss_curve"):
         a, b = (window_means(arms[k]["loss_curve"]) for k in ("ft", "ft_torch_dropout"))
         out["loss_window_max_abs_diff_ft_vs_ft_torch_dropout"] = max(abs(x - y) for x, y in zip(a, b))
@@ -479,6 +538,18 @@ def markdown(result: dict) -> str:
     for label, (key, minimum) in TARGETS.items():
         v = result["ratios"].get(key)
         lines.append(f"| {label} | {f(v, '{:.2f}')} | >= {minimum:g} | {'–' if v is None else 'yes' if v >= minimum else 'NO'} |")
+    same = arms.get(SAME_MODEL_ARM, {}).get("same_model_eval")
+    if same:
+        secs = same["seconds"]
+        lines += ["", f"Evaluation on one model ({names[SAME_MODEL_ARM]}'s trained model, in its process after its "
+                  f"training; {same['examples']} validation examples, batch {s['eval_batch_size']}, rotating rounds): "
+                  f"Trainer predict() {same['trainer_examples_per_s']:.2f} examples/s (rounds: "
+                  + ", ".join(f"{same['examples'] / t:.2f}" for t in secs["trainer"])
+                  + f"), ft.py's evaluation {same['ft_examples_per_s']:.2f} (rounds: "
+                  + ", ".join(f"{same['examples'] / t:.2f}" for t in secs["ft"])
+                  + f"); argmax agreement {same['argmax_agreement']:.4f}, max |logit diff| "
+                  f"{same['max_abs_logit_diff']:.2e}. The arms' own eval columns above are one round each on two "
+                  f"different models."]
     other = {k: v for k, v in result["ratios"].items() if k not in {key for key, _ in TARGETS.values()}}
     if other:
         lines += ["", "Other ratios: " + ", ".join(f"{k} = {v:.2f}" for k, v in sorted(other.items()))]
@@ -504,13 +575,14 @@ def run_arm_subprocess(args, arm: str, argv: list[str], log_path: Path) -> dict:
 def run_arm(args, arm: str) -> dict:
     import logging
     logging.basicConfig(level=logging.WARNING)
-    fns = {name: (lambda g=g, d=d: run_trainer(args, g, d)) for name, (g, d) in TRAINER_ARMS.items()}
+    fns = {name: (lambda g=g, d=d, n=name: run_trainer(args, g, d, compare_eval=n == SAME_MODEL_ARM))
+           for name, (g, d) in TRAINER_ARMS.items()}
     fns.update(ft=lambda: run_ft(args), dense=lambda: run_dense(args),
                ft_torch_dropout=lambda: run_ft(args, ("--fast_cpu_dropout", "false")))
     fn = fns[arm]
     load_before = os.getloadavg()[0]
     result = fn()
-    result["peak_memory_bytes"] = _peak_memory()
+    result.setdefault("peak_memory_bytes", _peak_memory())
     # Other processes on the machine distort timings: the 1-minute load average before/after says how much.
     result["load_average_1min"] = [load_before, os.getloadavg()[0]]
     return result

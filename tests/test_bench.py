@@ -18,6 +18,17 @@ def test_bench_smoke_writes_all_arms_and_ratios(tiny_model, mrpc, tmp_path):
         if name != "dense":
             assert arm["eval_examples"] == 24 and arm["eval_examples_per_s"] > 0 and 0 <= arm["accuracy"] <= 1
     assert data["arms"]["dense"]["train_padding_efficiency"] == 1.0
+    # The evaluation target on one model: both paths timed in every round, and the fast path's argmax is the
+    # Trainer's predict() argmax on the same trained model (the Trainer is the oracle here)
+    same = data["arms"][bench.SAME_MODEL_ARM]["same_model_eval"]
+    assert {p: len(t) for p, t in same["seconds"].items()} == {"trainer": bench.SAME_MODEL_ROUNDS,
+                                                                "ft": bench.SAME_MODEL_ROUNDS}
+    assert same["seconds"]["trainer"][0] == data["arms"][bench.SAME_MODEL_ARM]["eval_seconds"]
+    assert same["argmax_agreement"] == 1.0 and same["examples"] == 24
+    assert same["ft_fast_path"]["eval_fast_path"] is True and same["ft_fast_path"]["eval_prefix_tokens"] > 0
+    assert data["ratios"]["eval_examples_per_s_ft_over_trainer_predict_same_model"] == pytest.approx(
+        min(same["seconds"]["trainer"]) / min(same["seconds"]["ft"]))
+    assert not any("same_model_eval" in a for n, a in data["arms"].items() if n != bench.SAME_MODEL_ARM)
     for key, _ in bench.TARGETS.values():
         assert key in data["ratios"]
     assert data["machine"]["cpu_count"] and data["machine"]["packages"]["transformers"]
@@ -32,7 +43,10 @@ def test_bench_smoke_writes_all_arms_and_ratios(tiny_model, mrpc, tmp_path):
     assert dtypes == {"trainer_default_bf16": "bfloat16", "trainer_grouped_bf16": "bfloat16",
                       "trainer_default": "float32", "trainer_grouped": "float32",
                       "ft": default_compute_dtype("cpu"), "dense": default_compute_dtype("cpu")}
-    assert all("_bf16" in key or "dense" in key for key, _ in bench.TARGETS.values() if "_ft_" in key)
+    assert all("_bf16" in key or "dense" in key for key, _ in bench.TARGETS.values()
+               if "_ft_" in key and "same_model" not in key)
+    assert dtypes[bench.SAME_MODEL_ARM] == "bfloat16"  # the same-model targets are measured on a bf16 Trainer model
+    assert "Evaluation on one model" in md
     assert md.count("| >= ") == len(bench.TARGETS)
 
 
@@ -73,6 +87,11 @@ def test_ratios_by_hand():
     # windows of 25 steps: |1.0 - 0.9| = 0.1, |0.5 - 0.8| = 0.3, |0.2 - 0.1| = 0.1 -> max 0.3
     assert r["loss_window_max_abs_diff_ft_vs_ft_torch_dropout"] == pytest.approx(0.3)
     assert not any("trainer_grouped" in k or "dense" in k for k in r)  # arms that did not run give no ratio
+    assert not any("same_model" in k for k in r)  # no same-model comparison in these arms
+    trainer["same_model_eval"] = {"trainer_examples_per_s": 8.0, "ft_examples_per_s": 18.0, "argmax_agreement": 0.5}
+    r = bench.ratios({"trainer_default_bf16": trainer})
+    assert r["eval_examples_per_s_ft_over_trainer_predict_same_model"] == pytest.approx(2.25)  # 18 / 8
+    assert r["eval_argmax_agreement_ft_vs_trainer_predict_same_model"] == 0.5
 
 
 def test_dense_batch_by_hand():
