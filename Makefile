@@ -5,9 +5,12 @@ PY := $(VENV)/bin/python
 STAMP := $(VENV)/.setup-done
 # Local GLUE copy when there is one beside the checkout (offline machines), else the hub.
 DATASET ?= $(if $(wildcard ../shared/data/glue),../shared/data/glue,nyu-mll/glue)
-export QLORA_TEST_DATASET := $(DATASET)
+# The tests need MRPC in a local folder (hub layout): DATASET when it is one, else ../shared/data/glue
+# (`make test-data` downloads it there); without it `make test` stops in one line saying so.
+QLORA_TEST_DATASET ?= $(if $(wildcard $(DATASET)),$(DATASET),../shared/data/glue)
+export QLORA_TEST_DATASET
 
-.PHONY: setup demo test test-quick sweep report bench bench-eval latency clean
+.PHONY: setup demo demo-sft test test-quick test-data gpu-check gpu-wheels sweep report bench bench-eval bench-sft latency clean
 
 setup: $(STAMP)
 	@$(PY) -c "from qlora_cls.modeling import embedded_model_dir; print('embedded model:', embedded_model_dir())"
@@ -25,12 +28,45 @@ $(STAMP): requirements.txt
 demo: setup
 	$(PY) scripts/demo.py --dataset $(DATASET)
 
+# Instruction SFT of the embedded model in the study's turn-marker layout: stop rate, answer perplexity and
+# three answers before and after (scripts/demo_sft.py; ../shared/data/instructions).
+demo-sft: setup
+	$(PY) scripts/demo_sft.py $(ARGS)
+
 test: setup
 	$(PY) -m pytest -q tests
 
-# The tests of a few seconds each (those marked slow skipped), for iteration; `make test` runs them all.
+# The tests of a few seconds each (those marked slow left out), for iteration; `make test` runs them all.
+# Tests marked gpu are deselected (never skipped) on both: `make gpu-check` runs them.
 test-quick: setup
 	$(PY) -m pytest -q -m "not slow" tests
+
+# GLUE MRPC from the hub into ../shared/data/glue (hub layout), for a machine without the local copy.
+test-data: setup
+	$(VENV)/bin/hf download nyu-mll/glue --repo-type dataset --include "mrpc/*" --include README.md \
+	    --local-dir ../shared/data/glue
+
+# On a CUDA machine: the gpu tests plus short real runs of the fast paths (scripts/gpu_check.py, ~5 min on an
+# H100); elsewhere one line, "gpu-check: no CUDA device". Python: the venv's, else the machine's python3 (a GPU
+# machine with torch and transformers preinstalled; the rest comes from gpu-wheels/, see below). No setup: it
+# must work offline.
+GPU_PY ?= $(if $(wildcard $(PY)),$(PY),python3)
+gpu-check:
+	@$(GPU_PY) scripts/gpu_check.py
+
+# For an offline GPU machine with torch and transformers: wheels of the rest of requirements.txt (and what it
+# needs) for its Python (GPU_PYTHON) and CUDA major version (GPU_CUDA: bitsandbytes keeps only those libraries),
+# plus the tokenizer, MRPC and the reference config.json, into gpu-wheels/ (git-ignored; bring it along).
+# GPU_HAVE: packages that machine already has, not downloaded (default: those of the lent H100/H200 image;
+# GPU_HAVE= bundles everything, ~200 MiB). deepspeed is never bundled: PyPI has no wheel of it.
+GPU_PYTHON ?= 3.12
+GPU_CUDA ?= 13
+GPU_HAVE ?= absl-py accelerate certifi charset-normalizer cloudpickle contourpy cycler fonttools grpcio iniconfig \
+	joblib kiwisolver markdown matplotlib narwhals pandas peft pillow pluggy protobuf psutil pyarrow pyparsing pytest \
+	python-dateutil requests scikit-learn scipy sentencepiece tensorboard tensorboard-data-server threadpoolctl \
+	urllib3 werkzeug xxhash
+gpu-wheels: setup
+	$(PY) scripts/gpu_check.py --wheels gpu-wheels --python-version $(GPU_PYTHON) --cuda $(GPU_CUDA) --have "$(GPU_HAVE)"
 
 # make sweep ARGS="--prompt none perfect conflicting insufficient --seed 1 2 --sweep_dir results/prompts"
 sweep: setup
@@ -51,6 +87,13 @@ bench: setup
 # Evaluation only, one model: Trainer.predict() vs ft.py's evaluation, plain and fast (--fast_eval), whole validation split.
 bench-eval: setup
 	OMP_NUM_THREADS=1 $(PY) bench/eval_bench.py --dataset $(DATASET) $(ARGS)
+
+# SFT training speed against TRL's SFTTrainer (a benchmark-only dependency: bench/requirements-bench.txt) on the
+# same model, records, LoRA, batch and steps; loss curves beside each other (bench/results/sft-*.md).
+SFT_STEPS ?= 60
+bench-sft: setup
+	$(PY) -m pip install -q -r bench/requirements-bench.txt
+	OMP_NUM_THREADS=1 taskset -c 0 $(PY) bench/sft_bench.py --steps $(SFT_STEPS) $(ARGS)
 
 # Median/p95 latency at batch 1 and 8 of base, unmerged adapter and merged model (bench/results/latency-*.md).
 # RUN=results/<run> measures that run; without it a 5-step run of the embedded model is trained first.

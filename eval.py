@@ -12,6 +12,11 @@ each adapter is added with PEFT's load_adapter and selected with set_adapter (he
 run's outputs are what evaluating it alone writes. A merged folder (qlora_cls.json) is loaded with plain
 transformers; its GLUE task's data come from --dataset (default: the hub's nyu-mll/glue).
 Writes evals/<split>-<prompt>[-base]/metrics.json and predictions.csv inside each run folder.
+
+A generative run (ft.py --objective sft|lm) is scored on its own held-out data, rebuilt as ft.py built them
+(qlora_cls/generative.py ``prepare`` with the saved config) by the evaluation ft.py ran (``evaluate``): answer
+loss and perplexity and generations (sft: evals/validation-<chat template>[-base|-best]/metrics.json and
+generations_validation.jsonl), or the sliding-window perplexity (lm); printed beside the base model's figures.
 """
 from __future__ import annotations
 
@@ -93,15 +98,23 @@ def evaluate_runs(ecfg: EvalConfig) -> list[dict]:
                              "into its own evals/ folder")
         if ecfg.base_only:
             raise UsageError("--base_only takes one run: the un-tuned base is the same for runs on one base")
-    sources = [open_source(p, ecfg.adapter, ecfg.base_only, ecfg.model_dir, ecfg.dataset) for p in ecfg.results_path]
+    sources = [open_source(p, ecfg.adapter, ecfg.base_only, ecfg.model_dir, ecfg.dataset, generative=True)
+               for p in ecfg.results_path]
+    generative = [s for s in sources if s.template is None]
+    if generative:
+        if len(sources) > 1:
+            raise UsageError(f"{generative[0].path} is an --objective {generative[0].cfg.objective} run: evaluate "
+                             f"generative runs one at a time (one --results_path)")
+        return [evaluate_generative(ecfg, sources[0])]
     check_same_base(sources)
     plans = [_plan(ecfg, s) for s in sources]
     check_model_sources(sources)
 
     first = plans[0]
     accelerator = Accelerator(mixed_precision=first["resolved"].get("mixed_precision"))
+    ecfg.resolve_auto(accelerator.device.type)
     for p in plans:
-        p["cfg"].resolve_compute_dtype(accelerator.device.type)  # runs saved before auto existed are concrete
+        p["cfg"].resolve_auto(accelerator.device.type)  # runs saved before auto existed are concrete
         p["model_path"], p["tokenizer"] = tokenizer_of(p["source"])
         p["data"] = prepare_data(DataSource.from_config(p["cfg"]), p["template"], p["tokenizer"], [p["split"]],
                                  p["cfg"].max_length, {p["split"]: p["max_samples"]}, accelerator)
@@ -126,6 +139,84 @@ def evaluate_runs(ecfg: EvalConfig) -> list[dict]:
             r["adapter_switch"] = {"adapters": len(loaded.adapter_names), "load_seconds": loaded.load_seconds,
                                    "switch_seconds": loaded.switch_seconds}
     return results
+
+
+def evaluate_generative(ecfg: EvalConfig, source) -> dict:
+    """One --objective sft|lm run: its held-out data and model rebuilt as ft.py built them, scored by the same
+    ``generative.evaluate``, so the final adapter's figures are metrics.json's (with the run's --fast_eval)."""
+    from contextlib import nullcontext
+
+    from accelerate import Accelerator
+    from accelerate.utils import set_seed
+
+    from qlora_cls import generative
+    from qlora_cls import records as rec
+    from qlora_cls.files import atomic_write_json, crash_safe_dir
+    from qlora_cls.merging import check_chat_format, generative_scores
+    from qlora_cls.pipeline import build_model, check_model_paths, tokenizer_for
+
+    cfg, resolved, summary = source.cfg, source.resolved, source.summary
+    split = resolved.get("eval_split") or "validation"
+    refused = [f"--{name} {value}" for name, value in (
+        ("split", None if ecfg.split in (None, split) else ecfg.split), ("prompt", ecfg.prompt),
+        ("dataset", ecfg.dataset), ("eval_stream_dtype", None if ecfg.eval_stream_dtype == "float32"
+                                    else ecfg.eval_stream_dtype)) if value is not None]
+    if refused:
+        raise UsageError(f"{refused[0]}: {source.path} is an --objective {cfg.objective} run, scored on its own "
+                         f"held-out {split} data with its own chat format; that flag applies to classification runs")
+    name = resolved.get("prompt_name") or cfg.objective
+    suffix = "-base" if ecfg.base_only else ("" if ecfg.adapter == "adapter" else "-best")
+    out_dir = Path(ecfg.output_dir) if ecfg.output_dir else source.path / "evals" / f"{split}-{name}{suffix}"
+    if out_dir.exists() and not out_dir.is_dir():
+        raise UsageError(f"--output_dir {out_dir} is a file; give a folder for metrics.json and the generations")
+    if out_dir.exists() and any(out_dir.iterdir()) and not ecfg.overwrite:
+        raise UsageError(f"{out_dir} already holds an evaluation; pass --overwrite to replace it "
+                         f"or --output_dir to write elsewhere")
+    check_model_paths(cfg.model_dir, cfg.tokenizer_dir)
+    if ecfg.max_eval_samples is not None:  # none: as the run did; 0: every held-out example
+        cfg.max_eval_samples = ecfg.max_eval_samples or None
+    cfg.eval_batch_size = ecfg.eval_batch_size or cfg.eval_batch_size
+    accelerator = Accelerator(mixed_precision=resolved.get("mixed_precision"))
+    ecfg.resolve_auto(accelerator.device.type)
+    cfg.resolve_auto(accelerator.device.type)
+    cfg.fast_eval = ecfg.fast_eval
+    model_path, tokenizer = tokenizer_for(cfg)
+    data = generative.prepare(cfg, tokenizer)  # sets the chat template and adds its markers, as in ft.py
+    if data.fmt is not None:
+        check_chat_format(data.fmt, tokenizer, source.records, model_path)
+    set_seed(cfg.seed)
+    model = build_model(cfg, model_path, tokenizer, None, accelerator,
+                        adapter_dir=None if ecfg.base_only else str(source.adapter_dir), base_only=ecfg.base_only,
+                        new_tokens=data.fmt.added_tokens if data.fmt else ())
+    what = "the un-tuned base model" if ecfg.base_only else f"the run's {ecfg.adapter}/"
+    main = accelerator.is_main_process
+    if main:
+        out_dir.parent.mkdir(parents=True, exist_ok=True)
+    with crash_safe_dir(out_dir) if main else nullcontext() as tmp:
+        scores = generative.evaluate(cfg, model, data, tokenizer, accelerator, tmp, split)
+        # the other side: the base model's figures (metrics.json) beside the adapter's, the adapter's beside the base's
+        other_name = "the run's final adapter" if ecfg.base_only else "the base model"
+        other = (generative_scores(summary or {}, "adapter") if ecfg.base_only
+                 else ((summary or {}).get("baseline") or {}).get("metrics") or {})
+        names = [k for k in (resolved.get("metrics") or scores) if k in scores]
+        run_info = rec.describe_eval(cfg, source.records, what, split, name, len(data.eval), cfg.max_eval_samples,
+                                     summary)
+        if ecfg.base_only:
+            run_info["trained"] = "not fine-tuned: the base model"
+        result = {"run": run_info, "objective": cfg.objective, "split": split, "prompt": name,
+                  "adapter": None if ecfg.base_only else ecfg.adapter, "base_only": ecfg.base_only,
+                  "examples": len(data.eval), "max_eval_samples": cfg.max_eval_samples,
+                  "run_finished": summary is not None, "eval_batch_size": cfg.eval_batch_size, "fast_eval": cfg.fast_eval,
+                  "metrics": scores, "compared_with": {"what": other_name + " (metrics.json)", "metrics": other}}
+        if main:
+            atomic_write_json(tmp / "metrics.json", result)
+    if main:
+        line = ", ".join(f"{k}={scores[k]:.4f}" for k in names)
+        known = [k for k in names if other.get(k) is not None]
+        print(f"{split} ({name}{suffix}): {line}" + (f"   {other_name}: " + ", ".join(
+            f"{k}={other[k]:.4f}" for k in known) if known else ""))
+        print(f"written: {out_dir}")
+    return result
 
 
 def _write(ecfg: EvalConfig, p: dict, logits, stats: dict, batch_size: int, accelerator) -> dict:

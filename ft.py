@@ -27,6 +27,9 @@ from qlora_cls.errors import UsageError
 from qlora_cls.files import append_jsonl, atomic_write_csv, atomic_write_json, atomic_write_text
 
 log = logging.getLogger("ft")
+# The generative objectives' metrics, main one first (lower is better for it: qlora_cls/generative.py).
+GENERATIVE_METRICS = {"sft": ("answer_perplexity", "answer_loss", "stop_rate", "exact_match", "rouge_l"),
+                      "lm": ("perplexity", "nll")}
 RESULTS_DIR = Path(__file__).resolve().parent / "results"
 WRITE_ERRORS = (errno.ENOSPC, errno.EDQUOT, errno.EACCES, errno.EROFS, errno.EPERM)
 
@@ -59,22 +62,24 @@ def main(argv: Optional[Sequence[str]] = None) -> Optional[dict]:
 
 
 def train(cfg: TrainConfig) -> Optional[dict]:
-    """Setup, the training loop, the final outputs. The loop is here in full; the phases around it follow."""
-    import torch
+    """Setup, the training loop, the final outputs. The loop is here in full; the phases around it follow.
+
+    The objective's three pieces, each one line to swap: the collator (``build_training``'s DataLoader), the
+    loss (``forward(model, batch).loss``) and the evaluator (``evaluate``)."""
     from tqdm.auto import tqdm
 
     from qlora_cls import checkpoint
-    from qlora_cls.batching import train_batches
 
     run = setup(cfg)  # everything cheap is checked first: a bad flag must not cost a model load
     if not isinstance(run, Run):
         return run  # --dry_run: the memory estimate
-    model, optimizer, scheduler, trainable = build_training(run)
+    model, optimizer, scheduler, loader, trainable = build_training(run)
     write_run_records(run, model)
     progress = resume_or_start(run, model, optimizer, scheduler)
     accelerator, run_dir = run.accelerator, run.dir
-    world, rank, accum = accelerator.num_processes, accelerator.process_index, cfg.gradient_accumulation_steps
-    stop = _StopFlag()
+    if run.generative:  # the base model's scores (the model at step 0), beside which the run is judged
+        score_base_model(run, model, progress)
+    stop = _StopFlag(accelerator)
 
     bar = tqdm(total=run.total_steps, initial=progress["global_step"], disable=not accelerator.is_main_process,
                desc="training")
@@ -84,38 +89,19 @@ def train(cfg: TrainConfig) -> Optional[dict]:
     start_epoch = progress["epoch"]
     for epoch in range(start_epoch, run.epochs):
         model.train()
-        batches = train_batches(run.train_rows.lengths, cfg.batch_size, cfg.seed, epoch, world, rank, accum,
-                                cfg.group_by_length)
-        first = progress["batch_in_epoch"] if epoch == start_epoch else 0
+        # The batch order is a function of (seed, epoch). Accelerate passes its loader's epoch on to the sampler
+        # in one process; under several its BatchSamplerShard does not, so the sampler is told directly too.
+        loader.set_epoch(epoch)
+        run.sampler.set_epoch(epoch)
+        first = progress["batch_in_epoch"] if epoch == start_epoch else 0  # resumed mid-epoch: skip what was trained
         clock = time.perf_counter()  # training time only: evaluations and checkpoints are not counted
-        for i in range(first, len(batches)):
-            batch = {k: v.to(accelerator.device) for k, v in run.train_rows(batches[i]).items()}
+        for i, batch in enumerate(accelerator.skip_first_batches(loader, first) if first else loader, first):
             with accelerator.accumulate(model):
                 loss = forward(model, batch).loss
                 accelerator.backward(loss)
-                # Real tokens from the known lengths, on the host: no device sync per micro-batch.
-                window.add(loss.detach(), sum(run.train_rows.lengths[r] for r in batches[i]), len(batches[i]))
+                window.add(loss.detach(), batch["attention_mask"].sum(), len(batch["input_ids"]))
                 if accelerator.sync_gradients:
-                    # Under DeepSpeed the engine clips and steps inside backward() (the optimizer calls
-                    # below are no-ops) and this returns the norm of the step it just took, as a float.
-                    grad_norm = torch.as_tensor(
-                        accelerator.clip_grad_norm_(trainable, cfg.max_grad_norm or float("inf")) or 0.0)
-                    # One host sync per optimizer step (not per micro-batch): a non-finite step must be
-                    # caught before it reaches the weights.
-                    if not torch.isfinite(grad_norm):
-                        if not cfg.skip_nonfinite:
-                            raise FloatingPointError(
-                                f"non-finite loss/gradient at optimizer step {global_step + 1} (epoch {epoch}); "
-                                f"stopped; the last good checkpoint is kept in {run_dir / checkpoint.DIR}; "
-                                f"rerun with a lower --lr, or --skip_nonfinite to skip such steps")
-                        progress["skipped_steps"] += 1
-                        optimizer.zero_grad(set_to_none=True)
-                        window.grad_norms.clear()
-                    else:
-                        window.grad_norms.append(grad_norm.detach())
-                        optimizer.step()
-                        scheduler.step()
-                        optimizer.zero_grad(set_to_none=True)
+                    optimizer_step(run, trainable, optimizer, scheduler, window, progress, global_step + 1, epoch)
             if not accelerator.sync_gradients:
                 continue
             global_step += 1
@@ -127,15 +113,15 @@ def train(cfg: TrainConfig) -> Optional[dict]:
                     append_jsonl(run_dir / "train_log.jsonl", entry)
                     bar.set_postfix(loss=f"{entry['loss']:.4f}")
                 accelerator.log({f"train/{k}": v for k, v in entry.items() if k not in ("step", "epoch")}
-                                | {"train/baseline_loss": run.baseline["train_loss"]}, step=global_step)
+                                | run.train_baseline_scalars, step=global_step)
             # Step-wise evaluation (--eval_every); the epoch's last step is evaluated just below, once.
-            ends_epoch = i + 1 == len(batches) or global_step >= run.total_steps
+            ends_epoch = i + 1 == len(loader) or global_step >= run.total_steps
             if cfg.eval_every and global_step % cfg.eval_every == 0 and not ends_epoch:
                 progress["train_seconds"] += time.perf_counter() - clock
                 evaluate(run, model, progress, epoch, "step")
                 model.train()
                 clock = time.perf_counter()
-            if stop.requested(accelerator) or (cfg.checkpoint_every and global_step % cfg.checkpoint_every == 0):
+            if stop.requested() or (cfg.checkpoint_every and global_step % cfg.checkpoint_every == 0):
                 progress["train_seconds"] += time.perf_counter() - clock
                 checkpoint.save(accelerator, run_dir, model, optimizer, scheduler, progress, cfg.keep_checkpoints)
                 clock = time.perf_counter()
@@ -180,9 +166,14 @@ class Run:
     total_steps: int
     warmup_steps: int
     prefix: Any  # prefix.TrainingPrefix: the prompt tokens each batch runs once (0 = none), and why
+    sampler: Any  # batching.LengthGroupedBatchSampler: every process's training batches, per epoch
     counts: dict = field(default_factory=dict)  # trainable and total parameters
     records: dict = field(default_factory=dict)  # config.json's content
     quant: dict = field(default_factory=dict)  # quant_config.json's content
+
+    @property
+    def generative(self) -> bool:
+        return self.cfg.objective != "classification"
 
     @property
     def spec(self):
@@ -190,7 +181,19 @@ class Run:
 
     @property
     def eval_rows(self):
-        return self.data.batchers[self.eval_split]
+        return self.data.eval if self.generative else self.data.batchers[self.eval_split]
+
+    @property
+    def metric_names(self) -> list:
+        return list(GENERATIVE_METRICS[self.cfg.objective]) if self.generative else list(self.spec.metrics)
+
+    @property
+    def main_metric(self) -> str:
+        return GENERATIVE_METRICS[self.cfg.objective][0] if self.generative else self.spec.main_metric
+
+    @property
+    def train_baseline_scalars(self) -> dict:
+        return {"train/baseline_loss": self.baseline["train_loss"]} if "train_loss" in self.baseline else {}
 
     @property
     def epochs(self) -> int:
@@ -211,9 +214,8 @@ def setup(cfg: TrainConfig):
 
     from qlora_cls import checkpoint
     from qlora_cls import records as rec
-    from qlora_cls.batching import DatasetTooSmall, train_batches
     from qlora_cls.data import DataSource, check_trainable, concat_batchers
-    from qlora_cls.hardware import resolve_gradient_checkpointing
+    from qlora_cls.memory import resolve_gradient_checkpointing
     from qlora_cls import methods
     from qlora_cls.modeling import meta_model
     from qlora_cls.pipeline import check_model_paths, prepare_data, tokenizer_for
@@ -222,9 +224,10 @@ def setup(cfg: TrainConfig):
     from qlora_cls.prompts import load_template
     from qlora_cls.tasks import GLUE_TASKS
 
-    template = load_template(cfg.prompt, cfg.glue_task)
+    generative = cfg.objective != "classification"  # sft / lm: qlora_cls/generative.py
+    template = None if generative else load_template(cfg.prompt, cfg.glue_task)
     check_model_paths(cfg.model_dir, cfg.tokenizer_dir)
-    source = DataSource.from_config(cfg)
+    source = None if generative else DataSource.from_config(cfg)
     accelerator = Accelerator(gradient_accumulation_steps=cfg.gradient_accumulation_steps,
                               mixed_precision=cfg.mixed_precision, log_with="tensorboard",
                               # The run folder is named later (it needs the processes to agree on a time
@@ -233,9 +236,8 @@ def setup(cfg: TrainConfig):
     # auto may measure the CPU (qlora_cls/hardware.py): the main process measures and caches, the others
     # read its cache, and every process takes the main process's answer.
     with accelerator.main_process_first():
-        cfg.resolve_compute_dtype(accelerator.device.type)
+        cfg.resolve_auto(accelerator.device.type)
     if accelerator.num_processes > 1:
-        from accelerate.utils import broadcast_object_list
         cfg.bnb_4bit_compute_dtype = broadcast_object_list([cfg.bnb_4bit_compute_dtype])[0]
     zero3 = check_launch_and_resolve(cfg, accelerator)
     eval_split = cfg.eval_split or _default_eval_split(cfg)
@@ -244,8 +246,13 @@ def setup(cfg: TrainConfig):
                          f"{' '.join(cfg.train_splits)}); evaluate on a held-out split with --eval_split")
     if cfg.dry_run:  # memory estimate from shapes on the meta device: no weights are read
         from qlora_cls.memory import dry_run
+        if generative:
+            raise UsageError(f"--dry_run estimates classification runs only so far; drop it for --objective "
+                             f"{cfg.objective}")
         return dry_run(cfg, source, template, cfg.train_splits, eval_split, accelerator)
     model_path, tokenizer = tokenizer_for(cfg)
+    if generative:
+        return _setup_generative(cfg, accelerator, zero3, model_path, tokenizer)
     # MNLI is also scored on its mismatched genres at the end (not when the validation splits are trained on).
     extra_splits = [] if cfg.trains_on_eval_data or cfg.train_file else [
         s for s in GLUE_TASKS[cfg.task].extra_eval_splits if s not in cfg.train_splits + [eval_split]]
@@ -288,32 +295,76 @@ def setup(cfg: TrainConfig):
                                   eval_rows.labels.numpy())
     log.info("trivial baseline on the %d %s examples: %s", baseline["eval_examples"], eval_split,
              rec.baseline_line(baseline))
-    try:
-        batches_per_epoch = len(train_batches(train_rows.lengths, cfg.batch_size, cfg.seed, 0, accelerator.num_processes,
-                                              accelerator.process_index, cfg.gradient_accumulation_steps,
-                                              cfg.group_by_length))
-    except DatasetTooSmall as exc:
-        raise UsageError(f"training data too small: {exc}")
-    steps_per_epoch = batches_per_epoch // cfg.gradient_accumulation_steps
-    total_steps = cfg.max_steps or cfg.epochs * steps_per_epoch  # --max_steps overrides --epochs
+    sampler, steps_per_epoch, total_steps = _schedule(cfg, accelerator, train_rows)
     return Run(cfg=cfg, accelerator=accelerator, dir=run_dir, data=data, train_rows=train_rows, eval_split=eval_split,
                extra_splits=extra_splits, model_path=model_path, tokenizer=tokenizer, plan=plan,
                param_budget=budget, zero3=zero3, select_best=select_best,
                resuming=cfg.resume and bool(checkpoint.checkpoints(run_dir)), baseline=baseline,
                steps_per_epoch=steps_per_epoch, total_steps=total_steps,
-               warmup_steps=math.ceil(cfg.warmup_ratio * total_steps), prefix=prefix)
+               warmup_steps=math.ceil(cfg.warmup_ratio * total_steps), prefix=prefix, sampler=sampler)
+
+
+def _setup_generative(cfg: TrainConfig, accelerator, zero3: bool, model_path: str, tokenizer) -> Run:
+    """setup() for --objective sft | lm: its data (qlora_cls/generative.py), the causal LM's plan (no head),
+    the run folder. No shared prompt prefix: it is exact for a pooled head, not for a loss on every answer token."""
+    from accelerate.utils import broadcast_object_list, set_seed
+
+    from qlora_cls import checkpoint, generative, methods
+    from qlora_cls.memory import resolve_gradient_checkpointing
+    from qlora_cls.modeling import meta_model
+    from qlora_cls.prefix import TrainingPrefix
+
+    data = generative.prepare(cfg, tokenizer)
+    if data.fmt and data.fmt.added_tokens and cfg.method not in ("qlora", "lora", "dora"):
+        raise UsageError(f"--chat_template {cfg.chat_template} adds tokens ({', '.join(data.fmt.added_tokens)}) whose "
+                         f"embeddings must train: use --method qlora, lora or dora, or a template of known tokens")
+    meta = meta_model(model_path, None, cfg.trust_remote_code)
+    plan = methods.plan(cfg, meta)
+    budget = methods.resolve_param_budget(cfg, model_path, None)
+    resolve_gradient_checkpointing(cfg, model_path, None, max(data.train.lengths), accelerator)
+    name = cfg.objective if cfg.objective == "lm" else data.fmt.name
+    run_dir = _results_dir(cfg, name, accelerator, broadcast_object_list)
+    if cfg.resume:
+        checkpoint.check_resumable(run_dir, asdict(cfg), plan.target_modules)
+    set_seed(cfg.seed)
+    sampler, steps_per_epoch, total_steps = _schedule(cfg, accelerator, data.train)
+    return Run(cfg=cfg, accelerator=accelerator, dir=run_dir, data=data, train_rows=data.train,
+               eval_split="validation", extra_splits=[], model_path=model_path, tokenizer=tokenizer, plan=plan,
+               param_budget=budget, zero3=zero3, select_best=True,
+               resuming=cfg.resume and bool(checkpoint.checkpoints(run_dir)), baseline={"metrics": {}},
+               steps_per_epoch=steps_per_epoch, total_steps=total_steps,
+               warmup_steps=math.ceil(cfg.warmup_ratio * total_steps),
+               prefix=TrainingPrefix(0, f"off (--objective {cfg.objective})"), sampler=sampler)
+
+
+def _schedule(cfg: TrainConfig, accelerator, train_rows):
+    """The training batches (every process's, per epoch), optimizer steps per epoch and in all."""
+    from qlora_cls.batching import DatasetTooSmall, LengthGroupedBatchSampler
+    try:
+        sampler = LengthGroupedBatchSampler(train_rows.lengths, cfg.batch_size, cfg.seed,
+                                            accelerator.num_processes * cfg.gradient_accumulation_steps,
+                                            cfg.group_by_length)
+    except DatasetTooSmall as exc:
+        raise UsageError(f"training data too small: {exc}")
+    steps_per_epoch = len(sampler) // (accelerator.num_processes * cfg.gradient_accumulation_steps)
+    return sampler, steps_per_epoch, cfg.max_steps or cfg.epochs * steps_per_epoch  # --max_steps overrides --epochs
 
 
 def build_training(run: Run):
-    """Base (4-bit or not) + head + what --method trains, on this process's device; optimizer and schedule, prepared."""
+    """Base (4-bit or not) + head + what --method trains, on this process's device; optimizer, schedule and
+    the training DataLoader, prepared in one call."""
+    import torch
+    from torch.utils.data import DataLoader
     from transformers import get_linear_schedule_with_warmup
 
     from qlora_cls.modeling import parameter_counts
     from qlora_cls.pipeline import build_model
 
     cfg, accelerator = run.cfg, run.accelerator
-    model = build_model(cfg, run.model_path, run.tokenizer, run.spec.num_labels, accelerator, zero3=run.zero3,
-                        head=run.plan.head)
+    fmt = getattr(run.data, "fmt", None)
+    model = build_model(cfg, run.model_path, run.tokenizer, None if run.generative else run.spec.num_labels,
+                        accelerator, zero3=run.zero3, head=run.plan.head,
+                        new_tokens=fmt.added_tokens if fmt else ())
     run.counts = counts = parameter_counts(model)
     log.info("trainable parameters: %s of %s (%.3f%%)", f"{counts['trainable']:,}", f"{counts['total']:,}",
              100 * counts["trainable"] / counts["total"])
@@ -322,32 +373,44 @@ def build_training(run: Run):
     # The scheduler is stepped by hand once per optimizer step: accelerate's prepared scheduler would
     # step it once per process, which makes warm-up and decay depend on the process count.
     scheduler = get_linear_schedule_with_warmup(optimizer, run.warmup_steps, run.total_steps)
-    model, optimizer = accelerator.prepare(model, optimizer)
-    return model, optimizer, scheduler, trainable
+    # A generator of its own: each pass of a DataLoader draws a base seed, which from the global generator would
+    # shift the dropout masks (evaluations, which run DataLoaders too, would then change the training).
+    loader = DataLoader(run.train_rows, batch_sampler=run.sampler, collate_fn=run.train_rows.collate,
+                        generator=torch.Generator())
+    model, optimizer, loader = accelerator.prepare(model, optimizer, loader)
+    return model, optimizer, scheduler, loader, trainable
 def write_run_records(run: Run, model) -> None:
     """The run folder's settings (config.json first, so a crashed run still says what it was) and TensorBoard."""
     import utils
     from qlora_cls import methods
     from qlora_cls import records as rec
-    from qlora_cls.batching import padding_efficiency, train_batches
+    from qlora_cls.batching import padding_efficiency
     from qlora_cls.modeling import quantization_config
 
-    cfg, accelerator, spec = run.cfg, run.accelerator, run.spec
+    cfg, accelerator = run.cfg, run.accelerator
     world, accum = accelerator.num_processes, cfg.gradient_accumulation_steps
-    all_batches = train_batches(run.train_rows.lengths, cfg.batch_size, cfg.seed, 0, world, 0, accum,
-                                cfg.group_by_length)
-    resolved = {"model_path": run.model_path, "eval_split": run.eval_split, "prompt_name": run.data.template.name,
-                "task": spec.name, "num_labels": spec.num_labels, "label_names": run.data.task.label_names,
-                "text_columns": list(spec.text_columns), "metrics": list(spec.metrics),
-                "main_metric": spec.main_metric, "pad_token_id": run.tokenizer.pad_token_id,
+    if run.generative:
+        fmt = run.data.fmt
+        objective = {"task": cfg.objective, "label_names": None, "prompt_name": fmt.name if fmt else None,
+                     "end_of_turn": fmt.end_of_turn if fmt else None, "added_tokens": fmt.added_tokens if fmt else [],
+                     "stop_ids": run.data.stop_ids}
+        prompt = fmt.template if fmt else None
+    else:
+        spec = run.spec
+        objective = {"prompt_name": run.data.template.name, "task": spec.name, "num_labels": spec.num_labels,
+                     "label_names": run.data.task.label_names, "text_columns": list(spec.text_columns),
+                     "pad_token_in_inputs": run.data.pad_in_inputs}
+        prompt = run.data.template.text
+    resolved = {"model_path": run.model_path, "eval_split": run.eval_split, **objective,
+                "metrics": run.metric_names, "main_metric": run.main_metric, "pad_token_id": run.tokenizer.pad_token_id,
                 **run.plan.to_dict(), "not_quantized": list(run.plan.head) if cfg.load_in_4bit else None,
-                "pad_token_in_inputs": run.data.pad_in_inputs, "parameters": run.counts,
+                "parameters": run.counts,
                 "train_examples": len(run.train_rows), "eval_examples": len(run.eval_rows),
                 "steps_per_epoch": run.steps_per_epoch, "total_steps": run.total_steps,
                 "warmup_steps": run.warmup_steps, "global_batch_size": cfg.batch_size * world * accum,
                 "mixed_precision": accelerator.mixed_precision, "distributed_type": str(accelerator.distributed_type),
                 "baseline": run.baseline, "param_budget": run.param_budget,
-                "train_padding_efficiency": padding_efficiency(all_batches, run.train_rows.lengths),
+                "train_padding_efficiency": padding_efficiency(run.sampler.batches(0), run.train_rows.lengths),
                 "train_prefix_tokens": run.prefix.tokens, "train_prefix": run.prefix.reason}
     quant = quantization_config(cfg, run.plan.head)
     run.quant = quant.to_dict() if quant else {"load_in_4bit": False}
@@ -362,15 +425,17 @@ def write_run_records(run: Run, model) -> None:
         atomic_write_json(run.dir / "quant_config.json", run.quant)
         name, settings = methods.config_record(run.cfg, accelerator.unwrap_model(model))  # lora_config.json, ...
         atomic_write_json(run.dir / name, settings)
-        atomic_write_text(run.dir / "prompt.txt", run.data.template.text + "\n")
+        if prompt:
+            atomic_write_text(run.dir / ("chat_template.jinja" if run.generative else "prompt.txt"), prompt + "\n")
     # accelerate's tracker writes to <logging_dir>/<project name>: the events land in the run folder itself,
     # so `tensorboard --logdir results` (or a sweep folder) names the run after its folder.
     accelerator.project_configuration.project_dir = str(run.dir)
     accelerator.project_configuration.logging_dir = str(run.dir.parent)
     accelerator.init_trackers(run.dir.name)
     if accelerator.is_main_process:
-        rec.tensorboard_layout(accelerator.get_tracker("tensorboard", unwrap=True), spec.metrics, run.baseline_scalars)
-    accelerator.log({**run.baseline_scalars, "train/baseline_loss": run.baseline["train_loss"]}, step=0)
+        rec.tensorboard_layout(accelerator.get_tracker("tensorboard", unwrap=True), run.metric_names,
+                               run.baseline_scalars)
+    accelerator.log({**run.baseline_scalars, **run.train_baseline_scalars}, step=0)
 
 
 def resume_or_start(run: Run, model, optimizer, scheduler) -> dict:
@@ -395,30 +460,59 @@ def evaluate(run: Run, model, progress: dict, epoch: int, trigger: str):
     over every evaluation, whichever cadence produced it.
     """
     from accelerate.utils import broadcast_object_list
-    from qlora_cls import records as rec
     from qlora_cls.evaluation import predict
     from qlora_cls.metrics import compute_metrics
 
-    accelerator, spec, step = run.accelerator, run.spec, progress["global_step"]
-    logits, stats = predict(accelerator.unwrap_model(model), run.eval_rows, run.cfg.eval_batch_size, accelerator,
-                            fast=run.cfg.fast_eval)
-    scores = compute_metrics(spec, logits, run.eval_rows.labels.numpy()) if accelerator.is_main_process else {}
-    scores = broadcast_object_list([scores])[0]
+    accelerator, step = run.accelerator, progress["global_step"]
+    if run.generative:
+        from qlora_cls import generative
+        logits, stats = None, {}
+        scores = generative.evaluate(run.cfg, accelerator.unwrap_model(model), run.data, run.tokenizer, accelerator,
+                                     run.dir, run.eval_split, run.zero3)
+    else:
+        logits, stats = predict(accelerator.unwrap_model(model), run.eval_rows, run.cfg.eval_batch_size, accelerator,
+                                fast=run.cfg.fast_eval)
+        scores = compute_metrics(run.spec, logits, run.eval_rows.labels.numpy()) if accelerator.is_main_process else {}
+        scores = broadcast_object_list([scores])[0]
     entry = {"epoch": epoch, "step": step, "split": run.eval_split, "trigger": trigger, **scores, **stats}
     progress["history"].append(entry)
     accelerator.log({f"eval/{k}": v for k, v in entry.items() if k not in ("epoch", "step", "split", "trigger")}
                     | run.baseline_scalars, step=step)
     when = f"epoch {epoch} (step {step})" if trigger == "epoch" else f"step {step} (epoch {epoch})"
     if scores:
-        log.info("%s: %s (trivial baseline: %s)", when, ", ".join(f"{k}={scores[k]:.4f}" for k in spec.metrics),
-                 rec.baseline_line(run.baseline))
+        log.info("%s: %s (%s)", when, ", ".join(f"{k}={scores[k]:.4f}" for k in run.metric_names if k in scores),
+                 _baseline_text(run))
     elif accelerator.is_main_process:
         log.info("%s: %s has hidden labels: predictions written, no score", when, run.eval_split)
     best = progress["best"]
-    if run.select_best and scores and (best is None or scores[spec.main_metric] > best["score"]):
-        progress["best"] = {"epoch": epoch, "step": step, "score": scores[spec.main_metric]}
+    score = scores.get(run.main_metric)
+    if run.generative and score is not None:
+        score = -score  # perplexity: lower is better
+    if run.select_best and scores and (best is None or score > best["score"]):
+        progress["best"] = {"epoch": epoch, "step": step, "score": score}
         save_trained(run.accelerator, model, run.dir / "adapter_best", run.zero3, run.cfg)
     return logits
+
+
+def _baseline_text(run: Run) -> str:
+    from qlora_cls import records as rec
+    if not run.generative:
+        return f"trivial baseline: {rec.baseline_line(run.baseline)}"
+    return "the base model: " + ", ".join(f"{k}={v:.4f}" for k, v in run.baseline["metrics"].items()
+                                          if k in run.metric_names)
+
+
+def score_base_model(run: Run, model, progress: dict) -> None:
+    """The generative runs' baseline: the model before its first step is the base model (generative.py), scored
+    once, kept in the checkpoints' progress (a resumed run does not score it again) and in TensorBoard."""
+    from qlora_cls import generative
+    if progress.get("base") is None:
+        progress["base"] = generative.evaluate(run.cfg, run.accelerator.unwrap_model(model), run.data, run.tokenizer,
+                                               run.accelerator, run.dir, f"{run.eval_split}_base", run.zero3)
+        run.baseline = {"kind": "base_model", "metrics": progress["base"]}
+        log.info("before training, %s", _baseline_text(run))
+        run.accelerator.log(run.baseline_scalars, step=0)
+    run.baseline = {"kind": "base_model", "metrics": progress["base"]}
 
 
 def finish(run: Run, model, progress: dict, logits) -> dict:
@@ -432,6 +526,8 @@ def finish(run: Run, model, progress: dict, logits) -> dict:
     from qlora_cls.latency import measure_latency
     from qlora_cls.metrics import compute_metrics
 
+    if run.generative:
+        return _finish_generative(run, model, progress)
     cfg, accelerator, spec, run_dir = run.cfg, run.accelerator, run.spec, run.dir
     label_names, eval_rows = run.data.task.label_names, run.eval_rows
     save_trained(accelerator, model, run_dir / "adapter", run.zero3, cfg)
@@ -453,8 +549,7 @@ def finish(run: Run, model, progress: dict, logits) -> dict:
     vs_baseline = rec.compare(spec, scores, run.baseline, rec.model_mse(logits, eval_rows.labels.numpy())
                               if spec.is_regression else None)
     epochs_trained = step / run.steps_per_epoch
-    tokens = tokens_trained(run.train_rows.lengths, cfg.batch_size, cfg.seed, accelerator.num_processes,
-                            cfg.gradient_accumulation_steps, cfg.group_by_length, step)
+    tokens = tokens_trained(run.sampler, accelerator.num_processes, cfg.gradient_accumulation_steps, step)
     seconds = progress["train_seconds"]
     summary = {
         "run": rec.describe_run(cfg, run.records["resolved"], run.quant, step, len(history)),
@@ -496,6 +591,55 @@ def finish(run: Run, model, progress: dict, logits) -> dict:
     return summary
 
 
+def _finish_generative(run: Run, model, progress: dict) -> dict:
+    """finish() for --objective sft | lm: adapter/ with the tokenizer (its chat template and any added tokens),
+    metrics.json with the final scores beside the base model's, HParams."""
+    import shutil
+
+    import utils
+    from qlora_cls import records as rec
+    from qlora_cls.batching import tokens_trained
+
+    cfg, accelerator, run_dir = run.cfg, run.accelerator, run.dir
+    save_trained(accelerator, model, run_dir / "adapter", run.zero3, cfg)
+    history, best, step = progress["history"], progress["best"], progress["global_step"]
+    final, base = history[-1], run.baseline["metrics"]
+    scores = {k: final[k] for k in run.metric_names if k in final}
+    vs_base = {k: {"model": scores[k], "base_model": base[k], "change": scores[k] - base[k]}
+               for k in scores if base.get(k) is not None}
+    tokens = tokens_trained(run.sampler, accelerator.num_processes, cfg.gradient_accumulation_steps, step)
+    seconds = progress["train_seconds"]
+    summary = {
+        "run": rec.describe_run(cfg, run.records["resolved"], run.quant, step, len(history)),
+        "objective": cfg.objective, "main_metric": run.main_metric, "eval_split": run.eval_split,
+        "baseline": run.baseline, "vs_baseline": vs_base, "evaluations": history, "final": dict(final),
+        "best_step": best["step"] if best else None, "parameters": run.counts, "train_seconds": seconds,
+        "skipped_steps": progress["skipped_steps"], "train_tokens": tokens,
+        "train_tokens_per_s": tokens / seconds if seconds else None,
+        "peak_memory_bytes": max(accelerator.gather_for_metrics([utils.peak_memory_bytes(accelerator.device)],
+                                                                use_gather_object=True)),
+        "world_size": accelerator.num_processes,
+    }
+    if accelerator.is_main_process:
+        run.tokenizer.save_pretrained(run_dir / "adapter")  # generation needs the same template and vocabulary
+        if best and best["step"] == final["step"]:
+            shutil.rmtree(run_dir / "adapter_best", ignore_errors=True)  # identical to adapter/
+        summary["has_adapter_best"] = (run_dir / "adapter_best").is_dir()
+        main = vs_base.get(run.main_metric)
+        if main and main["change"] >= 0:
+            log.warning("the final adapter does not improve on the base model: %s %.4f against %.4f (lower is "
+                        "better)", run.main_metric, main["model"], main["base_model"])
+        atomic_write_json(run_dir / "metrics.json", summary)  # last: its presence means the run finished
+        swept = rec.swept_fields(run_dir)
+        rec.write_hparams(accelerator.get_tracker("tensorboard", unwrap=True),
+                          rec.hparams(cfg, run.records["resolved"], run.quant, swept),
+                          {f"hparam/{k}": v for k, v in scores.items()}
+                          | {f"hparam/baseline_{k}": v for k, v in base.items() if k in run.metric_names}, swept)
+        print(f"results: {run_dir}\ntensorboard: {rec.tensorboard_hint(run_dir, RESULTS_DIR)}")
+    accelerator.end_training()
+    return summary
+
+
 # ---------------------------------------------------------------------------------------------------
 def _default_eval_split(cfg: TrainConfig) -> str:
     from qlora_cls.tasks import GLUE_TASKS
@@ -528,6 +672,29 @@ def _results_dir(cfg, prompt_name, accelerator, broadcast_object_list) -> Path:
     return path
 
 
+def optimizer_step(run: Run, trainable, optimizer, scheduler, window, progress: dict, step: int, epoch: int) -> None:
+    """Clip, check, step: one host sync per optimizer step (not per micro-batch), since a non-finite step
+    must be caught before it reaches the weights."""
+    import torch
+    from qlora_cls import checkpoint
+    cfg = run.cfg
+    # Under DeepSpeed the engine clips and steps inside backward() (the optimizer calls below are no-ops)
+    # and this returns the norm of the step it just took, as a float.
+    grad_norm = torch.as_tensor(run.accelerator.clip_grad_norm_(trainable, cfg.max_grad_norm or float("inf")) or 0.0)
+    if torch.isfinite(grad_norm):
+        window.grad_norms.append(grad_norm.detach())
+        optimizer.step()
+        scheduler.step()
+    elif cfg.skip_nonfinite:
+        progress["skipped_steps"] += 1
+        window.grad_norms.clear()
+    else:
+        raise FloatingPointError(f"non-finite loss/gradient at optimizer step {step} (epoch {epoch}); stopped; the "
+                                 f"last good checkpoint is kept in {run.dir / checkpoint.DIR}; rerun with a lower "
+                                 f"--lr, or --skip_nonfinite to skip such steps")
+    optimizer.zero_grad(set_to_none=True)
+
+
 def make_optimizer(cfg: TrainConfig, params):
     import torch
     if cfg.optim == "adamw_torch":
@@ -550,30 +717,29 @@ def save_trained(accelerator, model, path: Path, zero3: bool, cfg: TrainConfig) 
 
 
 class _Window:
-    """Training statistics between two log lines, kept on the device (no sync per micro-batch)."""
+    """Training statistics between two log lines, kept on the device (no host sync per micro-batch)."""
 
     def __init__(self, device):
         import torch
         self.device = device
-        self.loss_sum = torch.zeros((), device=device)
+        self.sums = torch.zeros(2, device=device, dtype=torch.float64)  # loss, real tokens
         self.micro_batches = 0
-        self.tokens = 0
         self.examples = 0
         self.grad_norms: list = []
         self.started = time.perf_counter()
 
-    def add(self, loss, tokens: int, examples: int) -> None:
-        self.loss_sum += loss.float()
+    def add(self, loss, tokens, examples: int) -> None:
+        self.sums[0] += loss.double()
+        self.sums[1] += tokens
         self.micro_batches += 1
-        self.tokens += tokens
         self.examples += examples
 
     def flush(self, accelerator, step: int, epoch: int, lr: float) -> dict:
         import torch
         import utils
         seconds = time.perf_counter() - self.started
-        stats = torch.tensor([self.loss_sum.item() / max(self.micro_batches, 1), self.tokens, self.examples],
-                             device=accelerator.device, dtype=torch.float64)
+        stats = torch.stack([self.sums[0] / max(self.micro_batches, 1), self.sums[1],
+                             torch.tensor(float(self.examples), device=self.device, dtype=torch.float64)])
         loss, tokens, examples = accelerator.reduce(stats, reduction="sum").tolist()
         entry = {"step": step, "epoch": epoch, "loss": loss / accelerator.num_processes, "lr": lr,
                  "grad_norm": float(torch.stack(self.grad_norms).mean()) if self.grad_norms else None,
@@ -584,10 +750,13 @@ class _Window:
 
 
 class _StopFlag:
-    """SIGTERM/SIGINT (what clusters send before pre-emption): finish the step, checkpoint, exit."""
+    """SIGTERM/SIGINT (what clusters send before pre-emption): finish the step, checkpoint, exit.
 
-    def __init__(self):
-        self.signum = 0
+    The handler sets Accelerate's trigger; ``check_trigger`` agrees on it across processes (one all-reduce),
+    so every process stops at the same step."""
+
+    def __init__(self, accelerator):
+        self.accelerator, self.signum = accelerator, 0
         for sig in (signal.SIGTERM, signal.SIGINT):
             try:
                 signal.signal(sig, self._handle)
@@ -596,14 +765,11 @@ class _StopFlag:
 
     def _handle(self, signum, frame):
         self.signum = signum
+        self.accelerator.set_trigger()
 
-    def requested(self, accelerator) -> bool:
-        if accelerator.num_processes == 1:
-            return self.signum != 0
-        import torch
-        # All processes must stop at the same step, so the flag is agreed on collectively.
-        flag = torch.tensor([self.signum], device=accelerator.device)
-        self.signum = int(accelerator.reduce(flag, reduction="sum").item() and (self.signum or signal.SIGTERM))
+    def requested(self) -> bool:
+        if self.accelerator.check_trigger():
+            self.signum = self.signum or signal.SIGTERM  # another process was signalled
         return self.signum != 0
 
 

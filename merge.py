@@ -8,6 +8,12 @@ against, de-quantized to float32, so the merged model predicts what the adapter 
 fine-tuning run (--method full) is exported as its trained weights (nothing to merge). The folder
 (config.json + model.safetensors, tokenizer, prompt.txt, qlora_cls.json, README.md model card) loads
 with AutoModelForSequenceClassification.from_pretrained. See qlora_cls/merging.py.
+
+A generative run (ft.py --objective sft|lm) is merged the same way into an AutoModelForCausalLM folder:
+config.json + model.safetensors (embeddings resized to any turn markers its chat template added),
+generation_config.json (stops on the run's end of turn), the tokenizer with its chat template,
+qlora_cls.json (objective, chat template, end of turn, stop ids, added tokens, metrics) and README.md;
+its greedy generations are the adapter's.
 """
 from __future__ import annotations
 

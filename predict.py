@@ -142,9 +142,10 @@ def predict_file(pcfg: PredictConfig) -> dict:
         accelerator = Accelerator(mixed_precision=sources[0].resolved.get("mixed_precision"))
         if accelerator.num_processes > 1:
             raise UsageError("predict.py runs in one process; start it with python, not accelerate launch")
+        pcfg.resolve_auto(accelerator.device.type)
         for s in sources:
             if s.cfg is not None:
-                s.cfg.resolve_compute_dtype(accelerator.device.type)
+                s.cfg.resolve_auto(accelerator.device.type)
         tokenizers = [tokenizer_of(s) for s in sources]
         if len({t.pad_token_id for _, t in tokenizers}) > 1:
             raise UsageError("the runs' tokenizers pad with different token ids; one loaded base knows one pad id")
@@ -221,7 +222,7 @@ def _predict_rows(source, rows: list[dict], tokenizer, model, batch_size: Option
         return []
     ids = encode_prompts(tokenizer, source.template, rows, source.max_length)
     batcher = TokenizedSplit({"input_ids": ids, "length": [len(x) for x in ids], "idx": list(range(len(ids))),
-                       "labels": [0] * len(ids)}, tokenizer.pad_token_id, False)
+                       "labels": [0] * len(ids)}, tokenizer, False)
     logits, _ = predict(model, batcher, batch_size or source.default_batch_size, accelerator,
                         fast=fast_model is not None, prepared=fast_model)
     probs = probabilities(source.spec, logits)

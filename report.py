@@ -24,7 +24,9 @@ from pathlib import Path
 from typing import Any, Optional, Sequence
 
 from qlora_cls.cli import OneLineArgumentParser
+from qlora_cls import report as rp
 from qlora_cls.errors import UsageError
+from qlora_cls.files import atomic_write_text
 
 OUTPUTS = ("report.md", "report.csv", "evals.csv", "methods.csv", "eval_vs_step.csv", "eval_per_epoch.png",
            "train_loss.png", "final_metric.png", "prompt_matrix.png")
@@ -52,8 +54,6 @@ def main(argv: Optional[Sequence[str]] = None) -> dict:
 
 def write_report(folder: Path, out: Optional[Path], metric: Optional[str]) -> dict:
     from qlora_cls import plots
-    from qlora_cls import report as rp
-    from qlora_cls.files import atomic_write_text
 
     col = rp.collect(folder)
     out = out or folder / "report"
@@ -64,12 +64,12 @@ def write_report(folder: Path, out: Optional[Path], metric: Optional[str]) -> di
     if foreign:
         raise UsageError(f"--out {out} holds files report.py did not write ({', '.join(foreign[:5])}); "
                          f"choose another --out")
-    out.mkdir(parents=True, exist_ok=True)
     runs = [r for r in col.runs if r.finished]
     metrics = rp.metric_names(runs or col.runs)
     metric = metric or rp.main_metric(runs or col.runs)
     if metric not in metrics:
         raise UsageError(f"--metric {metric}: the runs report {', '.join(metrics) or 'no metrics'}")
+    out.mkdir(parents=True, exist_ok=True)
 
     rows = []
     for g in col.groups:
@@ -307,7 +307,6 @@ LATENCY_COLUMNS = (("latency batch 1 (ms)", "latency_b1_ms"), ("latency batch 8 
 
 
 def _method_markdown(col, rows, metric, baselines) -> list[str]:
-    from qlora_cls.report import METHOD_FIELDS, value_text
     others = [f for f in col.swept if f != "method"]
     show_settings = bool(others) or any(r["differs"] for r in rows)
     header = ["method", *(["other settings"] if show_settings else []), "n", "trainable params", "% of model",
@@ -329,9 +328,9 @@ def _method_markdown(col, rows, metric, baselines) -> list[str]:
 
     table = []
     for r in rows:
-        settings = ", ".join(f"{k}={value_text(r['settings'].get(k))}" for k in others)
+        settings = ", ".join(f"{k}={rp.value_text(r['settings'].get(k))}" for k in others)
         if r["differs"]:
-            settings += " [" + ", ".join(f"{k}={value_text(v)}" for k, v in r["differs"].items()) + "]"
+            settings += " [" + ", ".join(f"{k}={rp.value_text(v)}" for k, v in r["differs"].items()) + "]"
         trainable = r["trainable_params"]
         table.append([r["method"], *([settings] if show_settings else []), str(r["n_runs"]),
                       f"{trainable:,d}" if isinstance(trainable, int) else str(trainable or "–"),
@@ -358,7 +357,7 @@ def _method_markdown(col, rows, metric, baselines) -> list[str]:
              "The trivial baseline trains nothing and stores nothing.", ""]
     for key, names in missing.items():
         lines.append(f"¹ '{next(h for h, k, *_ in METHOD_COLUMNS + LATENCY_COLUMNS if k == key)}' not recorded: "
-                     f"metrics.json has no {METHOD_FIELDS[key][0]} (older ft.py): {'; '.join(names)}.")
+                     f"metrics.json has no {rp.METHOD_FIELDS[key][0]} (older ft.py): {'; '.join(names)}.")
     for key, names in partial.items():
         lines.append(f"'{next(h for h, k, *_ in METHOD_COLUMNS + LATENCY_COLUMNS if k == key)}' over the runs "
                      f"that record it: {'; '.join(names)}.")
@@ -373,7 +372,6 @@ def _method_markdown(col, rows, metric, baselines) -> list[str]:
 
 def _markdown(col, rows, base, problems, metrics, metric, figures, baselines, below, method_rows=(),
               curves=None) -> str:
-    from qlora_cls import report as rp
     runs = [r for r in col.runs if r.finished]
     lines = [f"# Report: {col.root}", "", "## What was run", "", *rp.context_markdown(col),
              f"- **Swept fields:** {', '.join(col.swept) or 'none'}" + (
@@ -387,7 +385,8 @@ def _markdown(col, rows, base, problems, metrics, metric, figures, baselines, be
             lines.append(f"- {t['description']}: {values} on {t['examples']} {t['split']} examples")
         lines.append("")
     else:
-        lines += ["No trivial baseline recorded (these runs predate it); compare with care.", ""]
+        lines += ["No trivial baseline recorded (these runs predate it); compare with care." if runs else
+                  "No run has finished yet: no scores and no trivial baseline to compare them with.", ""]
     for w in below:
         lines.append(f"> **Warning:** {w}.")
     for w in col.warnings:

@@ -27,16 +27,17 @@ from datetime import datetime
 from pathlib import Path
 from typing import Optional, Sequence
 
-from qlora_cls import procs
+from qlora_cls import procs, sweeps
 from qlora_cls.cli import OneLineArgumentParser, strict_bool
 from qlora_cls.errors import UsageError
+from qlora_cls.files import atomic_write_json, atomic_write_text, read_json
+from qlora_cls.prompts import available_templates, load_template
 
 REPO = Path(__file__).resolve().parent
 log = logging.getLogger("sweep")
 
 
 def build_parser() -> argparse.ArgumentParser:
-    from qlora_cls.prompts import available_templates
     p = OneLineArgumentParser(prog="sweep.py", description=__doc__, allow_abbrev=False,
                        formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--grid", help="YAML/JSON file: field: [values] (swept) or field: value (fixed); "
@@ -70,9 +71,6 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
 
 
 def run_sweep(argv: Optional[Sequence[str]]) -> int:
-    from qlora_cls import sweeps
-    from qlora_cls.prompts import load_template
-
     opts, rest = build_parser().parse_known_args(argv)
     if opts.accelerate_config and not Path(opts.accelerate_config).is_file():
         raise UsageError(f"--accelerate_config {opts.accelerate_config}: no such file")
@@ -183,10 +181,8 @@ class Sweep:
         return 1 if failed else 0
 
     def _train(self, i: int, total: int, p, run_dir: Path) -> None:
-        from qlora_cls.files import read_json
-        from qlora_cls.sweeps import ERROR_FILE, clear_sweep_files
         m = self.manifest
-        clear_sweep_files(run_dir)
+        sweeps.clear_sweep_files(run_dir)
         resume = (run_dir / "config.json").is_file()
         args = p.argv(self.grid, run_dir) + (["--resume"] if resume else [])
         print(f"[{i}/{total}] {p.name}: {'resuming' if resume else 'training'} ...", flush=True)
@@ -207,8 +203,7 @@ class Sweep:
             error = f"exit code {code}\n{tail}"
             m.update(p.name, status="failed", seconds=seconds, returncode=code, error=error)
             if run_dir.is_dir():
-                from qlora_cls.files import atomic_write_text
-                atomic_write_text(run_dir / ERROR_FILE, error + "\n")
+                atomic_write_text(run_dir / sweeps.ERROR_FILE, error + "\n")
             last = _last_error_line(tail)
             print(f"[{i}/{total}] {p.name}: FAILED (exit code {code}): {last}", flush=True)
 
@@ -218,8 +213,6 @@ class Sweep:
         Same split and examples as the run's own evaluation; jobs whose metrics.json exists are skipped.
         All jobs of a point share one process (imports cost more than evaluating a small model).
         """
-        from qlora_cls.files import atomic_write_json, read_json
-        from qlora_cls.sweeps import base_key
         records = read_json(run_dir / "config.json")
         split = records.get("resolved", {}).get("eval_split", "validation")
         common = ["--results_path", str(run_dir), "--split", split, "--overwrite"]  # overwrite: only leftovers
@@ -231,7 +224,7 @@ class Sweep:
             out = run_dir / "evals" / f"{split}-{name}"
             jobs.append((name, out, [*common, "--prompt", prompt, "--output_dir", str(out)], None))
             if self.opts.base_eval:
-                key = f"{base_key(p, self.grid)}/{split}-{name}-base"
+                key = f"{sweeps.base_key(p, self.grid)}/{split}-{name}-base"
                 out = self.dir / key
                 jobs.append((f"base model under {name}", out,
                              [*common, "--prompt", prompt, "--output_dir", str(out), "--base_only"], key))

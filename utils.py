@@ -23,12 +23,11 @@ def check_results_path(path: Path, resume: bool) -> None:
     """Refuse a results path that is a file, or that already holds a run (unless resuming it)."""
     if path.exists() and not path.is_dir():
         raise UsageError(f"--results_path {path} is a file; give a folder path")
-    occupied = path.is_dir() and any(path.iterdir())
     if resume:
         if not (path / "config.json").is_file():
             raise UsageError(f"--resume: {path} holds no run to resume (no config.json)")
         return
-    if occupied:
+    if path.is_dir() and any(path.iterdir()):
         raise UsageError(f"--results_path {path} already holds files; runs are never overwritten: choose a new "
                          f"path, or pass --resume to continue an unfinished run there")
 

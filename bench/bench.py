@@ -123,7 +123,7 @@ def train_config(args, compute_dtype: str = "auto"):
                       max_steps=args.steps, max_train_samples=args.max_train_samples,
                       max_eval_samples=args.max_eval_samples, bnb_4bit_compute_dtype=compute_dtype)
     import torch
-    cfg.resolve_compute_dtype("cuda" if torch.cuda.is_available() else "cpu")
+    cfg.resolve_auto("cuda" if torch.cuda.is_available() else "cpu")
     return cfg
 
 
@@ -154,11 +154,12 @@ def tokenized_data(cfg):
 
 def ft_plan(lengths, cfg):
     """ft.py's first ``steps`` micro-batches (epoch 0, one process): the dense arm reuses them."""
-    from qlora_cls.batching import train_batches
+    from qlora_cls.batching import LengthGroupedBatchSampler
+    sampler = LengthGroupedBatchSampler(lengths, cfg.batch_size, cfg.seed)
     plan = []
     epoch = 0
     while len(plan) < cfg.max_steps:
-        plan += train_batches(lengths, cfg.batch_size, cfg.seed, epoch, 1, 0, 1, True)
+        plan += sampler.batches(epoch)
         epoch += 1
     return plan[:cfg.max_steps]
 
@@ -315,7 +316,7 @@ def same_model_eval(trainer, model, trainer_val, val, tokenizer, spec, cfg, firs
     import numpy as np
     from qlora_cls.data import TokenizedSplit
     from qlora_cls.evaluation import predict
-    batcher = TokenizedSplit(val, tokenizer.pad_token_id, spec.is_regression)
+    batcher = TokenizedSplit(val, tokenizer, spec.is_regression)
     seconds = {"trainer": [first[0]], "ft": []}
     logits = {"trainer": np.asarray(first[1], dtype=np.float32)}
     for r in range(SAME_MODEL_ROUNDS):
@@ -405,7 +406,8 @@ def run_dense(args) -> dict:
     import torch
     from transformers import get_linear_schedule_with_warmup
 
-    from qlora_cls.modeling import add_lora, load_base_model
+    from qlora_cls.methods import add_trainable
+    from qlora_cls.modeling import load_base_model
 
     cfg = train_config(args)
     model_path, tokenizer, spec, data = tokenized_data(cfg)
@@ -413,7 +415,7 @@ def run_dense(args) -> dict:
     plan = ft_plan(lengths, cfg)
     device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
     torch.manual_seed(cfg.seed)
-    model = add_lora(load_base_model(cfg, model_path, spec.num_labels, tokenizer.pad_token_id,
+    model = add_trainable(load_base_model(cfg, model_path, spec.num_labels, tokenizer.pad_token_id,
                                      {"": str(device)}), cfg)
     trainable = [p for p in model.parameters() if p.requires_grad]
     import bitsandbytes as bnb

@@ -17,7 +17,7 @@ merge is not trivial) and evaluates the same validation examples at the same bat
 Same model object, data, batch size and compute dtype for every arm, so the ratios measure the
 evaluation paths only. It runs first thing in a fresh process, where the Trainer's ``predict()`` is slower
 than after a training run (glibc returns large freed blocks to the system, so every large tensor
-page-faults until training has grown the heap; README "Where the evaluation time goes"); the ratio here
+page-faults until training has grown the heap; docs/benchmarks.md "Where the evaluation time goes"); the ratio here
 therefore flatters the fast path, and the evaluation target is ``make bench``'s one-model comparison
 (``bench.same_model_eval``), measured after training. Arms run ``--rounds`` times in rotating order
 (the machine is shared: a slow minute then hits every arm); the figure per arm is its best round. Writes
@@ -78,11 +78,11 @@ def main(argv=None) -> dict:
                           max_eval_samples=args.max_eval_samples, bnb_4bit_compute_dtype=args.compute_dtype)
     cfg.max_train_samples = 8  # tokenized_data tokenizes the training split too; it is not used here
     accelerator = Accelerator()
-    cfg.resolve_compute_dtype(accelerator.device.type)
+    cfg.resolve_auto(accelerator.device.type)
     cfg.gradient_checkpointing = False
     model_path, tokenizer, spec, data = tokenized_data(cfg)
     val = data["validation"]
-    batcher = TokenizedSplit(val, tokenizer.pad_token_id, spec.is_regression)
+    batcher = TokenizedSplit(val, tokenizer, spec.is_regression)
     torch.manual_seed(cfg.seed)
     model = build_model(cfg, model_path, tokenizer, spec.num_labels, accelerator,
                         adapter_dir=str(Path(args.results_path) / "adapter") if args.results_path else None)

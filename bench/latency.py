@@ -125,7 +125,7 @@ def main(argv=None) -> dict:
         resolved = records["resolved"]
         split = resolved.get("eval_split", "validation")
         accelerator = Accelerator()
-        cfg.resolve_compute_dtype(accelerator.device.type)
+        cfg.resolve_auto(accelerator.device.type)
         model_path, tokenizer = tokenizer_for(cfg)
         template = parse_template(resolved.get("prompt_name", "run"),
                                   (run / "prompt.txt").read_text(encoding="utf-8").rstrip("\r\n"))
@@ -167,7 +167,7 @@ def main(argv=None) -> dict:
                 notes["bottleneck"] = (f"skipped: {b_run} has method {run_method(b_records['config'])!r}, "
                                        f"not 'adapter' (bottleneck adapters)")
             else:
-                b_cfg.resolve_compute_dtype(accelerator.device.type)
+                b_cfg.resolve_auto(accelerator.device.type)
                 set_seed(b_cfg.seed)
                 forwards["bottleneck"] = run_model(build_model(b_cfg, model_path, tokenizer, num_labels,
                                                                accelerator, adapter_dir=str(b_run / "adapter")))

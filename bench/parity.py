@@ -68,10 +68,10 @@ def run_dir(args, side: str, seed: int) -> Path:
 def ft_steps(args) -> int:
     """The optimizer steps of ft.py's --epochs on one process (its own batch plan)."""
     from bench.bench import tokenized_data, train_config
-    from qlora_cls.batching import train_batches
+    from qlora_cls.batching import LengthGroupedBatchSampler
     cfg = train_config(_bench_args(args, 1, steps=1))
     lengths = tokenized_data(cfg)[3]["train"]["length"]
-    return args.epochs * len(train_batches(lengths, cfg.batch_size, cfg.seed, 0, 1, 0, 1, cfg.group_by_length))
+    return args.epochs * len(LengthGroupedBatchSampler(lengths, cfg.batch_size, cfg.seed, 1, cfg.group_by_length))
 
 
 def _bench_args(args, seed: int, steps: int):

@@ -1,25 +1,11 @@
 """Full training state, saved atomically, so a killed run resumes to the same result.
 
-A checkpoint folder holds the trainable weights (LoRA + head, safetensors), optimizer and scheduler
-state (8-bit state included), every process's RNG state and the progress (epoch, micro-batch
-position, step, metrics so far). It is written under a temporary name and renamed into place, so it
-is either complete or absent. The main process writes; the RNG states of all processes are gathered
-to it first. Loading uses ``torch.load(weights_only=True)``: no pickled code runs.
+A checkpoint folder (trainable weights, optimizer, scheduler, every process's RNG, progress) is written under
+a temporary name and renamed: complete or absent; loading runs no pickled code (DeepSpeed's own shards aside).
+Contents: docs/scale-out.md#checkpoint-module.
 
-Under DeepSpeed the engine holds the fp32 master weights and optimizer state (sharded under ZeRO), so
-every process also writes its part with the engine's ``save_checkpoint`` (frozen weights excluded);
-DeepSpeed loads those files with its own (pickle-based) loader.
-
-Why not ``accelerator.save_state``/``load_state`` (accelerate 1.15; ``bench/checkpoint_state.py``, CPU,
-2 steps): with a ``register_save_state_pre_hook`` that keeps only the trainable weights and the
-scheduler under ``register_for_checkpointing`` it writes the same bytes (tiny model 0.06 MiB, embedded
-SmolLM2-135M 3.07 MiB, vs 12.1 / 163.9 MiB with the frozen 4-bit weights; save 0.09 s vs 1.03 s for
-SmolLM2, ours 0.12 s with its fsyncs) and a load_state restores weights and optimizer state exactly.
-It is not used because of what its loader does: registered objects (the scheduler, the progress) are
-unpickled with ``weights_only=False``, so a checkpoint could run code, and a random-state file that
-fails to load is skipped with an info log line, so a resume would silently draw other dropout masks
-than the uninterrupted run. The atomic rename, ``progress.json`` as the completeness mark and the
-process-count check would still be ours: the saving it offers is the weight filtering, ~10 lines.
+Not ``accelerator.save_state``: its loader unpickles registered objects (``weights_only=False``) and skips an
+unreadable RNG file silently (docs/scale-out.md#checkpoint-module-why-not-acceleratorsave_state).
 """
 from __future__ import annotations
 
@@ -32,6 +18,10 @@ from typing import Any
 import numpy as np
 import torch
 from safetensors.torch import load_file, save_file
+
+from .config import role_fields, with_fields_added_later
+from .errors import UsageError
+from .files import atomic_write_json, atomic_write_text, make_temp_dir, move_dir_into_place
 
 PREFIX = "checkpoint-"
 DIR = "checkpoints"
@@ -67,19 +57,7 @@ def checkpoints(run_dir: Path) -> list[Path]:
 
 # Fields that may change between the interrupted command and the resuming one: they do not change
 # what is computed. Anything else differing would silently mix two experiments in one folder.
-RESUME_MAY_CHANGE = ("resume", "log_every", "checkpoint_every", "keep_checkpoints", "eval_batch_size", "latency_calls",
-                     "fast_eval")
-# Fields added after runs already existed: the value that reproduces what those runs did (a function of the
-# saved config where it depends on it: before --method, load_in_4bit alone said qlora or lora).
-FIELDS_ADDED_LATER = {"fast_cpu_dropout": False, "eval_every": 0,
-                      "method": lambda saved: "qlora" if saved.get("load_in_4bit", True) else "lora",
-                      "adapter_bottleneck": 64, "adapter_layernorm": False, "param_budget": None,
-                      "share_prefix": False}
-
-
-def with_fields_added_later(saved: dict) -> dict:
-    """A saved config with every field added since it was written, at the value that reproduces that run."""
-    return {**{k: v(saved) if callable(v) else v for k, v in FIELDS_ADDED_LATER.items()}, **saved}
+RESUME_MAY_CHANGE = role_fields("bookkeeping", "command")
 
 
 def check_resumable(run_dir: Path, config: dict, target_modules=None) -> None:
@@ -88,7 +66,6 @@ def check_resumable(run_dir: Path, config: dict, target_modules=None) -> None:
     With ``target_modules`` (the LoRA targets resolved for the model), the targets are compared as
     resolved: a run saved with ``q_proj v_proj`` resumes under the ``attention-qv`` preset that means them.
     """
-    from .errors import UsageError
     run_dir = Path(run_dir)
     if (run_dir / "metrics.json").is_file():
         raise UsageError(f"--resume: {run_dir} already finished (metrics.json exists); nothing to resume")
@@ -108,7 +85,6 @@ def check_resumable(run_dir: Path, config: dict, target_modules=None) -> None:
 
 def truncate_log(path: Path, step: int) -> None:
     """Keep the log lines of steps up to ``step`` (those after it will be trained and logged again)."""
-    from .files import atomic_write_text
     path = Path(path)
     if not path.is_file():
         return
@@ -128,7 +104,6 @@ def trainable_state(model) -> dict[str, torch.Tensor]:
 
 def save(accelerator, run_dir: Path, model, optimizer, scheduler, progress: dict, keep: int) -> Path | None:
     """Collective: every process calls it; the main process writes."""
-    from .files import atomic_write_json, make_temp_dir, move_dir_into_place
     from accelerate.utils import broadcast_object_list
     rngs = accelerator.gather_for_metrics([_rng_state()], use_gather_object=True)
     deepspeed = _is_deepspeed(accelerator)

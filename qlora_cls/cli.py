@@ -1,17 +1,10 @@
 """Typed command lines from dataclasses, on transformers' ``HfArgumentParser``.
 
-Every field of a config dataclass becomes a ``--flag`` with its one-line help (HfArgumentParser also
-gives each ``snake_case`` flag its ``--kebab-case`` spelling and each boolean that defaults to true a
-``--no_<flag>``). Values are parsed strictly (``--load_in_4bit maybe`` is an error, ``false`` means
-false, ``none`` means None), an optional ``--config`` YAML/JSON file fills fields first and the command
-line wins; every error is one line. What HfArgumentParser does differently, and so is kept here, is
-listed in ``_DataclassParser`` and ``parse_dataclass``; ``--lr -1e-4`` (which argparse takes for an
-option) is ``_attach_negative_numbers``. Validation is the dataclass's own ``__post_init__``, so a
-config built in Python is checked exactly like one built from flags.
+Every config field becomes a ``--flag`` with its help; values are parsed strictly, an optional ``--config`` file
+fills fields first (the command line wins), validation is the dataclass's ``__post_init__``, every error is one
+line. What differs from plain HfArgumentParser: docs/benchmarks.md#cli-module.
 
-Measured: 213 lines (159 of code) before HfArgumentParser, 244 (159 of code) on it: it replaces the
-per-field ``add_argument`` loop, and the converters, the ``--config`` merge and the one-line errors it
-lacks take as many lines again.
+Line counts before and after HfArgumentParser: docs/benchmarks.md#cli-module-hfargumentparser.
 """
 from __future__ import annotations
 
@@ -70,10 +63,14 @@ def _unwrap_optional(tp: Any) -> tuple[Any, bool]:
 
 
 def _converter(tp: Any):
-    """A function that turns one command-line word (or a YAML value) into a value of type ``tp``."""
+    """A function that turns one command-line word (or a YAML value) into a value of type ``tp``; its
+    ``__name__`` is what argparse reports (``invalid <__name__> value``)."""
     base, optional = _unwrap_optional(tp)
     if tp == AUTO_OR_BOOL:
-        return lambda value: auto_or_bool(value)  # a fresh function: _named renames it
+        def convert(value: Any) -> Any:
+            return auto_or_bool(value)
+        convert.__name__ = "auto-or-bool"
+        return convert
 
     def convert(value: Any) -> Any:
         if optional and value is None:
@@ -83,20 +80,21 @@ def _converter(tp: Any):
             return None
         if base is bool:
             return strict_bool(value)
-        if base is int:
-            if isinstance(value, bool) or (isinstance(value, float) and not value.is_integer()):
-                raise ValueError(f"{value!r} is not an integer")
-            return int(value)
-        if base is float:
-            if isinstance(value, bool):
-                raise ValueError(f"{value!r} is not a number")
-            return float(value)
+        if base in (int, float):
+            kind = "an integer" if base is int else "a number"
+            if isinstance(value, bool) or (base is int and isinstance(value, float) and not value.is_integer()):
+                raise ValueError(f"{value!r} is not {kind}")
+            try:
+                return base(value)
+            except ValueError:
+                raise ValueError(f"{value!r} is not {kind}") from None
         if base is str:
             if isinstance(value, (dict, list)):
                 raise ValueError(f"{value!r} is not a string")
             return str(value)
         raise TypeError(f"unsupported field type {tp}")
 
+    convert.__name__ = getattr(base, "__name__", str(base))
     return convert
 
 
@@ -141,13 +139,8 @@ def _dataclass_parser_class() -> type:
         choices, ``nargs="+"`` lists, ``--flag``/``--flag false`` booleans, defaults in ``--help``) with our
         one-line errors and our value converters, which keep what HfArgumentParser does differently:
 
-        * booleans: it accepts ``t``/``f`` and refuses ``on``/``off``; we keep true/false, yes/no, y/n, 1/0, on/off;
-        * ``Optional[X]``: it parses the value as ``X``, so ``--max_steps none`` is "invalid int value"; here
-          ``none`` means None (except for strings, where ``--prompt none`` is a template name);
-        * ``Union[bool, str]`` (``--gradient_checkpointing auto``): it turns the field into a plain bool and
-          refuses ``auto``.
-
-        The converters go in through ``add_argument``, the method HfArgumentParser calls once per field.
+        (booleans, ``Optional[X]`` with ``none``, ``Union[bool, str]`` with ``auto``: docs/benchmarks.md#cli_dataclassparser);
+        the converters go in through ``add_argument``, the method HfArgumentParser calls once per field.
         """
 
         def __init__(self, cls: type, **kwargs):
@@ -155,11 +148,12 @@ def _dataclass_parser_class() -> type:
             super().__init__(cls, **kwargs)
 
         def add_argument(self, *names, **kwargs):
+            kwargs.pop("role", None), kwargs.pop("before", None)  # config.py's field roles, not argparse's
             field = names[0][2:] if names and names[0].startswith("--") else None
             tp = self.hints.get(field)
             if tp is not None and "action" not in kwargs:  # not HfArgumentParser's --no_<flag> (store_false)
                 is_list, item_tp = list_item_type(tp)
-                kwargs["type"] = _named(_converter(item_tp if is_list else tp), item_tp if is_list else tp)
+                kwargs["type"] = _converter(item_tp if is_list else tp)
                 if tp == AUTO_OR_BOOL:
                     kwargs.update(metavar="{auto,true,false}", nargs="?", const=True)
                 elif _unwrap_optional(tp)[0] is bool:
@@ -173,13 +167,6 @@ def build_parser(cls: type, prog: str, description: str) -> argparse.ArgumentPar
     parser = _dataclass_parser_class()(cls, prog=prog, description=description, allow_abbrev=False)
     parser.add_argument("--config", help="YAML or JSON file with field: value pairs; flags on the command line win")
     return parser
-
-
-def _named(fn, tp):
-    """argparse reports ``invalid <__name__> value``: give the converter a readable name."""
-    base, _ = _unwrap_optional(tp)
-    fn.__name__ = "auto-or-bool" if tp == AUTO_OR_BOOL else getattr(base, "__name__", str(base))
-    return fn
 
 
 def load_config_file(path: str, flag: str = "--config") -> dict[str, Any]:
@@ -238,7 +225,10 @@ def parse_dataclass(cls: type, argv: Sequence[str] | None, prog: str, descriptio
         if unknown:
             raise UsageError(f"--config {config_path}: unknown field(s) {', '.join(unknown)}; "
                              f"valid fields are the flags listed by --help")
-        values.update({k: coerce_field(cls, k, v) for k, v in from_file.items()})
+        try:
+            values.update({k: coerce_field(cls, k, v) for k, v in from_file.items()})
+        except UsageError as exc:
+            raise UsageError(f"--config {config_path}: {exc}") from None
     args = vars(parser.parse_args(argv, namespace=argparse.Namespace(**values)))
     args.pop("config", None)
     return cls(**args)

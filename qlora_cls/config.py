@@ -9,7 +9,7 @@ from __future__ import annotations
 
 import json
 import math
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, fields
 from pathlib import Path
 from typing import Optional, Union
 
@@ -27,56 +27,107 @@ OPTIMIZERS = ("adamw_8bit", "paged_adamw_8bit", "adamw_torch")
 QUANT_TYPES = ("nf4", "fp4")
 MIXED_PRECISION = ("no", "bf16", "fp16")
 METHODS = ("qlora", "lora", "dora", "ia3", "adapter", "full")
+OBJECTIVES = ("classification", "sft", "lm")
 SPLITS_HINT = "train, validation, test (validation_matched/test_matched for mnli)"
+
+# Where each fast path is on by default (``auto``): the device kinds on which the test suite runs it for real.
+# Elsewhere ``auto`` is off and ``true`` opts in. Add "cuda" to an entry once `make gpu-check` passes on a GPU.
+VERIFIED_FAST_PATHS = {"fast_eval": {"cpu"}, "share_prefix": {"cpu"}}
+
+
+def fast_path_default(name: str, device_type: str) -> bool:
+    """What ``auto`` means for fast path ``name`` (a key of VERIFIED_FAST_PATHS) on this device kind."""
+    return device_type in VERIFIED_FAST_PATHS[name]
+
+
+def resolve_fast_path(name: str, value, device_type: str):
+    """``auto`` -> on where verified, False elsewhere (logged); true/false stay. share_prefix stays ``auto`` where
+    verified: whether it applies (a causal decoder, one plain process, ...) is decided with the model
+    (qlora_cls/prefix.py training_prefix)."""
+    if value != "auto":
+        return value
+    if fast_path_default(name, device_type):
+        return "auto" if name == "share_prefix" else True
+    import logging
+    logging.getLogger(__name__).info("--%s auto: off on %s (verified on %s only; --%s true opts in)", name,
+                                     device_type, ", ".join(sorted(VERIFIED_FAST_PATHS[name])), name)
+    return False
 
 
 def _help(text: str, **extra) -> dict:
     return {"help": text, **extra}
 
 
+def role_fields(*roles: str) -> tuple[str, ...]:
+    """The TrainConfig fields whose ``role`` (see TrainConfig) is one of ``roles``, in declaration order."""
+    return tuple(f.name for f in fields(TrainConfig) if f.metadata.get("role") in roles)
+
+
+def with_fields_added_later(saved: dict) -> dict:
+    """A saved config with every field added since it was written, at the value that reproduces that run
+    (its ``before``: a value, or a function of the saved config where it depends on it)."""
+    added = {f.name: f.metadata["before"] for f in fields(TrainConfig) if "before" in f.metadata}
+    return {**{k: v(saved) if callable(v) else v for k, v in added.items()}, **saved}
+
+
 @dataclass
 class TrainConfig:
+    # Each field's role (metadata ``role``, read through ``role_fields``), declared here only:
+    #   base: shapes the loaded base model (runs.py: runs sharing one; sweeps.py: with eval_data, base evaluations)
+    #   eval_data: shapes the evaluation data (sweeps.py: which base evaluations a point shares)
+    #   adapter: matters for --method adapter only (report.py leaves it out of other methods' configurations)
+    #   bookkeeping: changes neither what a run learns nor how it is scored (checkpoint.py: may change on
+    #     --resume; report.py: not grouped on)
+    #   command: set per command (sweep.py sets it for every point); also bookkeeping
+    #   none: what is trained and how (must match on --resume, tells configurations apart in reports)
+    # ``before``: the behaviour of runs saved before the field existed (with_fields_added_later).
     # -- model -----------------------------------------------------------------------------------
     model_dir: Optional[str] = field(default=None, metadata=_help(
         "hub id or local folder of the base model; none = the embedded SmolLM2-135M-Instruct "
-        "(reference: meta-llama/Meta-Llama-3-8B)"))
-    tokenizer_dir: Optional[str] = field(default=None, metadata=_help("tokenizer hub id or folder; none = model_dir"))
-    trust_remote_code: bool = field(default=False, metadata=_help("allow model code from the hub to run (off: safer)"))
+        "(reference: meta-llama/Meta-Llama-3-8B)", role="base"))
+    tokenizer_dir: Optional[str] = field(default=None, metadata=_help(
+        "tokenizer hub id or folder; none = model_dir", role="eval_data"))
+    trust_remote_code: bool = field(default=False, metadata=_help(
+        "allow model code from the hub to run (off: safer)", role="base"))
     method: Optional[str] = field(default=None, metadata=_help(
         "what is trained (the head always, in full precision): qlora = LoRA on a 4-bit base; lora = LoRA on a 16-bit "
         "base; dora = weight-decomposed LoRA (PEFT use_dora); ia3 = (IA)^3 scaling vectors (PEFT); adapter = "
         "bottleneck adapters after attention and after the FFN (--adapter_bottleneck); full = every weight (16-bit "
         "base only); none = qlora, or lora when --load_in_4bit false is given (the behaviour before this flag); "
-        "recorded resolved in config.json", choices=METHODS))
+        "recorded resolved in config.json", choices=METHODS, role="base",
+        before=lambda saved: "qlora" if saved.get("load_in_4bit", True) else "lora"))
     load_in_4bit: Union[bool, str] = field(default="auto", metadata=_help(
         "quantize the base model to 4 bit with bitsandbytes; auto = true for qlora, dora, ia3 and adapter, false for "
-        "lora and full; qlora needs true, lora and full need false (refused otherwise); recorded resolved"))
-    bnb_4bit_use_double_quant: bool = field(default=True, metadata=_help("quantize the quantization constants too"))
-    bnb_4bit_quant_type: str = field(default="nf4", metadata=_help("4-bit data type", choices=QUANT_TYPES))
+        "lora and full; qlora needs true, lora and full need false (refused otherwise); recorded resolved",
+        role="base"))
+    bnb_4bit_use_double_quant: bool = field(default=True, metadata=_help(
+        "quantize the quantization constants too", role="base"))
+    bnb_4bit_quant_type: str = field(default="nf4", metadata=_help("4-bit data type", choices=QUANT_TYPES, role="base"))
     bnb_4bit_compute_dtype: str = field(default="auto", metadata=_help(
         "dtype of 4-bit matmuls; auto = bfloat16 on a GPU (the reference); on a CPU the faster of the two by a "
         "half-second GEMM probe, cached per machine (bf16 must be 1.5x faster): steps were 2.4x faster in bf16 on "
         "an AVX512-BF16 AMD EPYC, 1.8x with AMX, 1.4x slower on a capped AVX512-BF16 Intel, 15x slower without "
-        "AVX512 (qlora_cls/hardware.py)", choices=("auto",) + DTYPES))
+        "AVX512 (qlora_cls/hardware.py)", choices=("auto",) + DTYPES, role="base"))
     bnb_4bit_quant_storage: Optional[str] = field(default=None, metadata=_help(
         "dtype that stores packed 4-bit weights; none = uint8 (must equal the compute dtype under ZeRO-3)",
-        choices=DTYPES + ("uint8",)))
+        choices=DTYPES + ("uint8",), role="base"))
     gradient_checkpointing: Union[bool, str] = field(default="auto", metadata=_help(
         "recompute activations in backward: saves memory, costs ~1.4x a step; auto = off on a CPU, on a GPU on "
         "when the --dry_run estimate without it exceeds half the device memory; true/false force it"))
     share_prefix: Union[bool, str] = field(default="auto", metadata=_help(
         "run the prompt's leading tokens, which every training example shares, once per batch instead of once per "
         "example (qlora_cls/prefix.py): the same loss and gradients without dropout; with LoRA dropout the batch "
-        "shares one mask on those tokens (same expected gradient). auto = on for a causal decoder in one plain "
-        "process without gradient checkpointing (off, with the reason logged, elsewhere); true = the same, and an "
-        "error where it cannot apply; false = off"))
+        "shares one mask on those tokens (same expected gradient). auto = on a CPU (where the tests run it), for a "
+        "causal decoder in one plain process without gradient checkpointing (off, with the reason logged, "
+        "elsewhere); off on other devices until verified there (VERIFIED_FAST_PATHS); true = on wherever it "
+        "applies, and an error where it cannot; false = off", before=False))
     # -- LoRA --------------------------------------------------------------------------------------
     r: int = field(default=8, metadata=_help("LoRA rank"))
     lora_alpha: float = field(default=16, metadata=_help("LoRA scaling numerator (scale = alpha / r)"))
     lora_dropout: float = field(default=0.1, metadata=_help("dropout on the LoRA input, in [0, 1)"))
     fast_cpu_dropout: bool = field(default=True, metadata=_help(
         "on a CPU, draw LoRA dropout masks from 16-bit random numbers: ~4x faster than torch's (saves ~1/20 of a "
-        "training step here); drop probability within 2^-17 of lora_dropout (qlora_cls/fast_dropout.py)"))
+        "training step here); drop probability within 2^-17 of lora_dropout (qlora_cls/fast_dropout.py)", before=False))
     target_modules: list[str] = field(default_factory=lambda: ["auto"], metadata=_help(
         "linear layers that get LoRA/DoRA/(IA)^3: a preset resolved from the model (attention-qv = the query and "
         "value projections under the model's own names, q_proj/v_proj in Llama, query/value in BERT, c_attn in "
@@ -86,39 +137,78 @@ class TrainConfig:
         "ignore it; recorded resolved in config.json"))
     adapter_bottleneck: int = field(default=64, metadata=_help(
         "--method adapter: width of each bottleneck adapter (hidden -> N -> hidden, GELU, zero-initialised "
-        "up-projection so training starts from the base model)"))
+        "up-projection so training starts from the base model)", role="adapter", before=64))
     adapter_layernorm: bool = field(default=False, metadata=_help(
         "--method adapter: a trainable LayerNorm on each adapter's input (the adapter's own; the base model's norms "
-        "stay frozen)"))
+        "stay frozen)", role="adapter", before=False))
     param_budget: Optional[int] = field(default=None, metadata=_help(
         "at most N trainable parameters, head included: chooses the largest --r (lora, qlora, dora) or "
         "--adapter_bottleneck (adapter) that fits for the method and targets, counted on the meta device as the "
         "model counts them (overrides --r / --adapter_bottleneck; capped at full rank / the hidden size); ia3 and "
-        "full have no size to choose and are only checked; recorded in config.json (resolved.param_budget)"))
+        "full have no size to choose and are only checked; recorded in config.json (resolved.param_budget)",
+        before=None))
     # -- data --------------------------------------------------------------------------------------
-    dataset: str = field(default="nyu-mll/glue", metadata=_help("hub id or local folder in hub layout"))
+    dataset: str = field(default="nyu-mll/glue", metadata=_help(
+        "hub id or local folder in hub layout", role="eval_data"))
     task: str = field(default="mrpc", metadata=_help(
-        f"GLUE task (dataset config): {', '.join(GLUE_TASKS)}; ignored with --train_file"))
-    train_file: Optional[str] = field(default=None, metadata=_help("local CSV/JSON(L) training file instead of --dataset"))
-    validation_file: Optional[str] = field(default=None, metadata=_help("local CSV/JSON(L) validation file"))
-    test_file: Optional[str] = field(default=None, metadata=_help("local CSV/JSON(L) test file"))
+        f"GLUE task (dataset config): {', '.join(GLUE_TASKS)}; ignored with --train_file", role="eval_data"))
+    train_file: Optional[str] = field(default=None, metadata=_help(
+        "local CSV/JSON(L) training file instead of --dataset", role="eval_data"))
+    validation_file: Optional[str] = field(default=None, metadata=_help(
+        "local CSV/JSON(L) validation file", role="eval_data"))
+    test_file: Optional[str] = field(default=None, metadata=_help("local CSV/JSON(L) test file", role="eval_data"))
     text_columns: Optional[list[str]] = field(default=None, metadata=_help(
-        "text columns of local files (GLUE tasks know theirs)"))
-    label_column: str = field(default="label", metadata=_help("label column"))
+        "text columns of local files (GLUE tasks know theirs)", role="eval_data"))
+    label_column: str = field(default="label", metadata=_help("label column", role="eval_data"))
     label_names: Optional[list[str]] = field(default=None, metadata=_help(
-        "class names of local files, index = label id; one name = regression"))
+        "class names of local files, index = label id; one name = regression", role="eval_data"))
     prompt: str = field(default="perfect", metadata=_help(
         "template name (prompts/<task>/NAME.txt, else prompts/any/NAME.txt: none, perfect, conflicting, "
         "insufficient) or a path to a template file"))
-    max_length: int = field(default=512, metadata=_help("truncate inputs to this many tokens"))
+    max_length: int = field(default=512, metadata=_help("truncate inputs to this many tokens", role="eval_data"))
     max_train_samples: Optional[int] = field(default=None, metadata=_help("use only the first N training examples"))
-    max_eval_samples: Optional[int] = field(default=None, metadata=_help("use only the first N evaluation examples"))
+    max_eval_samples: Optional[int] = field(default=None, metadata=_help(
+        "use only the first N evaluation examples", role="eval_data"))
     train_splits: list[str] = field(default_factory=lambda: ["train"], metadata=_help(
-        "splits to train on; 'train validation' then evaluates on the test split"))
+        "splits to train on; 'train validation' then evaluates on the test split", role="eval_data"))
     eval_split: Optional[str] = field(default=None, metadata=_help(
-        "split evaluated after each epoch; none = the task's validation split (test when it is trained on)"))
+        "split evaluated after each epoch; none = the task's validation split (test when it is trained on)",
+        role="eval_data"))
     group_by_length: bool = field(default=True, metadata=_help(
         "batch examples of similar length together (less padding, same examples per epoch)"))
+    # -- generative objectives (--objective sft | lm; qlora_cls/generative.py) -----------------------
+    objective: str = field(default="classification", metadata=_help(
+        "what is trained: classification = a head on the base model (the default); sft = the causal LM on "
+        "instruction records or conversations, loss on the answers (--train_file); lm = the causal LM on plain "
+        "text (--train_file, --validation_file)", choices=OBJECTIVES, before="classification"))
+    chat_template: Optional[str] = field(default=None, metadata=_help(
+        "sft: how prompts and answers are laid out; none = the tokenizer's own chat template; a name under "
+        "prompts/chat/ (utterances = the BLOOM study's turn markers) or a .jinja file; markers not in the "
+        "vocabulary become special tokens, trained and saved with the adapter", before=None))
+    instruction_column: str = field(default="instruction", metadata=_help(
+        "sft: field of the instruction (the system turn)", role="eval_data", before="instruction"))
+    input_column: str = field(default="input", metadata=_help(
+        "sft: field of the input (the user turn; may be empty)", role="eval_data", before="input"))
+    output_column: str = field(default="output", metadata=_help(
+        "sft: field of the answer (the assistant turn, trained)", role="eval_data", before="output"))
+    train_on_prompt: bool = field(default=False, metadata=_help(
+        "sft: also train on the prompt's tokens (default: the loss is on the answer and its end of turn only)",
+        before=False))
+    eval_holdout: float = field(default=0.1, metadata=_help(
+        "sft without --validation_file: the training records held out for evaluation, a fraction (< 1) or a "
+        "count, chosen with --seed", role="eval_data", before=0.1))
+    generate_examples: int = field(default=100, metadata=_help(
+        "sft: evaluation prompts answered by generation at each evaluation (generations_<split>.jsonl; stop "
+        "rate, exact match, ROUGE-L); 0 = none", before=100))
+    max_new_tokens: int = field(default=128, metadata=_help(
+        "sft: generation length limit; an answer that reaches it without its end of turn counts as not stopped",
+        before=128))
+    do_sample: bool = field(default=False, metadata=_help("sft: sample instead of greedy decoding", before=False))
+    temperature: float = field(default=1.0, metadata=_help("sft: sampling temperature (--do_sample)", before=1.0))
+    top_p: float = field(default=1.0, metadata=_help("sft: nucleus sampling mass (--do_sample)", before=1.0))
+    stride: Optional[int] = field(default=None, metadata=_help(
+        "lm: sliding-window step of the corpus perplexity (each window is --max_length tokens, the transformers "
+        "perplexity guide's method); none = --max_length / 2", before=None))
     # -- optimisation ------------------------------------------------------------------------------
     optim: str = field(default="adamw_8bit", metadata=_help("optimizer", choices=OPTIMIZERS))
     lr: float = field(default=3e-4, metadata=_help("peak learning rate"))
@@ -129,11 +219,14 @@ class TrainConfig:
     global_batch_size: Optional[int] = field(default=None, metadata=_help(
         "examples per optimizer step over all processes; sets --batch_size to it / (processes x accumulation), "
         "which must divide it; none = batch_size x processes x accumulation"))
-    eval_batch_size: int = field(default=32, metadata=_help("evaluation examples per process per forward"))
-    fast_eval: bool = field(default=True, metadata=_help(
+    eval_batch_size: int = field(default=32, metadata=_help(
+        "evaluation examples per process per forward", role="bookkeeping"))
+    fast_eval: Union[bool, str] = field(default="auto", metadata=_help(
         "evaluate through an inference copy with the 4-bit weights de-quantized once and float32 LoRA merged (when "
         "the copy fits in half the free memory) and, for decoders, the prompt's shared token prefix computed once; "
-        "same argmax, logits within float rounding of the plain path (qlora_cls/fast_eval.py)"))
+        "same argmax, logits within float rounding of the plain path (qlora_cls/fast_eval.py); auto = on a CPU "
+        "(where the tests run it), off on other devices until verified there (VERIFIED_FAST_PATHS); true opts in; "
+        "recorded resolved", role="bookkeeping"))
     gradient_accumulation_steps: int = field(default=1, metadata=_help("micro-steps per optimizer step"))
     epochs: int = field(default=2, metadata=_help("passes over the training data"))
     max_steps: Optional[int] = field(default=None, metadata=_help("train for exactly this many optimizer steps (overrides epochs)"))
@@ -142,21 +235,27 @@ class TrainConfig:
     seed: int = field(default=42, metadata=_help("seed of weights init, dropout and data order"))
     # -- outputs and bookkeeping -------------------------------------------------------------------
     results_path: Optional[str] = field(default=None, metadata=_help(
-        "run folder to create; none = results/<task>-<prompt>-r<r>-<time>; an existing run is never overwritten"))
-    log_every: int = field(default=10, metadata=_help("optimizer steps between log lines"))
+        "run folder to create; none = results/<task>-<prompt>-r<r>-<time>; an existing run is never overwritten",
+        role="command"))
+    log_every: int = field(default=10, metadata=_help("optimizer steps between log lines", role="bookkeeping"))
     eval_every: int = field(default=0, metadata=_help(
         "also evaluate every N optimizer steps (accuracy-vs-step curves; the best of all evaluations is "
-        "adapter_best/); 0 = after each epoch only"))
+        "adapter_best/); 0 = after each epoch only", before=0))
     latency_calls: int = field(default=20, metadata=_help(
-        "after training, time this many forward calls at batch 1 and at batch 8 (metrics.json latency); 0 = skip"))
+        "after training, time this many forward calls at batch 1 and at batch 8 (metrics.json latency); 0 = skip",
+        role="bookkeeping"))
     checkpoint_every: int = field(default=0, metadata=_help(
-        "save the full training state every N optimizer steps (and each epoch end); 0 = only at epoch ends"))
-    keep_checkpoints: int = field(default=1, metadata=_help("how many of the newest checkpoints to keep"))
-    resume: bool = field(default=False, metadata=_help("continue an unfinished run in --results_path from its last checkpoint"))
+        "save the full training state every N optimizer steps (and each epoch end); 0 = only at epoch ends",
+        role="bookkeeping"))
+    keep_checkpoints: int = field(default=1, metadata=_help(
+        "how many of the newest checkpoints to keep", role="bookkeeping"))
+    resume: bool = field(default=False, metadata=_help(
+        "continue an unfinished run in --results_path from its last checkpoint", role="command"))
     dry_run: bool = field(default=False, metadata=_help(
         "print parameter counts and the per-process memory estimate (weights, LoRA, optimizer, activations, "
-        "ZeRO stages) without loading weights, then exit"))
-    skip_nonfinite: bool = field(default=False, metadata=_help("skip optimizer steps whose loss is NaN/inf instead of stopping"))
+        "ZeRO stages) without loading weights, then exit", role="bookkeeping"))
+    skip_nonfinite: bool = field(default=False, metadata=_help(
+        "skip optimizer steps whose loss is NaN/inf instead of stopping", role="bookkeeping"))
 
     def __post_init__(self) -> None:
         checks = [
@@ -201,8 +300,16 @@ class TrainConfig:
              f"--mixed_precision must be one of {', '.join(MIXED_PRECISION)}, got {self.mixed_precision!r}"),
             (self.train_file is not None or self.task in GLUE_TASKS,
              f"unknown --task {self.task!r}; valid GLUE tasks: {', '.join(GLUE_TASKS)} (or give --train_file)"),
-            (self.train_file is None or self.text_columns,
+            (self.train_file is None or self.text_columns or self.objective != "classification",
              "--train_file needs --text_columns naming the text column(s) of the file"),
+            (self.objective in OBJECTIVES, f"--objective must be one of {', '.join(OBJECTIVES)}, got {self.objective!r}"),
+            (self.eval_holdout > 0, f"--eval_holdout must be > 0 (a fraction or a count), got {self.eval_holdout}"),
+            (self.generate_examples >= 0, f"--generate_examples must be >= 0, got {self.generate_examples}"),
+            (self.max_new_tokens > 0, f"--max_new_tokens must be > 0, got {self.max_new_tokens}"),
+            (self.temperature > 0, f"--temperature must be > 0, got {self.temperature}"),
+            (0 < self.top_p <= 1, f"--top_p must be in (0, 1], got {self.top_p}"),
+            (self.stride is None or 0 < self.stride <= self.max_length,
+             f"--stride must be in [1, --max_length {self.max_length}], got {self.stride}"),
             (self.label_names is None or len(self.label_names) != 0, "--label_names needs at least one name"),
             (not self.resume or self.results_path is not None,
              "--resume needs --results_path: the folder of the run to continue"),
@@ -210,11 +317,8 @@ class TrainConfig:
         for ok, message in checks:
             if not ok:
                 raise UsageError(message)
-        for name in ("gradient_checkpointing", "load_in_4bit", "share_prefix"):
-            try:  # a config built in Python or read from YAML is parsed as strictly as the flag
-                setattr(self, name, auto_or_bool(getattr(self, name)))
-            except ValueError as exc:
-                raise UsageError(f"--{name}: {exc}")
+        for name in ("gradient_checkpointing", "load_in_4bit", "share_prefix", "fast_eval"):
+            _parse_auto(self, name)
         self._resolve_method()
         if self.tokenizer_dir is None:
             self.tokenizer_dir = self.model_dir
@@ -244,12 +348,15 @@ class TrainConfig:
         elif "auto" in self.target_modules:
             raise UsageError("--target_modules auto stands alone (it picks the method's default preset)")
 
-    def resolve_compute_dtype(self, device_type: str) -> None:
-        """Turn ``auto`` into a concrete dtype for this device; the resolved value is what gets saved.
+    def resolve_auto(self, device_type: str) -> None:
+        """Every ``auto`` that the device decides, resolved here, once, before --dry_run; what gets saved.
 
-        Also resolves ``--gradient_checkpointing auto`` where no estimate is needed: a resumed run's saved
-        value, off on a CPU. On a GPU ``hardware.resolve_gradient_checkpointing`` decides once the data's
-        lengths are known. And ``--share_prefix auto`` of a resumed run saved before that flag existed: false.
+        ``load_in_4bit``, ``method`` and ``target_modules`` were resolved in ``__post_init__`` (nothing depends on
+        the machine). Here: the compute dtype; ``--gradient_checkpointing`` where no estimate is needed (a resumed
+        run's saved value, off on a CPU; on a GPU ``memory.resolve_gradient_checkpointing`` decides once the
+        data's lengths are known); ``--fast_eval`` and the device part of ``--share_prefix`` by
+        ``VERIFIED_FAST_PATHS`` (whether the prefix applies to the model is decided with it, prefix.py). A
+        resumed run keeps the share_prefix it was started with (false for runs saved before the flag existed).
         """
         from .hardware import default_compute_dtype
         if self.bnb_4bit_compute_dtype == "auto":
@@ -260,8 +367,13 @@ class TrainConfig:
                 self.gradient_checkpointing = saved
             elif device_type != "cuda":
                 self.gradient_checkpointing = False  # it only saves memory, and RAM is not what is short on a CPU
-        if self.share_prefix == "auto" and self.resume and self.saved_setting("share_prefix") is None:
-            self.share_prefix = False  # a run saved before --share_prefix existed trained without it
+        if self.share_prefix == "auto" and self.resume:  # as started: a run saved with auto keeps the rule it ran by
+            saved = self.saved_setting("share_prefix")  # None: saved before --share_prefix existed, trained without
+            self.share_prefix = False if saved is None else saved
+        else:
+            self.share_prefix = resolve_fast_path("share_prefix", self.share_prefix, device_type)
+        self.fast_eval = resolve_fast_path("fast_eval", self.fast_eval, device_type)
+
 
     def saved_setting(self, name: str):
         """Under --resume, the value the run was started with: ``auto`` keeps deciding the same way even
@@ -284,6 +396,14 @@ class TrainConfig:
         return any(s.startswith("validation") for s in self.train_splits)
 
 
+def _parse_auto(cfg, name: str) -> None:
+    """A config built in Python or read from YAML is parsed as strictly as the flag: auto or a boolean."""
+    try:
+        setattr(cfg, name, auto_or_bool(getattr(cfg, name)))
+    except ValueError as exc:
+        raise UsageError(f"--{name}: {exc}")
+
+
 @dataclass
 class EvalConfig:
     results_path: list[str] = field(default_factory=list, metadata=_help(
@@ -303,13 +423,19 @@ class EvalConfig:
     output_dir: Optional[str] = field(default=None, metadata=_help(
         "where to write; none = <results_path>/evals/<split>-<prompt>[-base]"))
     overwrite: bool = field(default=False, metadata=_help("replace an existing evaluation with the same name"))
-    fast_eval: bool = field(default=True, metadata=_help(
+    fast_eval: Union[bool, str] = field(default="auto", metadata=_help(
         "evaluate through an inference copy with the 4-bit weights de-quantized once and float32 LoRA merged (when "
         "the copy fits in half the free memory) and, for decoders, the prompt's shared token prefix computed once; "
-        "same argmax, logits within float rounding of the plain path (qlora_cls/fast_eval.py)"))
+        "same argmax, logits within float rounding of the plain path (qlora_cls/fast_eval.py); auto = on a CPU, "
+        "off on other devices until verified there (VERIFIED_FAST_PATHS); true opts in"))
     eval_stream_dtype: str = field(default="float32", metadata=_help(STREAM_HELP, choices=STREAM_DTYPES))
 
+    def resolve_auto(self, device_type: str) -> None:
+        """``--fast_eval auto`` for this device (VERIFIED_FAST_PATHS); call once the device is known."""
+        self.fast_eval = resolve_fast_path("fast_eval", self.fast_eval, device_type)
+
     def __post_init__(self) -> None:
+        _parse_auto(self, "fast_eval")
         if isinstance(self.results_path, str):  # one folder, as a config built in Python gives it
             self.results_path = [self.results_path] if self.results_path else []
         if not self.results_path:
@@ -355,13 +481,17 @@ class PredictConfig:
     dtype: Optional[str] = field(default=None, metadata=_help(
         "dtype a merged folder is loaded in; none = float32 (runs use the dtypes they were trained with)",
         choices=DTYPES))
-    fast_eval: bool = field(default=True, metadata=_help(
+    fast_eval: Union[bool, str] = field(default="auto", metadata=_help(
         "predict through an inference copy with the 4-bit weights de-quantized once and float32 LoRA merged "
         "(built once per run when it fits in half the free memory) and, for decoders, each chunk's shared "
-        "token prefix computed once; same labels, probabilities within float rounding of the plain path"))
+        "token prefix computed once; same labels, probabilities within float rounding of the plain path; "
+        "auto = on a CPU, off on other devices until verified there (VERIFIED_FAST_PATHS); true opts in"))
     eval_stream_dtype: str = field(default="float32", metadata=_help(STREAM_HELP, choices=STREAM_DTYPES))
 
+    resolve_auto = EvalConfig.resolve_auto
+
     def __post_init__(self) -> None:
+        _parse_auto(self, "fast_eval")
         if isinstance(self.results_path, str):
             self.results_path = [self.results_path] if self.results_path else []
         checks = [

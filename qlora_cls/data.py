@@ -16,6 +16,7 @@ import torch
 
 from .errors import UsageError
 from .hub import check_dataset_source
+from .inputs import parse_json_line
 from .prompts import Template
 from .tasks import GLUE_TASKS, TaskSpec, custom_task
 
@@ -60,18 +61,29 @@ def _load(source: DataSource):
         if builder is None:
             raise UsageError(f"data files must all be .csv or all .json/.jsonl, got {', '.join(sorted(suffixes))}")
         _check_data_files(source.files, builder)
+        quiet = logging.getLogger("datasets.packaged_modules.json.json")  # its "row 1" errors precede ours
+        level = quiet.level
+        quiet.setLevel(logging.CRITICAL)
         try:
             return datasets.load_dataset(builder, data_files=dict(source.files))
         except Exception as exc:  # a malformed file: name the file and the first cause that says something
             for split, f in source.files.items():
                 if builder == "json":
                     _check_json_lines(split, f)
+            try:  # each file alone: a label column of numbers in one file and of names in another
+                alone = {s: datasets.load_dataset(builder, data_files={s: f})[s] for s, f in source.files.items()}
+            except Exception:
+                alone = None
+            if alone:
+                _label_values(alone, source, "train" if "train" in alone else next(iter(alone)))
             cause, seen = exc, []
             while cause is not None and cause not in seen:
                 seen.append(cause)
                 cause = cause.__cause__ or cause.__context__
             detail = next((str(c).splitlines()[0] for c in reversed(seen) if str(c).strip()), type(exc).__name__)
             raise UsageError(f"could not read data files {', '.join(source.files.values())}: {detail}")
+        finally:
+            quiet.setLevel(level)
     check_dataset_source(source.dataset)
     try:
         return datasets.load_dataset(source.dataset, source.task)
@@ -115,12 +127,9 @@ def _check_json_lines(split: str, f: str) -> None:
     except json.JSONDecodeError:
         pass
     for number, line in enumerate(text.splitlines(), 1):
-        if line.strip():
-            try:
-                json.loads(line)
-            except json.JSONDecodeError as exc:
-                raise UsageError(f"--{split}_file {f} line {number} is not valid JSON: {exc.msg} (column {exc.colno}); "
-                                 f"JSON Lines need one complete object per line")
+        problem = parse_json_line(line)[1] if line.strip() else None
+        if problem:
+            raise UsageError(f"--{split}_file {f} line {number} {problem}")
 
 
 def load_task_data(source: DataSource, splits: Sequence[str]) -> TaskData:
@@ -129,12 +138,11 @@ def load_task_data(source: DataSource, splits: Sequence[str]) -> TaskData:
     missing = [s for s in splits if s not in raw]
     if missing:
         raise UsageError(f"split(s) {', '.join(missing)} not found; the data have: {', '.join(raw)}")
+    raw, string_names = _string_labels_to_ids(raw, source, splits[0])
     if source.files:
         text_columns = list(source.text_columns or ())
-        raw, string_names = _string_labels_to_ids(raw, source.label_column, source.label_names)
-        first = raw[splits[0]]
         label_names = (string_names or (list(source.label_names) if source.label_names else None)
-                       or _infer_label_names(first, source.label_column))
+                       or _infer_label_names(raw[splits[0]], source.label_column))
         spec = custom_task(text_columns, 1 if label_names is None or len(label_names) == 1 else len(label_names))
         if spec.is_regression:
             label_names = None
@@ -143,35 +151,68 @@ def load_task_data(source: DataSource, splits: Sequence[str]) -> TaskData:
         if source.text_columns:
             spec = TaskSpec(spec.name, tuple(source.text_columns), spec.num_labels, spec.metrics,
                             spec.validation_split, spec.test_split)
-        feature = raw[splits[0]].features.get(source.label_column)
-        label_names = list(getattr(feature, "names", None) or []) or None
+        names = {s: list(getattr(raw[s].features.get(source.label_column), "names", None) or []) for s in splits}
+        if len({tuple(n) for n in names.values()}) > 1:
+            raise UsageError("the splits' label names differ: " + "; ".join(
+                f"{_where(source, s)} has {', '.join(n) or 'plain numbers'}" for s, n in names.items())
+                + "; every split needs the same labels in the same order")
+        label_names = string_names or names[splits[0]] or None
+        if label_names and source.label_names and label_names != list(source.label_names):
+            raise UsageError(f"--dataset {source.dataset} --task {source.task} has labels {', '.join(label_names)}, "
+                             f"not {', '.join(source.label_names)} (--label_names, or the labels the run was "
+                             f"trained with); give data with the same labels in the same order")
+        if not spec.is_regression and label_names and len(label_names) != spec.num_labels:
+            raise UsageError(f"--task {source.task} has {spec.num_labels} labels but --dataset {source.dataset} has "
+                             f"{len(label_names)}: {', '.join(label_names)}; give the {source.task} data")
         if not spec.is_regression and label_names is None:
             label_names = [str(i) for i in range(spec.num_labels)]
     for split in splits:
-        where = f"split {split!r}" + (f" ({source.files[split]})" if split in source.files else "")
-        _check_split(raw[split], where, spec, source.label_column, label_names)
+        _check_split(raw[split], _where(source, split), spec, source.label_column, label_names)
     return TaskData(spec=spec, label_names=label_names, splits={s: raw[s] for s in splits})
 
 
-def _string_labels_to_ids(raw, label_column: str, given: Optional[Sequence[str]]):
+def _where(source: DataSource, split: str) -> str:
+    return f"split {split!r}" + (f" ({source.files[split]})" if split in source.files else "")
+
+
+def _label_values(raw, source: DataSource, first: str) -> dict[str, list[str]]:
+    """Each split's label values, when any split has names for labels; every split is checked: a value
+    outside ``--label_names``, or without them one that ``first`` (the training split) lacks (``neg``/``pos``
+    in one file, ``0``/``1`` in another), is refused in one line that names each file and its values."""
+    column, given = source.label_column, source.label_names
+    kinds = {s: getattr(raw[s].features[column], "dtype", None) in ("string", "large_string") for s in raw
+             if column in raw[s].column_names}
+    if not any(kinds.values()):
+        return {}
+    values = {s: sorted({str(v) for v in raw[s][column] if v is not None}) for s in kinds}
+    for s, vs in sorted(values.items(), key=lambda item: not kinds[item[0]]):  # names first
+        unknown = [v for v in vs if v not in (given or values.get(first, vs))]
+        if unknown and given and kinds[s]:
+            raise UsageError(f"{_where(source, s)} has label value(s) {', '.join(map(repr, unknown[:5]))} in column "
+                             f"{column!r}, not among the label names {' '.join(given)} (--label_names, or "
+                             f"the run's); give every class name in label-id order, spelled the same in every file")
+        if unknown or (vs and not kinds[s]):  # numbers in this split, names in another
+            raise UsageError("the splits' label values disagree: " + "; ".join(
+                f"{_where(source, s)} has {', '.join(map(repr, v[:5]))}" for s, v in values.items())
+                + "; spell each class the same way in every file, or give --label_names (every class, in label-id "
+                  "order)")
+    return values
+
+
+def _string_labels_to_ids(raw, source: DataSource, first: str):
     """A label column of names (``neg``/``pos``, AG News' ``World``...): ids in ``--label_names`` order,
     or in sorted order when no names are given (config.json records the names either way)."""
-    string_splits = [s for s in raw if label_column in raw[s].column_names
-                     and getattr(raw[s].features[label_column], "dtype", None) in ("string", "large_string")]
-    if not string_splits:
+    values = _label_values(raw, source, first)
+    if not values:
         return raw, None
-    values = {v for s in string_splits for v in raw[s][label_column] if v is not None}
-    names = list(given) if given else sorted(values)
-    unknown = sorted(values - set(names))
-    if unknown:
-        raise UsageError(f"label value(s) {', '.join(map(repr, unknown[:5]))} in column {label_column!r} are not among "
-                         f"--label_names {' '.join(names)}; give every class name, in label-id order")
+    label_column, given = source.label_column, source.label_names
+    names = list(given) if given else sorted({v for vs in values.values() for v in vs})
     index = {name: i for i, name in enumerate(names)}
 
     def encode(batch):
         return {label_column: [float("nan") if v is None else index[v] for v in batch[label_column]]}
 
-    for split in string_splits:
+    for split in values:  # a split of numbers here has no values (all missing): nothing to look up
         raw[split] = raw[split].map(encode, batched=True, desc="label names to ids")
     return raw, names
 
@@ -255,32 +296,30 @@ def warn_if_pad_in_inputs(ds, pad_id: int) -> bool:
     return hits > 0
 
 
-class TokenizedSplit:
-    """Holds a tokenized split in memory and turns lists of row numbers into padded tensors.
+class TokenizedSplit(torch.utils.data.Dataset):
+    """A tokenized split in memory, as a map-style ``Dataset`` for a ``DataLoader``, with its collator.
 
-    Padding is on the right, to the longest example of the batch, with the pad id that the model's
-    config also knows, so the head finds each example's last real token.
+    ``collate`` is transformers' ``DataCollatorWithPadding``: right padding (``load_tokenizer`` sets it) to
+    the longest example of the batch, with the tokenizer's pad id, which the model's config also knows,
+    so the head finds each example's last real token. ``split(rows)`` collates the given rows directly.
     """
 
-    def __init__(self, ds, pad_id: int, is_regression: bool):
+    def __init__(self, ds, tokenizer, is_regression: bool):
+        from transformers import DataCollatorWithPadding
         self.input_ids: list[list[int]] = ds["input_ids"]
         self.labels = torch.tensor(ds["labels"], dtype=torch.float32 if is_regression else torch.long)
         self.lengths: list[int] = ds["length"]
         self.idx: list[int] = ds["idx"]
-        self.pad_id = pad_id
+        self.collate = DataCollatorWithPadding(tokenizer)
 
     def __len__(self) -> int:
         return len(self.input_ids)
 
+    def __getitem__(self, r: int) -> dict:
+        return {"input_ids": self.input_ids[r], "attention_mask": [1] * self.lengths[r], "labels": self.labels[r]}
+
     def __call__(self, rows: Sequence[int]) -> dict[str, torch.Tensor]:
-        width = max(self.lengths[r] for r in rows)
-        ids = torch.full((len(rows), width), self.pad_id, dtype=torch.long)
-        mask = torch.zeros((len(rows), width), dtype=torch.long)
-        for i, r in enumerate(rows):
-            n = self.lengths[r]
-            ids[i, :n] = torch.as_tensor(self.input_ids[r])
-            mask[i, :n] = 1
-        return {"input_ids": ids, "attention_mask": mask, "labels": self.labels[list(rows)]}
+        return dict(self.collate([self[r] for r in rows]))
 
 
 def concat_batchers(batchers: Sequence["TokenizedSplit"]) -> "TokenizedSplit":

@@ -1,14 +1,8 @@
 """Prediction over a tokenized split, shared by ft.py (each epoch) and eval.py (any split/prompt).
 
-Every process predicts its share of length-sorted batches with the *unwrapped* model (no DDP
-collectives in forward), then the (row, logits) pairs are gathered and put back in dataset order.
-The result has exactly one prediction per example whatever the process count; we assert it rather
-than trust padding arithmetic.
-
-With ``fast=True`` (``--fast_eval``, the default) the forwards run through ``fast_eval``: a copy of
-the model with its 4-bit weights de-quantized once (and float32 LoRA merged) when memory allows, and
-for decoders the template's shared token prefix computed once; the argmax is the old path's and the
-logits agree within float rounding (README "Merged models, fast evaluation, latency").
+The canonical Accelerate evaluation (a length-sorted ``DataLoader``, the unwrapped model, ``gather_for_metrics``),
+back in dataset order, one prediction per example asserted; ``fast=True`` runs through ``fast_eval``.
+Details: docs/scale-out.md#evaluation-module.
 """
 from __future__ import annotations
 
@@ -16,8 +10,9 @@ import time
 from typing import Optional
 import numpy as np
 import torch
+from torch.utils.data import DataLoader
 
-from .batching import eval_batches, padding_efficiency
+from .batching import padding_efficiency
 from .data import TokenizedSplit
 from .preflight import zero_stage
 from .tasks import TaskSpec
@@ -35,54 +30,37 @@ def predict(model, batcher: TokenizedSplit, batch_size: int, accelerator,
     """
     was_training = model.training
     model.eval()
-    batches = eval_batches(batcher.lengths, batch_size, accelerator.num_processes, accelerator.process_index)
+    n = len(batcher)
+    order = sorted(range(n), key=lambda r: (-batcher.lengths[r], r))
+    loader = accelerator.prepare_data_loader(
+        DataLoader(batcher, batch_size=batch_size, sampler=order, collate_fn=batcher.collate,
+                   generator=torch.Generator()))  # not the global one: evaluating must not shift training's RNG
     start = time.perf_counter()
     runner = None
     if fast:
         from .fast_eval import prepare
         runner = prepare(model, batcher.input_ids, accelerator.device, zero3=zero_stage(accelerator) == 3,
                          autocast=accelerator.autocast, prepared=prepared, stream_dtype=stream_dtype)
-    rows: list[int] = []
     outputs: list[torch.Tensor] = []
-    # Under ZeRO-3 every forward gathers the sharded weights collectively, so all processes must run
-    # the same number of forwards: a process with fewer batches repeats one and discards the output.
-    padded = list(batches)
-    if zero_stage(accelerator) == 3 and accelerator.num_processes > 1:
-        most = max(len(eval_batches(batcher.lengths, batch_size, accelerator.num_processes, r))
-                   for r in range(accelerator.num_processes))
-        padded += [batches[0] if batches else [0]] * (most - len(batches))
-    for i, batch_rows in enumerate(padded):
-        batch = batcher(batch_rows)
-        ids, mask = batch["input_ids"].to(accelerator.device), batch["attention_mask"].to(accelerator.device)
+    for batch in loader:
+        ids, mask = batch["input_ids"], batch["attention_mask"]
         with accelerator.autocast():
             logits = (runner.logits(ids, mask) if runner is not None else
                       model(input_ids=ids, attention_mask=mask).logits)
-        if i >= len(batches):
-            continue
-        outputs.append(logits.float())
-        rows.extend(batch_rows)
+        outputs.append(accelerator.gather_for_metrics(logits.float()).cpu())
     info = runner.info if runner is not None else {}
     del runner  # the inference copy and prefix cache go now, before the next training step
-    local = torch.cat(outputs).cpu().numpy() if outputs else np.zeros((0, 0), dtype=np.float32)
-    # One object per process; gather_for_metrics with objects returns them all, in rank order.
-    shards = accelerator.gather_for_metrics([(rows, local)], use_gather_object=True)
+    gathered = torch.cat(outputs).numpy()
     elapsed = time.perf_counter() - start
-    n = len(batcher)
-    num_outputs = next(s[1].shape[1] for s in shards if len(s[0]))
-    result = np.zeros((n, num_outputs), dtype=np.float32)
-    seen = np.zeros(n, dtype=np.int64)
-    for shard_rows, shard_logits in shards:
-        result[shard_rows] = shard_logits
-        np.add.at(seen, shard_rows, 1)
-    if not (seen == 1).all():
-        raise RuntimeError(f"evaluation produced {int(seen.sum())} predictions for {n} examples "
-                           f"({int((seen == 0).sum())} missing, {int((seen > 1).sum())} repeated)")
+    if len(gathered) != n:
+        raise RuntimeError(f"evaluation gathered {len(gathered)} predictions for {n} examples")
+    result = np.empty_like(gathered)
+    result[order] = gathered
     if was_training:
         model.train()
-    tokens = sum(batcher.lengths)
-    all_batches = [b for b in eval_batches(batcher.lengths, batch_size)]
-    stats = {"eval_examples_per_s": n / elapsed, "eval_tokens_per_s": tokens / elapsed, "eval_seconds": elapsed,
-             "eval_padding_efficiency": padding_efficiency(all_batches, batcher.lengths)}
+    stats = {"eval_examples_per_s": n / elapsed, "eval_tokens_per_s": sum(batcher.lengths) / elapsed,
+             "eval_seconds": elapsed, "eval_padding_efficiency": padding_efficiency(
+                 [order[i:i + batch_size] for i in range(0, n, batch_size)], batcher.lengths)}
     if fast:
         stats.update({k: v for k, v in info.items() if not isinstance(v, str)})
         stats["eval_dequantized"] = info["eval_dequantized"].startswith("yes")

@@ -1,15 +1,9 @@
 """A faster LoRA dropout for CPU training.
 
-PEFT applies ``nn.Dropout`` to the input of every LoRA layer. On a CPU, torch draws its mask one
-float at a time through ``bernoulli_`` (~5 ms for a batch of 8 x 96 tokens x 576 features here,
-two calls per layer): 7 % of a training step of the embedded model in ``bench/profile_step.py``.
-``FastDropout`` draws 64 random bits per call instead and uses them as four 16-bit uniform numbers,
-one per element, which is ~4x faster. An element is dropped when its number falls below
-``round(p * 65536)``, so the drop probability differs from ``p`` by at most 2**-17; kept elements
-are scaled by the inverse of the exact keep probability, so the output's expectation is the input,
-as with ``nn.Dropout``. The mask comes from torch's default generator: seeded runs and resumed runs
-(which restore the RNG state) draw the same masks. On other devices, in eval mode and for ``p = 0``
-it is plain ``nn.Dropout``.
+On a CPU torch draws the dropout mask one float at a time (7 % of a step); ``FastDropout`` uses 64 random bits
+per call as four 16-bit uniforms (~4x faster): drop probability within 2**-17 of ``p``, kept values scaled by
+the exact inverse keep rate, masks from torch's default generator (seeded and resumed runs repeat them). On other
+devices, in eval mode and for ``p = 0`` it is plain ``nn.Dropout``. Details: docs/speed-and-memory.md#fast_dropout-module.
 """
 from __future__ import annotations
 

@@ -1,36 +1,11 @@
 """The fast evaluation path: de-quantize once (and merge LoRA), and reuse the prompt's shared prefix.
 
-Today's path runs the training model as is: every 4-bit layer de-quantizes its whole weight on every
-forward, and every example re-computes the template text it shares with all the others. Both are fixed
-costs of evaluation, and both can be paid once per evaluation instead:
-
-1. **An inference copy** (``inference_copy``): the model's module tree copied with ``copy.deepcopy``
-   whose memo is pre-filled with every parameter and buffer, so the copy *shares* every tensor that
-   needs no change (embeddings, norms, head, LoRA weights) and only the replaced layers get new ones.
-   Each bitsandbytes ``Linear4bit`` becomes a ``DequantizedLinear`` holding
-   ``bitsandbytes.functional.dequantize_4bit(weight, quant_state)`` in the layer's compute dtype, which
-   casts its input and output as ``Linear4bit.forward`` does. A plain LoRA layer whose compute dtype is
-   float32 is merged too (base + PEFT's ``get_delta_weight``) into one float32 ``nn.Linear``; in a 16-bit
-   compute dtype the LoRA layer is kept (over its de-quantized base), because rounding the merged weight
-   to bf16 would change the logits by more than the bf16 rounding of the old path does. Any other PEFT
-   layer type (DoRA, IA3, ...) makes the whole copy fall back to the old path (one log line). The
-   training model is never modified: the copy is built under ``torch.inference_mode`` from read-only
-   views and dropped after the evaluation.
-   It is built only when memory allows: the new tensors' bytes (every de-quantized weight in its
-   dtype) must be at most half of what is free: ``MemAvailable`` of ``/proc/meminfo`` on a CPU,
-   ``torch.cuda.mem_get_info`` on a GPU (half, to leave room for the activations of the evaluation
-   batches and for other processes). Under ZeRO-3 the weights are sharded, so no copy is built.
-2. **Shared-prefix reuse** for decoders (``qlora_cls/prefix.py``): the longest common token prefix of the
-   split's input_ids is found once; its key/value cache is computed once (batch 1) and expanded over each
-   batch, and only the remaining positions run.
-3. **On a CPU**, two changes to the copy that keep its arithmetic: each gated MLP becomes a ``GatedMLP`` (gate
-   and up as one product, the element-wise part in cache-sized chunks, buffers kept in a ``Workspace``), and
-   a grouped-query model's attention runs SDPA's own grouped attention (``sdpa_gqa_attention``) instead of
-   transformers' copies of the key/value heads. Both give identical logits (tests/test_fast_eval.py).
-
-Measured on the embedded SmolLM2-135M (float32 compute): README "Merged models, fast evaluation, latency"
-(1.29x the plain path and 1.36x the Trainer's predict() with rotating rounds, max |logit diff| 3.5e-6,
-argmax identical; the 2x target is not met on this CPU).
+Evaluation pays two fixed costs once instead of per batch: an inference copy (``inference_copy``) shares every
+unchanged tensor with the training model and de-quantizes each 4-bit layer once (float32 LoRA merged), and a
+decoder's shared prompt prefix runs once (``prefix.py``); on a CPU the copy's gated MLPs and grouped-query
+attention are rewritten with the same arithmetic. Not merging.py's public route: it works in place and cannot
+keep the float32 stream in 16-bit compute. ``--fast_eval auto`` takes it only where the tests run it for real
+(``config.VERIFIED_FAST_PATHS``). Design and figures: docs/speed-and-memory.md#fast_eval-module.
 """
 from __future__ import annotations
 
@@ -73,16 +48,20 @@ class DequantizedLinear(torch.nn.Linear):
         return torch.nn.functional.linear(x.to(self.compute_dtype), self.weight, self.bias).to(x.dtype)
 
 
-def _linear4bit_class():
-    # A model can hold bitsandbytes (or PEFT) layers only once that library is imported; a merged folder
-    # is plain transformers, and predicting with it must not import either (tests/test_predict.py).
-    if "bitsandbytes" not in sys.modules:
-        return None
-    try:
+def _layer_classes() -> tuple:
+    """bitsandbytes' ``Linear4bit``, PEFT's ``LoraLayer`` and ``BaseTunerLayer``; for a library not imported, an
+    empty tuple (``isinstance`` matches nothing). A model can hold their layers only once that library is
+    imported; a merged folder is plain transformers, and predicting with it must not import either
+    (tests/test_predict.py)."""
+    linear4bit = ()
+    if "bitsandbytes" in sys.modules:
         import bitsandbytes as bnb
-    except ImportError:  # pragma: no cover - bitsandbytes is a requirement
-        return None
-    return bnb.nn.Linear4bit
+        linear4bit = bnb.nn.Linear4bit
+    if "peft" not in sys.modules:
+        return linear4bit, (), ()
+    from peft.tuners.lora import LoraLayer
+    from peft.tuners.tuners_utils import BaseTunerLayer
+    return linear4bit, LoraLayer, BaseTunerLayer
 
 
 def _compute_dtype(layer) -> torch.dtype:
@@ -105,16 +84,6 @@ def _is_plain_lora(layer) -> bool:
         and not any(getattr(layer, "lora_embedding_A", {}).get(a) is not None for a in active)
 
 
-def _peft_layer_classes():
-    """PEFT's (LoraLayer, BaseTunerLayer), or empty tuples (which match nothing) when PEFT is not imported:
-    a model can hold PEFT layers only once PEFT is imported (see ``_linear4bit_class``)."""
-    if "peft" not in sys.modules:
-        return (), ()
-    from peft.tuners.lora import LoraLayer
-    from peft.tuners.tuners_utils import BaseTunerLayer
-    return LoraLayer, BaseTunerLayer
-
-
 def _stream_dtype(compute_dtypes: set) -> Optional[torch.dtype]:
     """The one 16-bit compute dtype of a model's 4-bit layers, or None (float32, none, or several)."""
     return next(iter(compute_dtypes)) if len(compute_dtypes) == 1 and compute_dtypes != {torch.float32} else None
@@ -122,14 +91,13 @@ def _stream_dtype(compute_dtypes: set) -> Optional[torch.dtype]:
 
 def copy_bytes(model) -> int:
     """Bytes of the tensors an inference copy would add (de-quantized and merged weights)."""
-    linear4bit = _linear4bit_class()
-    LoraLayer, _ = _peft_layer_classes()
+    linear4bit, LoraLayer, _ = _layer_classes()
     total = 0
     for module in model.modules():
-        if linear4bit is not None and isinstance(module, linear4bit):
+        if isinstance(module, linear4bit):
             total += module.out_features * module.in_features * torch.finfo(_compute_dtype(module)).bits // 8
         elif isinstance(module, LoraLayer) and isinstance(module.get_base_layer(), torch.nn.Linear) \
-                and not (linear4bit and isinstance(module.get_base_layer(), linear4bit)):
+                and not isinstance(module.get_base_layer(), linear4bit):
             total += module.get_base_layer().weight.numel() * module.get_base_layer().weight.element_size()
     return total
 
@@ -158,8 +126,7 @@ def inference_copy(model) -> tuple[torch.nn.Module, dict]:
 
     Raises NotSupported for PEFT layers other than plain LoRA. ``model`` itself is not changed.
     """
-    linear4bit = _linear4bit_class()
-    _, BaseTunerLayer = _peft_layer_classes()
+    linear4bit, _, BaseTunerLayer = _layer_classes()
     shared = {id(t): t for t in itertools.chain(model.parameters(), model.buffers())}
     clone = copy.deepcopy(model, shared)
     clone.eval()
@@ -170,7 +137,7 @@ def inference_copy(model) -> tuple[torch.nn.Module, dict]:
         if not _is_plain_lora(module):
             raise NotSupported(f"{type(module).__module__}.{type(module).__name__} at {name}")
         base = module.get_base_layer()
-        is4 = linear4bit is not None and isinstance(base, linear4bit)
+        is4 = isinstance(base, linear4bit)
         if not is4 and type(base) is not torch.nn.Linear:
             raise NotSupported(f"LoRA over {type(base).__name__} at {name}")
         dtype = _compute_dtype(base) if is4 else base.weight.dtype
@@ -187,7 +154,7 @@ def inference_copy(model) -> tuple[torch.nn.Module, dict]:
                 dequantized += 1
             kept_lora += 1
     for name, module in list(clone.named_modules()):
-        if linear4bit is not None and isinstance(module, linear4bit):
+        if isinstance(module, linear4bit):
             _set(clone, name, DequantizedLinear(dequantized_weight(module), module.bias, _compute_dtype(module)))
             dequantized += 1
     return clone, {"merged_lora_layers": merged, "dequantized_layers": dequantized + merged, "kept_lora_layers": kept_lora}
@@ -201,14 +168,8 @@ class Workspace:
     """The buffers the fused MLPs of one inference copy share: they run one after another, so one gate/up
     product and one activation product, sized for the biggest batch so far, serve every layer and batch.
 
-    Why: a product of a long batch is tens of MB (32 x 96 rows x 3072 bf16 = 19 MB for SmolLM2), which the
-    allocator takes from, and gives back to, the operating system at every layer; each first touch of those
-    pages is a page fault (~0.4 ms per MB on the VMs this was measured on: filling a fresh 32 MB tensor took
-    16 ms, an already touched one 1.8 ms). Measured on SmolLM2-135M, bf16 compute, 408 MRPC examples, two
-    threads, AMD EPYC (``torch.profiler``): without it the gate/up products of two of the 13 batch shapes
-    ran at 167-170 GFLOP/s against 314-348 for the others (64 and 46 ms per layer for [3072, 576] and
-    [2144, 576] rows); with it 27 and 20 ms, identical logits. Kept buffers are the memory the products
-    took anyway, held for as long as the copy lives."""
+    Why: re-allocating a long batch's products at every layer page-faults on every fresh page; kept buffers
+    double the slow shapes' GEMM rate, identical logits (docs/speed-and-memory.md#fast_evalworkspace)."""
 
     def __init__(self):
         self._buffers: dict[str, torch.Tensor] = {}
@@ -224,16 +185,9 @@ class Workspace:
 class GatedMLP(torch.nn.Module):
     """``down(act(gate(x)) * up(x))`` (Llama, Mistral, Qwen2, Gemma, ...) over de-quantized weights, for a CPU.
 
-    The same arithmetic as the module it replaces, in the same dtypes: ``gate`` and ``up`` in the compute
-    dtype (here as one product with their weights stacked, one input cast instead of two), ``act(g) * u`` in
-    the input's dtype (float32 after ``prepare_model_for_kbit_training``), rounded once to the compute dtype
-    for ``down``. What differs is the order: the element-wise part runs over chunks of rows whose float32
-    temporaries stay in the cache (``CHUNK_BYTES``), where the module's full-width float32 temporaries do
-    not; and the two products live in a ``Workspace`` shared by the copy's MLPs. Measured on SmolLM2-135M,
-    bf16 compute: ``bench/eval_bench.py``'s ``fast_unfused`` arm (408 MRPC examples) 1.04x best of 3 rounds
-    on one thread of an Intel Xeon (AMX); on two threads of an AMD EPYC 1.21x best of 2 rounds with the
-    workspace (``bench/results/eval-20261203-123654.md``), 1.18x in one round before it; identical logits.
-    ``fuse_gated_mlps`` checks each replacement against the original on a probe input.
+    The same arithmetic in the same dtypes as the module it replaces (gate and up as one stacked product, the
+    element-wise part over cache-sized chunks of rows, ``CHUNK_BYTES``; products in a shared ``Workspace``);
+    ``fuse_gated_mlps`` checks each replacement on a probe input. Figures: docs/speed-and-memory.md#fast_evalgatedmlp.
     """
 
     def __init__(self, gate: DequantizedLinear, up: DequantizedLinear, down: DequantizedLinear, act,
@@ -294,12 +248,9 @@ def sdpa_gqa_attention(module, query, key, value, attention_mask, dropout: float
                        is_causal=None, **kwargs):
     """transformers' ``sdpa`` attention with SDPA's own grouped-query attention (``enable_gqa=True``).
 
-    Why: with a padding mask on a CPU, transformers' ``sdpa_attention_forward`` repeats every key/value head
-    over its query group (``repeat_kv``: two copies per layer, 3x the cache for SmolLM2's 9 query / 3
-    key-value heads) before calling SDPA, which takes the groups itself. The same kernel with the same inputs:
-    equal outputs (tests/test_fast_eval.py). Measured on the fast path's shapes ([32, 9, 58, 64] queries over
-    74 keys, float32, a boolean mask), AMD EPYC: 7.64 ms -> 6.20 ms per layer on two threads, 12.4 -> 10.0
-    on one. Anything this does not cover (no mask, one query, a position bias, a paged cache, softcapping,
+    Why: with a padding mask on a CPU transformers copies every key/value head over its query group before SDPA,
+    which takes the groups itself: same kernel, equal outputs, faster (docs/speed-and-memory.md#fast_evalsdpa_gqa_attention).
+    Anything this does not cover (no mask, one query, a position bias, a paged cache, softcapping,
     attention sinks) goes to transformers' function unchanged."""
     from transformers.integrations.sdpa_attention import sdpa_attention_forward
     plain = (getattr(module, "num_key_value_groups", 1) == 1 or attention_mask is None or query.shape[2] == 1
@@ -343,16 +294,11 @@ def use_gqa_attention(clone, model) -> bool:
 class Runner:
     """Turns a padded batch into logits, on whichever model and with whichever prefix was decided."""
     model: torch.nn.Module
-    prefix_ids: Optional[torch.Tensor] = None  # [1, P]
     prefix_cache: list = field(default_factory=list)  # per layer (key, value, sliding window or None), batch 1
     info: dict = field(default_factory=dict)
 
-    @property
-    def prefix_length(self) -> int:
-        return 0 if self.prefix_ids is None else self.prefix_ids.shape[1]
-
     def logits(self, input_ids: torch.Tensor, attention_mask: torch.Tensor) -> torch.Tensor:
-        if not self.prefix_length:
+        if not self.prefix_cache:
             return self.model(input_ids=input_ids, attention_mask=attention_mask).logits
         return forward_rest(hf_model(self.model), input_ids, attention_mask, self.prefix_cache, use_cache=True).logits
 
@@ -360,9 +306,8 @@ class Runner:
 def stream_bytes(model) -> int:
     """Bytes ``stream_in_compute_dtype`` would add for ``model`` (its float32 tensors outside LoRA, in the
     4-bit layers' 16-bit compute dtype); 0 when that dtype is float32."""
-    linear4bit = _linear4bit_class()
-    dtype = _stream_dtype({_compute_dtype(m) for m in model.modules()
-                           if linear4bit is not None and isinstance(m, linear4bit)})
+    linear4bit = _layer_classes()[0]
+    dtype = _stream_dtype({_compute_dtype(m) for m in model.modules() if isinstance(m, linear4bit)})
     if dtype is None:
         return 0
     bits = torch.finfo(dtype).bits
@@ -435,18 +380,15 @@ def prepare(model, input_ids, device: torch.device, zero3: bool = False, autocas
     import contextlib
     runner_model, info = prepared if prepared is not None else inference_model(model, device, zero3, stream_dtype)
     runner = Runner(runner_model, info=dict(info))
-    info = runner.info
     hf = hf_model(runner_model)
     p = common_prefix_length(input_ids) if is_causal_decoder(hf.config) else 0
     if p > 0:
-        prefix = torch.tensor([list(input_ids[0][:p])], device=device)
         with autocast() if autocast else contextlib.nullcontext():
-            layers = prefix_layers(hf, prefix)
+            layers = prefix_layers(hf, torch.tensor([list(input_ids[0][:p])], device=device))
         if layers is None:  # a (remote-code) decoder that returns no cache: nothing to reuse
             log.info("fast evaluation: %s returned no key/value cache; the prefix is not reused", type(hf).__name__)
             p = 0
         else:
-            runner.prefix_ids = prefix
             runner.prefix_cache = layers
-    info["eval_prefix_tokens"] = p
+    runner.info["eval_prefix_tokens"] = p
     return runner

@@ -1,11 +1,7 @@
 """Crash-safe file and folder writes: a reader (or a resume) sees the old complete file or the new one.
 
-A file is written under a temporary name in the same folder, flushed to disk and renamed into place
-(one ``os.replace``: atomic). A folder is filled under a temporary name and moved into place; replacing
-an existing folder takes two renames (old one aside, new one in), because POSIX cannot rename a folder
-over a non-empty one. That is crash-safe but not atomic: between the two renames the final name is
-briefly absent, never half-written (a crash there leaves the old folder as ``.NAME.old-PID`` beside it).
-Data is fsynced before a rename and the parent folder after it, so a power cut keeps the same promise.
+A file is renamed into place after an fsync (atomic); a folder replacing another takes two renames, so its
+name is briefly absent, never half-written. Details: docs/scale-out.md#files-module.
 """
 from __future__ import annotations
 

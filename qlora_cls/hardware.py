@@ -1,27 +1,10 @@
 """What the machine computes fast: the rules behind ``--bnb_4bit_compute_dtype auto`` and
 ``--gradient_checkpointing auto``.
 
-Whether bf16 beats float32 on a CPU is not written in its feature flags, so ``auto`` measures it: a
-bf16 and a float32 GEMM of a 4-bit layer's two products (forward x @ W^T, backward dY @ W), at the
-torch thread count the run uses, best of a few calls (~0.5 s), once per machine and set-up (the
-result is cached under the cache home). bf16 is chosen when its GEMMs are at least ``BF16_MARGIN``
-times as fast, since it also costs precision. The flags misled twice (one thread, the model's shapes,
-README "Compute dtype and gradient checkpointing"):
-
-- Intel Xeon with AMX-BF16: fp32 ~175 GFLOP/s, bf16 ~1000 (steps 1.5-1.8x faster in bf16); with
-  oneDNN capped at AVX512-BF16 on that CPU, bf16 ~100 (steps 1.4x slower), which made the old rule
-  ask for AMX;
-- AMD EPYC with AVX512-BF16 and no AMX (2026-12-01): fp32 53-57 GFLOP/s (MKL), bf16 180-460
-  (oneDNN): a training step 2.4x faster and evaluation 2.9x faster in bf16, where the AMX rule had
-  picked float32;
-- without AVX512 or with oneDNN off torch's reference bf16 kernel runs at 3-17 GFLOP/s (the old
-  "bf16 is ~25x slower on CPU"); a GPU computes in bf16, the reference's dtype.
-
-Gradient checkpointing only saves memory and costs a second forward (~1.4x a step). It is worth it
-where the activations would not fit: on a GPU, ``auto`` turns it on when the dry-run estimate
-(``qlora_cls/memory.py``) of a training step without it exceeds ``GPU_MEMORY_SHARE`` of the device's
-memory; on a CPU it is off (RAM is not what is short there: ft.py trains the embedded model in
-3.6 GiB of peak RSS without it, bench/results/20261125-134848).
+CPU feature flags misled twice about bf16 speed, so ``auto`` times a bf16 and a float32 GEMM of a 4-bit layer's
+products (~0.5 s, cached per machine and set-up) and picks bf16 when it is ``BF16_MARGIN`` times as fast (it also
+costs precision). Gradient checkpointing only saves memory (~1.4x a step): on only on a GPU whose memory the
+dry-run estimate without it would exceed. Figures per CPU: docs/speed-and-memory.md#hardware-module.
 """
 from __future__ import annotations
 
@@ -31,6 +14,8 @@ import os
 from pathlib import Path
 from typing import Optional
 
+from .files import atomic_write_json
+
 log = logging.getLogger(__name__)
 
 ISA_CAP_VARS = ("ONEDNN_MAX_CPU_ISA", "DNNL_MAX_CPU_ISA")  # oneDNN's instruction-set cap: part of the probe's key
@@ -38,10 +23,6 @@ BF16_MARGIN = 1.5  # bf16 GEMMs must be this much faster than float32 for auto t
 # tokens x in x out of the probe's GEMMs: a SmolLM2-135M MLP projection at a batch of 8 x 32 tokens.
 PROBE_SHAPE = (256, 576, 1536)
 PROBE_FILE = "cpu_compute_dtype.json"  # under the cache home: one measurement per machine and set-up
-# The estimate is a floor: it leaves out the CUDA context, kernel workspaces and the caching allocator's
-# slack, and the reference run reported ~18 GB per GPU against an estimate of 6.4-8.7 GiB (README,
-# "Memory dry-run"). So checkpointing goes on unless the estimate without it fits in half the device.
-GPU_MEMORY_SHARE = 0.5
 
 
 def cpu_flags() -> set[str]:
@@ -145,33 +126,33 @@ def cpu_dtype_probe() -> dict:
     per ``probe_key()`` and cached in ``<cache home>/cpu_compute_dtype.json`` (``cached`` says which)."""
     import torch
 
-    from .files import atomic_write_json
-    from .modeling import cache_home
+    from .modeling import cache_home  # torch: this module imports it only where needed
     path = cache_home() / PROBE_FILE
     key = probe_key()
     try:
         known = json.loads(path.read_text())
     except (OSError, ValueError):
         known = {}
-    entry = known.get(key) if isinstance(known, dict) else None
-    if isinstance(entry, dict) and all(isinstance(entry.get(k), (int, float))
-                                       for k in ("float32_gflops", "bfloat16_gflops")):
-        choice = choose_cpu_dtype(entry["float32_gflops"], entry["bfloat16_gflops"])
-        log.info("compute dtype auto: %s (bf16 GEMMs %.0f GFLOP/s, float32 %.0f, measured once here, cached in %s)",
-                 choice, entry["bfloat16_gflops"], entry["float32_gflops"], path)
-        return {**entry, "choice": choice, "key": key, "cached": True}
     known = known if isinstance(known, dict) else {}
-    record = {"float32_gflops": round(gemm_gflops(torch.float32), 1),
-              "bfloat16_gflops": round(gemm_gflops(torch.bfloat16), 1), "shape": list(PROBE_SHAPE)}
-    try:
-        path.parent.mkdir(parents=True, exist_ok=True)
-        atomic_write_json(path, {**known, key: record})
-    except OSError as exc:  # a read-only cache home only costs the next run another half second
-        log.warning("could not cache the compute-dtype probe in %s: %s", path, exc)
+    record = known.get(key)
+    cached = isinstance(record, dict) and all(isinstance(record.get(k), (int, float))
+                                              for k in ("float32_gflops", "bfloat16_gflops"))
+    if not cached:
+        record = {"float32_gflops": round(gemm_gflops(torch.float32), 1),
+                  "bfloat16_gflops": round(gemm_gflops(torch.bfloat16), 1), "shape": list(PROBE_SHAPE)}
+        try:
+            path.parent.mkdir(parents=True, exist_ok=True)
+            atomic_write_json(path, {**known, key: record})
+        except OSError as exc:  # a read-only cache home only costs the next run another half second
+            log.warning("could not cache the compute-dtype probe in %s: %s", path, exc)
     choice = choose_cpu_dtype(record["float32_gflops"], record["bfloat16_gflops"])
-    log.info("compute dtype auto: %s (bf16 GEMMs %.0f GFLOP/s, float32 %.0f, on %s; bf16 needs %.1fx)", choice,
-             record["bfloat16_gflops"], record["float32_gflops"], key, BF16_MARGIN)
-    return {**record, "choice": choice, "key": key, "cached": False}
+    if cached:
+        log.info("compute dtype auto: %s (bf16 GEMMs %.0f GFLOP/s, float32 %.0f, measured once here, cached in %s)",
+                 choice, record["bfloat16_gflops"], record["float32_gflops"], path)
+    else:
+        log.info("compute dtype auto: %s (bf16 GEMMs %.0f GFLOP/s, float32 %.0f, on %s; bf16 needs %.1fx)", choice,
+                 record["bfloat16_gflops"], record["float32_gflops"], key, BF16_MARGIN)
+    return {**record, "choice": choice, "key": key, "cached": cached}
 
 
 def default_compute_dtype(device_type: str) -> str:
@@ -180,31 +161,3 @@ def default_compute_dtype(device_type: str) -> str:
     if device_type == "cuda":
         return "bfloat16"
     return cpu_dtype_probe()["choice"] if device_type == "cpu" else "float32"
-
-
-def resolve_gradient_checkpointing(cfg, model_path: str, num_labels: int, train_max_len: int, accelerator) -> None:
-    """Turn ``--gradient_checkpointing auto`` into true/false on a GPU (the resolved value is what gets saved).
-
-    ``TrainConfig.resolve_compute_dtype`` already took a resumed run's saved value and decided a CPU
-    (off); what is left is a GPU: on when the dry-run estimate of a training step *without* it (per
-    process, this launch's processes and ZeRO stage, batch x the longest training example) exceeds
-    ``GPU_MEMORY_SHARE`` of the device's memory.
-    """
-    if cfg.gradient_checkpointing != "auto":
-        return
-    import dataclasses
-
-    import torch
-    from accelerate.utils import broadcast_object_list
-
-    from .memory import estimate
-    from .preflight import zero_stage
-    without = estimate(dataclasses.replace(cfg, gradient_checkpointing=False), model_path, num_labels, train_max_len,
-                       train_max_len, accelerator.num_processes, zero_stage(accelerator))["per_process_bytes"]
-    capacity = torch.cuda.get_device_properties(accelerator.device).total_memory
-    needed = without > GPU_MEMORY_SHARE * capacity
-    # Every process must train the same way; the main process's device decides.
-    cfg.gradient_checkpointing = bool(broadcast_object_list([needed])[0]) if accelerator.num_processes > 1 else needed
-    log.info("gradient checkpointing %s: a training step without it needs ~%.1f GiB per process (dry-run "
-             "estimate), against %.0f%% of %.1f GiB", "on" if cfg.gradient_checkpointing else "off", without / 2**30,
-             100 * GPU_MEMORY_SHARE, capacity / 2**30)

@@ -7,6 +7,7 @@ libraries to offline mode so they read the cache without retrying.
 """
 from __future__ import annotations
 
+import importlib
 import os
 import socket
 from pathlib import Path
@@ -39,16 +40,11 @@ def hub_reachable(timeout: float = 3.0) -> bool:
 def _go_offline() -> None:
     os.environ["HF_HUB_OFFLINE"] = "1"
     os.environ["HF_DATASETS_OFFLINE"] = "1"
-    try:  # the libraries read these at import time; update the live constants too
-        import huggingface_hub.constants as hc
-        hc.HF_HUB_OFFLINE = True
-    except Exception:  # pragma: no cover - optional
-        pass
-    try:
-        import datasets.config as dc
-        dc.HF_HUB_OFFLINE = True
-    except Exception:  # pragma: no cover
-        pass
+    for name in ("huggingface_hub.constants", "datasets.config"):  # read at import time: update the live constants too
+        try:
+            importlib.import_module(name).HF_HUB_OFFLINE = True
+        except Exception:  # pragma: no cover - optional
+            pass
 
 
 def check_model_source(name: str, flag: str) -> None:
@@ -56,8 +52,8 @@ def check_model_source(name: str, flag: str) -> None:
     if looks_local(name):
         p = Path(name).expanduser()
         if not p.is_dir():
-            raise UsageError(f"{flag} {name}: no such folder (give a local model folder or a hub id like "
-                             f"meta-llama/Meta-Llama-3-8B)")
+            raise UsageError(f"{flag} {name}{' is a file' if p.is_file() else ': no such folder'} (give a local "
+                             f"model folder or a hub id like meta-llama/Meta-Llama-3-8B)")
         if not (p / "config.json").is_file() and not any(p.glob("*.gguf")) and flag != "--tokenizer_dir":
             raise UsageError(f"{flag} {name}: folder has no config.json; is it a transformers model folder?")
         return
@@ -73,8 +69,10 @@ def check_model_source(name: str, flag: str) -> None:
 
 def check_dataset_source(name: str) -> None:
     if looks_local(name):
-        if not Path(name).expanduser().is_dir():
-            raise UsageError(f"--dataset {name}: no such folder (give a folder in hub layout or a hub id like nyu-mll/glue)")
+        p = Path(name).expanduser()
+        if not p.is_dir():
+            raise UsageError(f"--dataset {name}{' is a file' if p.is_file() else ': no such folder'} (give a folder "
+                             f"in hub layout or a hub id like nyu-mll/glue)")
         return
     if hub_reachable():
         return

@@ -1,11 +1,7 @@
 """Rows to predict on, read from a CSV or JSON Lines file (or standard input) a chunk at a time.
 
-Each row is a dict of column -> value with a 1-based row number: CSV counts data rows (the header and
-blank lines not counted, as data.py counts them), JSON Lines counts lines (blank lines skipped). Values
-are kept as read: CSV cells are strings exactly as written (no NA guessing: a text "NA" stays "NA", and an
-id "007" stays "007"), JSON values as decoded. The csv module is used rather than pandas so a row with
-the wrong number of fields is reported as that row rather than failing the whole file, and memory stays
-one chunk whatever the file's size.
+Values are kept as read (no NA guessing), rows numbered as data.py numbers them; the csv module rather than
+pandas, so a malformed row is reported as that row and memory stays one chunk (docs/sweeps-and-reports.md#inputs-module).
 """
 from __future__ import annotations
 
@@ -127,13 +123,10 @@ class InputFile:
         for number, line in enumerate(f, 1):
             if not line.strip():
                 continue
-            try:
-                value = json.loads(line)
-            except json.JSONDecodeError as exc:
-                yield Row(number, None, f"is not valid JSON ({exc.msg}, column {exc.colno}); JSON Lines need one "
-                                        f"complete object per line")
-                continue
-            if not isinstance(value, dict):
+            value, problem = parse_json_line(line)
+            if problem:
+                yield Row(number, None, problem)
+            elif not isinstance(value, dict):
                 yield Row(number, None, f"is a JSON {type(value).__name__}, not an object of column: value")
             else:
                 yield Row(number, value)
@@ -147,6 +140,16 @@ class InputFile:
                 chunk = []
         if chunk:
             yield chunk
+
+
+def parse_json_line(line: str) -> tuple[object, Optional[str]]:
+    """One line of JSON Lines: (value, None), or (None, what is wrong) with the column in the line as written
+    (the same words in ft.py's --train_file checks and predict.py's --input)."""
+    try:
+        return json.loads(line.rstrip("\r\n")), None
+    except json.JSONDecodeError as exc:
+        return None, (f"is not valid JSON ({exc.msg}, column {exc.colno}); JSON Lines need one complete object "
+                      f"per line")
 
 
 def row_problem(row: Row, columns: Sequence[str]) -> Optional[str]:

@@ -1,39 +1,25 @@
 """Memory dry-run (``ft.py --dry_run``): what a run will need, per process, without loading weights.
 
-The architecture is built on the meta device (shapes only), what ``--method`` trains is added the same
-way as in training (``methods.meta_trainable``), and every figure is computed from shapes:
-
-* **weights** of the 4-bit base: packed NF4/FP4 linear weights (0.5 byte per parameter), their
-  absmax constants (one per block of 64; with double quantization an 8-bit absmax per block plus an
-  fp32 second-level constant per 256 blocks, else fp32 per block), and the parameters bitsandbytes
-  leaves alone (embeddings, norms, the head) in fp32, because ``prepare_model_for_kbit_training``
-  casts them to fp32 whatever the load dtype. Without 4 bit: every parameter in the compute dtype.
-* **LoRA / DoRA / (IA)^3 / adapters (+ head)**: the trainable parameters, fp32. ``full``: none beyond the
-  base weights, which are what trains (16-bit base, fp32 head).
-* **gradients**: one per trainable parameter, fp32 (``full``: in each parameter's dtype).
-* **optimizer state**: bitsandbytes 8-bit AdamW keeps two uint8 states (+ an fp32 absmax per block
-  of 256) for tensors of at least 4096 elements and two fp32 states for smaller ones; torch AdamW
-  keeps two fp32 states (8 bytes per parameter).
-* **activations** of the longest training batch (``--batch_size`` x the longest tokenized example,
-  since padding is to the longest of a batch): per token and layer, the tensors autograd keeps for
-  backward in a Llama-style block (norms, q/k/v, attention, MLP; attention probabilities only under
-  eager attention, a padding mask otherwise), plus what the method's modules keep
-  (``method_activation_bytes``: LoRA/DoRA inputs, (IA)^3 scaled tensors, adapter bottlenecks, or for
-  ``full`` the inputs of the projections whose weights now need gradients); with gradient checkpointing
-  only each layer's input is kept plus one layer's full set during its recomputation. Plus the
-  largest de-quantized weight, which exists transiently during each 4-bit matmul (DoRA: also its weight norm's
-  ``W + BA``). It is an estimate
-  (allocator caching, kernels' workspaces and the CUDA context, ~0.3-1 GB, are not in it).
-
-ZeRO (DeepSpeed) changes the per-process share: stage 1 shards optimizer state, stage 2 also
-gradients, stage 3 also the parameters (4-bit weights included), each over the world size.
+The architecture is built on the meta device and every figure computed from shapes: 4-bit weights, trained
+parameters and gradients, optimizer state, the longest batch's activations (ZeRO shards them over the world
+size). An estimate: allocator caching, kernels' workspaces and the CUDA context are not in it. What each term
+counts: docs/speed-and-memory.md#memory-module.
 """
 from __future__ import annotations
 
+import dataclasses
 import logging
 import math
 from typing import Optional
 
+import torch
+
+from .errors import UsageError
+from .methods import BottleneckAdapter, meta_trainable, plan, resolve_param_budget
+from .modeling import head_modules, is_linear, meta_model, parameter_counts
+from .pipeline import prepare_data, resolve_paths, tokenizer_for
+from .preflight import zero_stage
+from .tasks import GLUE_TASKS
 
 log = logging.getLogger(__name__)
 
@@ -43,6 +29,10 @@ OPT_BLOCK = 256  # bitsandbytes 8-bit optimizer block size
 OPT_MIN_8BIT = 4096  # smaller tensors keep 32-bit optimizer state (bitsandbytes min_8bit_size)
 GiB = 1024 ** 3
 MiB = 1024 ** 2
+# The estimate is a floor: it leaves out the CUDA context, kernel workspaces and the caching allocator's
+# slack, and the reference run reported ~18 GB per GPU against an estimate of 6.4-8.7 GiB (README,
+# "Memory dry-run"). So gradient checkpointing goes on unless the estimate without it fits in half the device.
+GPU_MEMORY_SHARE = 0.5
 
 
 def _dtype_bytes(name: str) -> int:
@@ -50,7 +40,8 @@ def _dtype_bytes(name: str) -> int:
 
 
 def quantized_linear_bytes(numel: int, double_quant: bool) -> int:
-    """Bytes of one 4-bit weight: packed values + its quantization constants."""
+    """Bytes of one 4-bit weight: packed values + its absmax constants (one per block of 64: fp32, or with double
+    quantization 8-bit plus an fp32 second-level constant per 256 blocks)."""
     blocks = math.ceil(numel / QUANT_BLOCK)
     if double_quant:
         constants = blocks + 4 * math.ceil(blocks / NESTED_BLOCK)
@@ -76,7 +67,6 @@ def weight_breakdown(model, cfg, skip: list[str]) -> dict:
     quantized = packed = constants = other = 0
     largest = 0
     seen: set[int] = set()
-    from .modeling import is_linear
     for name, module in model.named_modules():
         if not is_linear(module):  # nn.Linear and GPT-2's Conv1D: both become Linear4bit
             continue
@@ -89,7 +79,6 @@ def weight_breakdown(model, cfg, skip: list[str]) -> dict:
             constants += q - math.ceil(n / 2)
             largest = max(largest, n)
             seen.add(id(module.weight))
-    from .modeling import head_modules
     head = {id(p) for name in head_modules(model) for p in getattr(model, name).parameters()}
     for p in model.parameters():
         if id(p) in seen:
@@ -137,13 +126,8 @@ def activation_bytes(config, tokens: int, seq_len: int, cfg, training: bool, met
 def method_activation_bytes(cfg, model, layers: int) -> int:
     """Per token and layer, what the trained modules of ``cfg.method`` keep for backward (beyond the block's own).
 
-    LoRA: per target its dropout output (compute dtype) + mask + lora_A output (fp32). DoRA: that, plus the
-    base output kept for the magnitude's gradient. (IA)^3: each scaled tensor (the target's output, or its
-    input for an FFN one). Adapters: per adapter its fp32 input (+ LayerNorm output), the bottleneck before and
-    after GELU, and the sum. Full: the inputs of the attention-output and FFN-output projections, which a frozen
-    layer does not keep but a trained weight's gradient needs.
+    Per method: docs/speed-and-memory.md#memorymethod_activation_bytes.
     """
-    from .methods import BottleneckAdapter
     cb = _dtype_bytes(cfg.bnb_4bit_compute_dtype)
     h = model.config.hidden_size
     total = 0
@@ -172,9 +156,6 @@ def dora_transient_bytes(model) -> int:
 def estimate(cfg, model_path: str, num_labels: int, train_max_len: int, eval_max_len: int,
              world_size: int = 1, zero_stage: int = 0) -> dict:
     """All figures of the dry-run, in bytes (per process)."""
-    from .methods import meta_trainable, plan
-    from .modeling import meta_model, parameter_counts
-
     arch = meta_model(model_path, num_labels, cfg.trust_remote_code)
     plan_ = plan(cfg, arch)
     skip = list(plan_.head) if cfg.load_in_4bit else []  # what load_base_model keeps out of 4 bit
@@ -218,11 +199,8 @@ def estimate(cfg, model_path: str, num_labels: int, train_max_len: int, eval_max
 
 def per_process(r: dict, stage: int, world: int) -> int:
     """Training peak per process under ZeRO ``stage`` (0 = plain DDP) on ``world`` processes."""
-    weights = r["weight_bytes"] / (world if stage >= 3 else 1)
-    lora = r["lora_bytes"] / (world if stage >= 3 else 1)
-    grads = r["gradient_bytes"] / (world if stage >= 2 else 1)
-    opt = r["optimizer_bytes"] / (world if stage >= 1 else 1)
-    return int(weights + lora + grads + opt + r["activation_bytes"])
+    sharded_from = {"weight_bytes": 3, "lora_bytes": 3, "gradient_bytes": 2, "optimizer_bytes": 1}  # ZeRO stage
+    return int(sum(r[k] / (world if stage >= s else 1) for k, s in sharded_from.items()) + r["activation_bytes"])
 
 
 def _fmt(n: float) -> str:
@@ -263,20 +241,38 @@ def report(r: dict, cfg, note: Optional[str] = None) -> str:
     ]
     lines += [f"  {name:<44}{_fmt(value)}" for name, value in rows]
     worlds = sorted({int(k.split("/")[1]) for k in r["zero"]})
-    lines.append("  training peak per process by ZeRO stage (columns: processes)")
-    lines.append("  " + f"{'':<14}" + "".join(f"{w:>14}" for w in worlds))
+    lines += ["  training peak per process by ZeRO stage (columns: processes)",
+              "  " + f"{'':<14}" + "".join(f"{w:>14}" for w in worlds)]
     for stage, label in ((0, "DDP / ZeRO-0"), (1, "ZeRO-1"), (2, "ZeRO-2"), (3, "ZeRO-3")):
         lines.append("  " + f"{label:<14}" + "".join(f"{_fmt(r['zero'][f'{stage}/{w}']):>14}" for w in worlds))
     return "\n".join(lines)
 
 
+def resolve_gradient_checkpointing(cfg, model_path: str, num_labels: int, train_max_len: int, accelerator) -> None:
+    """Turn ``--gradient_checkpointing auto`` into true/false on a GPU (the resolved value is what gets saved).
+
+    ``TrainConfig.resolve_auto`` already took a resumed run's saved value and decided a CPU
+    (off); what is left is a GPU: on when the dry-run estimate of a training step *without* it (per
+    process, this launch's processes and ZeRO stage, batch x the longest training example) exceeds
+    ``GPU_MEMORY_SHARE`` of the device's memory.
+    """
+    if cfg.gradient_checkpointing != "auto":
+        return
+    from accelerate.utils import broadcast_object_list
+
+    without = estimate(dataclasses.replace(cfg, gradient_checkpointing=False), model_path, num_labels, train_max_len,
+                       train_max_len, accelerator.num_processes, zero_stage(accelerator))["per_process_bytes"]
+    capacity = torch.cuda.get_device_properties(accelerator.device).total_memory
+    needed = without > GPU_MEMORY_SHARE * capacity
+    # Every process must train the same way; the main process's device decides.
+    cfg.gradient_checkpointing = bool(broadcast_object_list([needed])[0]) if accelerator.num_processes > 1 else needed
+    log.info("gradient checkpointing %s: a training step without it needs ~%.1f GiB per process (dry-run "
+             "estimate), against %.0f%% of %.1f GiB", "on" if cfg.gradient_checkpointing else "off", without / 2**30,
+             100 * GPU_MEMORY_SHARE, capacity / 2**30)
+
+
 def dry_run(cfg, source, template, splits: list[str], eval_split: str, accelerator) -> dict:
     """``ft.py --dry_run``: tokenize (for the real lengths), estimate, print, load no weights."""
-    from .errors import UsageError
-    from .pipeline import prepare_data, resolve_paths, tokenizer_for
-    from .preflight import zero_stage
-    from .tasks import GLUE_TASKS
-
     model_path, _ = resolve_paths(cfg)
     note = None
     try:
@@ -297,8 +293,6 @@ def dry_run(cfg, source, template, splits: list[str], eval_split: str, accelerat
         spec = GLUE_TASKS.get(cfg.task)
         num_labels = spec.num_labels if spec and not cfg.train_file else max(len(cfg.label_names or [0, 1]), 1)
         train_max = eval_max = cfg.max_length
-    from .hardware import resolve_gradient_checkpointing
-    from .methods import resolve_param_budget
     budget = resolve_param_budget(cfg, model_path, num_labels)  # as ft.py chooses it
     if budget and budget["field"]:
         note = ((note + "; ") if note else "") + (f"--param_budget {budget['budget']:,} chose --{budget['field']} "

@@ -1,4 +1,5 @@
-"""A run's adapter merged into a standalone ``AutoModelForSequenceClassification`` folder (merge.py).
+"""A run's adapter merged into a standalone ``AutoModelForSequenceClassification`` folder (merge.py), or for
+a generative run (``--objective sft|lm``) an ``AutoModelForCausalLM`` folder (``merge_generative``).
 
 The adapter was trained against the *4-bit* base: its LoRA (DoRA, IA3) weights correct what that
 quantized model computes. So by default the merged weights are that exact base de-quantized
@@ -13,7 +14,9 @@ Folder layout (the interface eval.py/predict.py read; ``MERGED_FORMAT``): ``conf
 ``model.safetensors`` (id2label/label2id/problem_type/pad_token_id set), tokenizer files (right
 padding, pad token set), ``prompt.txt`` (the run's template), ``qlora_cls.json`` (what the model is
 and how well it did) and ``README.md`` (model card). Written under a temporary name and renamed:
-complete or absent.
+complete or absent. A generative run's folder has no ``prompt.txt``: its tokenizer carries the chat template
+(and the template's added turn markers; the embeddings are resized to them), ``generation_config.json`` stops
+on the run's stop ids, and ``qlora_cls.json`` says the objective, chat template, end of turn and stop ids.
 """
 from __future__ import annotations
 
@@ -22,6 +25,7 @@ import json
 import logging
 import os
 from pathlib import Path
+from typing import Optional
 
 import torch
 
@@ -41,12 +45,20 @@ def run_method(config: dict) -> str:
     return config.get("method") or ("qlora" if config.get("load_in_4bit", True) else "lora")
 
 
+def is_generative(records: dict) -> bool:
+    return records.get("config", {}).get("objective", "classification") != "classification"
+
+
 def check_merge(cfg, records: dict, run_dir: Path, adapter: str, merge_into: str, output_dir: Path) -> str:
     """Everything cheap, before any weight is read; returns the resolved ``merge_into``."""
     from .files import read_json
     from .methods import has_saved_weights
     method = run_method(records.get("config", {}))
     adapter_dir = run_dir / adapter
+    if not (run_dir / "metrics.json").is_file():
+        raise UsageError(f"{run_dir} has no metrics.json: the run did not finish; resume it by running its ft.py "
+                         f"command again with --resume, then merge")
+    other = "" if adapter == "adapter" else " (use --adapter adapter)"
     if method in NOT_MERGEABLE or (method != "full" and adapter_dir.is_dir()
                                    and not (adapter_dir / "adapter_config.json").is_file()):
         raise UsageError(f"{adapter_dir}: method {method!r} saves no PEFT adapter (adapter_config.json), so there is "
@@ -54,18 +66,14 @@ def check_merge(cfg, records: dict, run_dir: Path, adapter: str, merge_into: str
                          f"full fine-tuning runs (eval.py and predict.py run this one from its run folder)")
     if method == "full":
         if not has_saved_weights(adapter_dir):
-            raise UsageError(f"{adapter_dir} holds no trained weights (weights.safetensors); the run may be unfinished "
-                             f"or have no {adapter}/ (use --adapter adapter)")
+            raise UsageError(f"{adapter_dir} holds no trained weights (weights.safetensors){other}")
     elif not (adapter_dir / "adapter_config.json").is_file():
-        raise UsageError(f"{adapter_dir} has no adapter (adapter_config.json); the run may be unfinished or have no "
-                         f"{adapter}/ (use --adapter adapter)")
-    if not (run_dir / "metrics.json").is_file():
-        raise UsageError(f"{run_dir} has no metrics.json: the run did not finish; finish it (ft.py --resume) first")
+        raise UsageError(f"{adapter_dir} has no adapter (adapter_config.json){other}")
     if method != "full":
         peft_type = read_json(adapter_dir / "adapter_config.json").get("peft_type")
         if peft_type not in ("LORA", "IA3"):
             raise UsageError(f"{adapter_dir} is a {peft_type} adapter; merge.py merges LORA (incl. DoRA) and IA3")
-    if not (run_dir / "prompt.txt").is_file():
+    if not is_generative(records) and not (run_dir / "prompt.txt").is_file():
         raise UsageError(f"{run_dir} has no prompt.txt")
     if output_dir.exists():
         raise UsageError(f"--output_dir {output_dir} already exists; give a new folder (nothing is overwritten)")
@@ -81,17 +89,15 @@ def check_merge(cfg, records: dict, run_dir: Path, adapter: str, merge_into: str
 
 def quantization_modules(model) -> list[str]:
     """Names of modules that need PEFT or bitsandbytes to run (none may be left in a merged model)."""
-    bad = []
-    for name, module in model.named_modules():
-        kind = type(module).__module__
-        if kind.startswith("peft.") or kind.startswith("bitsandbytes."):
-            bad.append(f"{name} ({type(module).__name__})")
-    return bad
+    return [f"{name} ({type(module).__name__})" for name, module in model.named_modules()
+            if type(module).__module__.startswith(("peft.", "bitsandbytes."))]
 
 
-def merged_model(cfg, model_path: str, adapter_dir: Path, num_labels: int, pad_token_id: int, merge_into: str,
-                 device: str = "cpu"):
+def merged_model(cfg, model_path: str, adapter_dir: Path, num_labels: Optional[int], pad_token_id: int,
+                 merge_into: str, device: str = "cpu", vocab_size: Optional[int] = None):
     """The base (de-quantized 4-bit or original) with the adapter merged in, as a plain transformers model.
+    ``num_labels`` None: the causal LM of a generative run; ``vocab_size``: its tokenizer's when the chat template
+    added tokens (the base's embeddings are resized to it, as ft.py resized them, before the adapter is loaded).
 
     A full fine-tuning run has nothing to merge: its saved weights (every parameter) are loaded into the
     base's architecture in float32 (a bf16 run's values widen exactly)."""
@@ -101,11 +107,12 @@ def merged_model(cfg, model_path: str, adapter_dir: Path, num_labels: int, pad_t
     from .modeling import load_base_model
     if cfg.method == "full":
         base = load_base_model(dataclasses.replace(cfg, bnb_4bit_compute_dtype="float32", gradient_checkpointing=False),
-                               model_path, num_labels, pad_token_id, {"": device})
+                               model_path, num_labels, pad_token_id, {"": device},
+                               vocab_size=vocab_size)
         return load_saved(base.float(), str(adapter_dir))
     if merge_into == "dequantized-4bit":
         base = load_base_model(dataclasses.replace(cfg, gradient_checkpointing=False), model_path, num_labels,
-                               pad_token_id, {"": device})
+                               pad_token_id, {"": device}, vocab_size=vocab_size)
         # The adapter's base exactly: each 4-bit weight de-quantized with its own quant_state, in float32 (a
         # bf16-compute run stored bf16 values: widening them is exact).
         base = base.dequantize(dtype=torch.float32)
@@ -116,8 +123,7 @@ def merged_model(cfg, model_path: str, adapter_dir: Path, num_labels: int, pad_t
         # The same method on a 16-bit base: QLoRA's adapter is a LoRA adapter there.
         sixteen = dataclasses.replace(cfg, method="lora" if cfg.method == "qlora" else cfg.method, load_in_4bit=False,
                                       bnb_4bit_compute_dtype="float32", gradient_checkpointing=False)
-        base = load_base_model(sixteen,
-                               model_path, num_labels, pad_token_id, {"": device})
+        base = load_base_model(sixteen, model_path, num_labels, pad_token_id, {"": device}, vocab_size=vocab_size)
     base = base.float()
     model = PeftModel.from_pretrained(base, str(adapter_dir), is_trainable=False)
     model = model.merge_and_unload()  # float32 base + float32 adapter: the merge rounds once, in float32
@@ -137,6 +143,8 @@ def merge_run(cfg, records: dict, run_dir: Path, output_dir: Path, adapter: str 
 
     merge_into = check_merge(cfg, records, run_dir, adapter, merge_into, output_dir)
     check_model_paths(cfg.model_dir, cfg.tokenizer_dir)
+    if is_generative(records):
+        return merge_generative(cfg, records, run_dir, output_dir, adapter, merge_into, dtype)
     resolved = records.get("resolved", {})
     summary = read_json(run_dir / "metrics.json")
     model_path, tokenizer = tokenizer_for(cfg)
@@ -254,5 +262,134 @@ The trivial baseline {baseline.get('description', 'is not recorded')}, scored wi
 ```
 
 `qlora_cls.json` holds the same facts for programs (labels, text columns, max length, metrics, baseline).
+"""
+    return str(ModelCard(f"---\n{data.to_yaml()}\n---\n{text}"))
+
+
+def generative_tokenizer(cfg, records: dict):
+    """``(model_path, tokenizer)`` of a generative run as ft.py built it: the base's tokenizer with the run's chat
+    template set and its turn markers added (``sft.chat_format``: the same ids in the same order)."""
+    from . import sft
+    from .pipeline import tokenizer_for
+    model_path, tokenizer = tokenizer_for(cfg)
+    if cfg.objective == "sft":
+        check_chat_format(sft.chat_format(tokenizer, cfg.chat_template), tokenizer, records, model_path)
+    return model_path, tokenizer
+
+
+def check_chat_format(fmt, tokenizer, records: dict, model_path: str) -> None:
+    """The chat format rebuilt now is the one the run trained with (config.json): same added markers, same end of
+    turn id (a --model_dir override or a changed tokenizer would shift them)."""
+    resolved = records.get("resolved", {})
+    eot = tokenizer.convert_tokens_to_ids(fmt.end_of_turn)
+    if fmt.added_tokens != (resolved.get("added_tokens") or []) or [eot] != (resolved.get("stop_ids") or [])[:1]:
+        raise UsageError(f"the tokenizer of {model_path} with chat template {fmt.name} is not the one the run trained "
+                         f"with (added tokens {fmt.added_tokens}, end of turn {fmt.end_of_turn!r} = id {eot}; "
+                         f"config.json: {resolved.get('added_tokens')}, {resolved.get('end_of_turn')!r} = "
+                         f"{(resolved.get('stop_ids') or [None])[0]})")
+
+
+def generative_scores(summary: dict, adapter: str) -> dict:
+    """A generative run's metrics of adapter/ (final) or adapter_best/ (the evaluation at its best step)."""
+    if adapter == "adapter":
+        return dict(summary.get("final") or {})
+    return next((dict(e) for e in summary.get("evaluations", []) if e.get("step") == summary.get("best_step")), {})
+
+
+def merge_generative(cfg, records: dict, run_dir: Path, output_dir: Path, adapter: str, merge_into: str,
+                     dtype: str) -> Path:
+    """merge_run for ``--objective sft|lm``: an ``AutoModelForCausalLM`` folder whose greedy generations are the
+    adapter's (tests/test_merge_generative.py), merged the same way as a classification run."""
+    from accelerate.utils import set_seed
+
+    from .files import current_umask, crash_safe_dir, atomic_write_json, atomic_write_text, read_json
+    from .modeling import DTYPE
+
+    resolved = records.get("resolved", {})
+    summary = read_json(run_dir / "metrics.json")
+    model_path, tokenizer = generative_tokenizer(cfg, records)
+    added = list(resolved.get("added_tokens") or [])
+    stop_ids = list(resolved.get("stop_ids") or [])
+    device = "cuda:0" if torch.cuda.is_available() else "cpu"
+    set_seed(cfg.seed)  # the resized rows start as in ft.py (the adapter stores the trained embeddings anyway)
+    model = merged_model(cfg, model_path, run_dir / adapter, None, tokenizer.pad_token_id, merge_into, device,
+                         vocab_size=len(tokenizer) if added else None)
+    model = model.to(DTYPE[dtype])
+    model.config.pad_token_id = tokenizer.pad_token_id
+    model.config.use_cache = True  # training switched it off; generation wants the KV cache
+    if stop_ids:  # a plain model.generate() stops where the run's generations stopped: on the end of turn
+        model.generation_config.eos_token_id = stop_ids
+        model.generation_config.pad_token_id = tokenizer.pad_token_id
+    scores = generative_scores(summary, adapter)
+    info = {"format": MERGED_FORMAT, "source_run": str(run_dir.resolve()), "adapter": adapter,
+            "objective": cfg.objective, "task": resolved.get("task") or cfg.objective,
+            "chat_template": resolved.get("prompt_name") if cfg.objective == "sft" else None,
+            "end_of_turn": resolved.get("end_of_turn"), "stop_ids": stop_ids, "added_tokens": added,
+            "max_length": cfg.max_length, "main_metric": resolved.get("main_metric"),
+            "metrics": {k: scores[k] for k in (resolved.get("metrics") or []) if k in scores},
+            "eval_split": resolved.get("eval_split"),
+            "base_model_metrics": (summary.get("baseline") or {}).get("metrics"),
+            "merged_into": merge_into, "base_model": model_path, "dtype": dtype,
+            "peft_type": (read_json(run_dir / adapter / "adapter_config.json").get("peft_type")
+                          if (run_dir / adapter / "adapter_config.json").is_file() else None),
+            "method": run_method(records.get("config", {}))}
+    tokenizer.padding_side = "left"  # a decoder continues from the last position: batched prompts pad on the left
+    tokenizer.init_kwargs["padding_side"] = "left"
+    with crash_safe_dir(output_dir) as tmp:
+        model.save_pretrained(tmp, safe_serialization=True, max_shard_size="1000GB")  # one model.safetensors
+        tokenizer.save_pretrained(tmp)  # its chat template and the added turn markers included
+        atomic_write_json(tmp / MERGED_INFO, info)
+        atomic_write_text(tmp / "README.md", generative_model_card(output_dir, info, summary))
+        for f in tmp.iterdir():  # safetensors writes 0600; the folder's other files honour the umask
+            os.chmod(f, 0o666 & ~current_umask())
+    log.info("merged %s/%s into %s (%s, %s)", run_dir, adapter, output_dir, merge_into, dtype)
+    return output_dir
+
+
+def generative_model_card(output_dir: Path, info: dict, summary: dict) -> str:
+    """README.md of a merged generative folder: what it is, its figures beside the base model's, how to load it."""
+    from huggingface_hub import ModelCard, ModelCardData
+    run = summary.get("run", {})
+    base = info.get("base_model_metrics") or {}
+    names = list(info["metrics"])
+    table = "\n".join(["| | " + " | ".join(names) + " |", "|---|" + "---:|" * len(names),
+                       "| this model | " + " | ".join(f"{info['metrics'][m]:.4f}" for m in names) + " |",
+                       "| the base model | " + " | ".join("–" if base.get(m) is None else f"{base[m]:.4f}"
+                                                         for m in names) + " |"])
+    if info["objective"] == "sft":
+        use = "\n".join([
+            'messages = [{"role": "user", "content": "..."}]',
+            'ids = tokenizer.apply_chat_template(messages, add_generation_prompt=True, return_tensors="pt")',
+            "out = model.generate(ids, max_new_tokens=128)  # generation_config.json stops on the end of turn",
+            "print(tokenizer.decode(out[0, ids.shape[1]:], skip_special_tokens=True))"])
+    else:
+        use = "\n".join(['ids = tokenizer("...", return_tensors="pt").input_ids',
+                         "print(tokenizer.decode(model.generate(ids, max_new_tokens=64)[0]))"])
+    data = ModelCardData(base_model=info["base_model"], library_name="transformers", pipeline_tag="text-generation",
+                         tags=["text-generation", "merged-adapter", info["objective"]])
+    text = f"""
+# {run.get('model') or info['base_model']} with its {info['objective']} adapter merged
+
+A standalone `AutoModelForCausalLM` (no PEFT, no bitsandbytes needed), made by qlora-cls `merge.py` from
+`{info['source_run']}/{info['adapter']}`, merged into the {info['merged_into']} base weights ({info['dtype']}).
+
+- **Trained:** {run.get('method') or info.get('method')}; {run.get('training', '')}
+- **Chat template:** {info.get('chat_template') or 'none (plain text)'}; end of turn `{info.get('end_of_turn')}`,
+  stop ids {info['stop_ids']}; added tokens: {', '.join(info['added_tokens']) or 'none'}
+
+## Evaluation (of the adapter, on the run's held-out {info.get('eval_split')} data)
+
+{table}
+
+## How to use (plain transformers)
+
+```python
+from transformers import AutoModelForCausalLM, AutoTokenizer
+
+path = {json.dumps(str(output_dir.resolve()))}
+model = AutoModelForCausalLM.from_pretrained(path).eval()
+tokenizer = AutoTokenizer.from_pretrained(path)
+{use}
+```
 """
     return str(ModelCard(f"---\n{data.to_yaml()}\n---\n{text}"))

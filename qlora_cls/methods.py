@@ -1,23 +1,9 @@
 """What is trained (``--method``): building it on the base model, saving it, loading it back, sizing it.
 
-* ``qlora`` / ``lora``: LoRA (PEFT) on a 4-bit / 16-bit base, on ``--target_modules``.
-* ``dora``: LoRA with weight decomposition (PEFT ``LoraConfig(use_dora=True)``): a trainable magnitude per
-  output feature of each target besides the low-rank direction update.
-* ``ia3``: (IA)^3 (PEFT ``IA3Config``): one learned scale per feature of each target's output, or of its input
-  for the FFN's output projection (``feedforward_modules``, resolved per architecture by role names).
-* ``adapter``: Houlsby-style bottleneck adapters (PEFT has none for this): ``BottleneckAdapter`` wrapped
-  around each block's attention output projection and FFN output projection (``modeling.block_outputs``),
-  ``h + up(gelu(down(h)))``, optionally with its own LayerNorm on the input; the up-projection starts at zero,
-  so the adapted model starts as the base model.
-* ``full``: every parameter trains (16-bit base only: 4-bit weights cannot be updated).
-
-The classification head (``modeling.head_modules``) is always trained in full precision and saved: as PEFT
-``modules_to_save`` for the PEFT methods, directly for adapter and full. The PEFT methods save with
-``save_pretrained`` (``adapter_config.json``: stock PEFT loads them); adapter and full save their trainable
-parameters by name in ``weights.safetensors`` beside ``qlora_cls_method.json``, which says what they are.
-
-``--param_budget N`` picks the largest size (LoRA/DoRA rank, adapter bottleneck) whose trainable parameter
-count, counted on the meta device by ``modeling.parameter_counts`` as the real model counts them, is <= N.
+qlora/lora (LoRA on a 4-bit/16-bit base), dora, ia3, adapter (bottleneck adapters, which PEFT lacks) and full;
+the head always trains in full precision. PEFT methods save as stock PEFT; adapter and full save
+``weights.safetensors`` + ``qlora_cls_method.json``. ``--param_budget`` picks the largest size that fits.
+Details: docs/methods.md#methods-module.
 """
 from __future__ import annotations
 
@@ -27,11 +13,15 @@ from pathlib import Path
 from typing import Optional
 
 import torch
+from safetensors.torch import load_file, save_file
 from torch import nn
 
+from .checkpoint import trainable_state
 from .errors import UsageError
-from .modeling import (ModelPlan, matches_target, block_outputs, head_modules, is_linear, meta_model, parameter_counts,
-                       plan_model)
+from .fast_dropout import use_fast_dropout
+from .files import atomic_write_json
+from .modeling import (ModelPlan, matches_target, block_outputs, head_modules, is_linear, load_adapter, lora_config,
+                       meta_model, parameter_counts, plan_model, task_type, unique_suffixes)
 
 log = logging.getLogger(__name__)
 
@@ -114,40 +104,37 @@ def plan(cfg, model) -> ModelPlan:
         return plan_model(model, cfg.target_modules)
     head = tuple(head_modules(model))
     if cfg.method == "adapter":
-        from .modeling import unique_suffixes
         names = [n for n, _ in model.named_modules()]
         return ModelPlan(head=head, target_modules=tuple(unique_suffixes(adapter_targets(model), names)))
     return ModelPlan(head=head, target_modules=())
 
 
-def peft_config(cfg, model, plan_: ModelPlan):
+def peft_config(cfg, model, plan_: ModelPlan, new_token_ids=()):
     """The PEFT config of a PEFT method for this model (GPT-2's 16-bit Conv1D targets need fan_in_fan_out)."""
-    from peft import IA3Config, TaskType
+    from peft import IA3Config
     from transformers.pytorch_utils import Conv1D
-
-    from .modeling import lora_config
     conv1d = any(isinstance(m, Conv1D) for full, m in model.named_modules()
                  if any(matches_target(t, full) for t in plan_.target_modules))
     if cfg.method in LORA_FAMILY:
-        config = lora_config(cfg, plan_, fan_in_fan_out=conv1d)
+        config = lora_config(cfg, plan_, fan_in_fan_out=conv1d, new_token_ids=new_token_ids)
         config.use_dora = cfg.method == "dora"
         return config
     ffn = set(block_outputs(model)["ffn"])
     # A target is a feed-forward one (scaled on its input) when every module it names is an FFN output.
     feedforward = [t for t in plan_.target_modules
                    if all(full in ffn for full, m in model.named_modules() if is_linear(m) and matches_target(t, full))]
-    return IA3Config(task_type=TaskType.SEQ_CLS, target_modules=list(plan_.target_modules),
-                     feedforward_modules=feedforward, modules_to_save=list(plan_.head), fan_in_fan_out=conv1d)
+    return IA3Config(task_type=task_type(plan_), target_modules=list(plan_.target_modules),
+                     feedforward_modules=feedforward, modules_to_save=list(plan_.head) or None, fan_in_fan_out=conv1d)
 
 
-def add_trainable(model, cfg, plan_: Optional[ModelPlan] = None):
-    """The base model (``modeling.load_base_model``) made trainable by ``cfg.method``; the head always trains."""
+def add_trainable(model, cfg, plan_: Optional[ModelPlan] = None, new_token_ids=()):
+    """The base model (``modeling.load_base_model``) made trainable by ``cfg.method``; the head always trains.
+    ``new_token_ids``: tokens a chat template added, whose embedding rows train too (LoRA family only)."""
     plan_ = plan_ or plan(cfg, model)
     if cfg.method in PEFT_METHODS:
         from peft import get_peft_model
-        model = get_peft_model(model, peft_config(cfg, model, plan_))
+        model = get_peft_model(model, peft_config(cfg, model, plan_, new_token_ids))
         if cfg.fast_cpu_dropout and cfg.method in LORA_FAMILY:
-            from .fast_dropout import use_fast_dropout
             use_fast_dropout(model)
         return model
     _own_method(model, cfg.method, plan_.head, cfg.adapter_bottleneck, cfg.adapter_layernorm)
@@ -174,10 +161,6 @@ def save_trainable(model, folder: Path, cfg, state_dict: Optional[dict] = None) 
     if cfg.method in PEFT_METHODS:
         model.save_pretrained(folder, safe_serialization=True, state_dict=state_dict)
         return
-    from safetensors.torch import save_file
-
-    from .checkpoint import trainable_state
-    from .files import atomic_write_json
     weights = trainable_state(model)
     if state_dict is not None:  # ZeRO-3: the gathered copy of the sharded parameters
         weights = {n: state_dict[n].detach().to("cpu", copy=True).contiguous() for n in weights}
@@ -200,9 +183,7 @@ def load_saved(model, folder: str):
     """The saved weights of ``folder`` on the freshly loaded base model, for evaluation (no grad)."""
     folder = Path(folder)
     if (folder / PEFT_FILE).is_file():
-        from .modeling import load_adapter
         return load_adapter(model, str(folder))
-    from safetensors.torch import load_file
     record = json.loads((folder / METHOD_FILE).read_text())
     _own_method(model, record["method"], record["head_modules"], record.get("bottleneck"), record.get("layernorm"),
                 record.get("wrapped"))

@@ -11,7 +11,7 @@ from __future__ import annotations
 import dataclasses
 import json
 from pathlib import Path
-from typing import Any, Optional
+from typing import Any
 
 REPO = Path(__file__).resolve().parent.parent
 SKIP_IN_COMMAND = ("resume", "dry_run", "results_path")
@@ -211,7 +211,7 @@ from qlora_cls.modeling import load_base_model
 
 run = Path({json.dumps(str(adapter_dir.resolve().parent))})
 cfg, records = load_run_config(run)
-cfg.resolve_compute_dtype("cpu")  # or "cuda"
+cfg.resolve_auto("cpu")  # or "cuda"
 base = load_base_model(cfg, records["resolved"]["model_path"], {resolved.get('num_labels')}, {resolved.get('pad_token_id')}, {{"": "cpu"}})
 model = load_saved(base, run / {json.dumps(adapter_dir.name)})  # eval mode; inputs: prompt.txt filled as in training
 ```"""
@@ -232,7 +232,3 @@ def scores_of(summary: dict, which: str) -> dict:
         if e.get("epoch") == best:
             return e
     return {}
-
-
-def optional(path: Optional[Path]) -> bool:
-    return path is not None and path.is_dir()

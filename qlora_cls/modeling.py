@@ -127,7 +127,7 @@ def _in_attention(full: str) -> bool:
 
 @dataclass(frozen=True)
 class ModelPlan:
-    """What add_lora and the 4-bit loader need to know about an architecture, resolved from the model."""
+    """What methods.add_trainable and the 4-bit loader need to know about an architecture, resolved from the model."""
     head: tuple[str, ...]  # top-level modules outside the base model: fresh, trained in full, never quantized
     target_modules: tuple[str, ...]  # LoRA targets as PEFT matches them (dotted suffixes of module names)
 
@@ -152,11 +152,12 @@ def head_modules(model) -> list[str]:
     ``out_proj``; DistilBERT's ``pre_classifier``; DeBERTa's ``pooler``), so they start random and must be
     trained in full precision. Derived from ``base_model_prefix`` rather than a list of names, so a new
     architecture's head is found too.
+    A causal LM (``--objective sft | lm``) has none: its output layer is the pretrained LM head.
     """
-    prefix = model.base_model_prefix
+    prefix, lm_head = model.base_model_prefix, model.get_output_embeddings()
     heads = [name for name, child in model.named_children()
-             if name != prefix and any(True for _ in child.parameters())]
-    if not heads:
+             if name != prefix and child is not lm_head and any(True for _ in child.parameters())]
+    if not heads and lm_head is None:
         raise UsageError(f"{type(model).__name__} has no classification head outside its base model {prefix!r}")
     return heads
 
@@ -170,14 +171,19 @@ def _linear_modules(model, head: Sequence[str]) -> tuple[list[str], list[str]]:
     return base, in_head
 
 
-def _suffix_outside(full: str, head_linear: Sequence[str]) -> str:
-    """The shortest dotted suffix of ``full`` that names no head layer (``dense`` -> ``output.dense``)."""
+def _shortest_suffix(full: str, others: Sequence[str]) -> Optional[str]:
+    """The shortest dotted suffix of ``full`` that matches none of ``others`` (PEFT's suffix rule), or None."""
     parts = full.split(".")
     for k in range(1, len(parts) + 1):
         suffix = ".".join(parts[-k:])
-        if not any(matches_target(suffix, h) for h in head_linear):
+        if not any(matches_target(suffix, o) for o in others):
             return suffix
-    return full
+    return None
+
+
+def _suffix_outside(full: str, head_linear: Sequence[str]) -> str:
+    """The shortest dotted suffix of ``full`` that names no head layer (``dense`` -> ``output.dense``)."""
+    return _shortest_suffix(full, head_linear) or full
 
 
 def resolve_target_modules(model, targets: Sequence[str]) -> list[str]:
@@ -201,16 +207,14 @@ def resolve_target_modules(model, targets: Sequence[str]) -> list[str]:
     preset = presets[0]
     if preset == "all-linear":
         return list(dict.fromkeys(_suffix_outside(full, head_linear) for full in base))
+    found = {role: [n for n in names if any(matches_target(n, full) for full in base)] for role, names in ROLE_NAMES.items()}
     if preset == "kv-ffn":  # keys, values and the FFN's output projection (the (IA)^3 paper's targets)
-        found = {role: [n for n in ROLE_NAMES[role] if any(matches_target(n, full) for full in base)]
-                 for role in ("key", "value", "qkv")}
         kv = found["key"] + found["value"] if found["key"] and found["value"] else found["qkv"]
         ffn = block_outputs(model)["ffn"]
         if not kv or not ffn:
             raise UsageError(f"--target_modules kv-ffn: cannot find the key/value and FFN output projections of "
                              f"{type(model).__name__}; name them: its linear layers are {shown}")
         return kv + unique_suffixes(ffn, [full for full, _ in model.named_modules()])
-    found = {role: [n for n in names if any(matches_target(n, full) for full in base)] for role, names in ROLE_NAMES.items()}
     roles = ("query", "value") if preset == "attention-qv" else ("query", "key", "value", "output")
     if not all(found[r] for r in roles):  # fused q,k,v: one layer serves query, key and value
         roles = ("qkv",) if preset == "attention-qv" else ("qkv", "output")
@@ -230,8 +234,7 @@ def block_outputs(model) -> dict[str, list[str]]:
     Where a bottleneck adapter goes (Houlsby et al. 2019: after each of the two sub-layers, before the
     residual sum) and what (IA)^3 treats as the FFN; found by role names, so every family here is covered.
     """
-    head = head_modules(model)
-    base, head_linear = _linear_modules(model, head)
+    base, _ = _linear_modules(model, head_modules(model))
     attn = [f for f in base if any(matches_target(n, f) for n in ROLE_NAMES["output"])]
     ffn = [f for f in base if any(matches_target(n, f) for n in FFN_OUTPUT_NAMES) and not _in_attention(f)]
     return {"attention": attn, "ffn": ffn}
@@ -243,43 +246,41 @@ def unique_suffixes(selected: Sequence[str], names: Sequence[str]) -> list[str]:
     ``output.dense`` would also match ``attention.output.dense``."""
     chosen = set(selected)
     others = [n for n in names if n not in chosen]
-    out = []
-    for full in selected:
-        parts = full.split(".")
-        for k in range(1, len(parts) + 1):
-            suffix = ".".join(parts[-k:])
-            if not any(matches_target(suffix, o) for o in others):
-                out.append(suffix)
-                break
-    return list(dict.fromkeys(out))
+    suffixes = [_shortest_suffix(full, others) for full in selected]
+    return list(dict.fromkeys(s for s in suffixes if s is not None))
 
 
 def plan_model(model, targets: Sequence[str]) -> ModelPlan:
     return ModelPlan(head=tuple(head_modules(model)), target_modules=tuple(resolve_target_modules(model, targets)))
 
 
-def lora_config(cfg, plan: ModelPlan, fan_in_fan_out: bool = False):
-    from peft import LoraConfig, TaskType
-    return LoraConfig(task_type=TaskType.SEQ_CLS, r=cfg.r, lora_alpha=cfg.lora_alpha,
+def task_type(plan: ModelPlan):
+    """PEFT's task: a classification head, or a causal LM (no head) for the generative objectives."""
+    from peft import TaskType
+    return TaskType.SEQ_CLS if plan.head else TaskType.CAUSAL_LM
+
+
+def lora_config(cfg, plan: ModelPlan, fan_in_fan_out: bool = False, new_token_ids: Sequence[int] = ()):
+    """``new_token_ids``: tokens a chat template added (sft.py); PEFT trains their embedding rows only and saves
+    them with the adapter (``trainable_token_indices``), the rest of the vocabulary stays frozen."""
+    from peft import LoraConfig
+    return LoraConfig(task_type=task_type(plan), r=cfg.r, lora_alpha=cfg.lora_alpha,
                       lora_dropout=cfg.lora_dropout, target_modules=list(plan.target_modules),
-                      modules_to_save=list(plan.head), fan_in_fan_out=fan_in_fan_out, bias="none")
+                      modules_to_save=list(plan.head) or None, fan_in_fan_out=fan_in_fan_out, bias="none",
+                      trainable_token_indices=list(new_token_ids) or None)
 
 
-def meta_model(model_path: str, num_labels: int, trust_remote_code: bool = False):
+def meta_model(model_path: str, num_labels: Optional[int], trust_remote_code: bool = False):
     """The architecture on the meta device: shapes and names without reading any weights.
 
-    Under a ZeRO-3 launch transformers builds every model inside ``deepspeed.zero.Init``, which cannot
-    partition meta tensors, so transformers' DeepSpeed config is unset around the build with its public
-    ``unset_hf_deepspeed_config`` and given back with ``set_hf_deepspeed_config``. accelerate's
-    ``DeepSpeedPlugin.zero3_init_context_manager(enable=False)`` does not do it in accelerate 1.15: it
-    flips ``zero3_init_flag`` and then re-creates the same ZeRO-3 ``HfDeepSpeedConfig``, so
-    ``is_deepspeed_zero3_enabled()`` stays True inside it and the meta build fails with "Cannot copy out
-    of meta tensor" (checked with an Accelerator on ds_configs/zero3.json).
+    Under ZeRO-3 transformers' DeepSpeed config is unset around the build (``deepspeed.zero.Init`` cannot
+    partition meta tensors); why not accelerate's switch: docs/scale-out.md#modelingmeta_model.
     """
     from accelerate import init_empty_weights
-    from transformers import AutoConfig, AutoModelForSequenceClassification
+    from transformers import AutoConfig
     from transformers.integrations import is_deepspeed_zero3_enabled, set_hf_deepspeed_config, unset_hf_deepspeed_config
-    config = AutoConfig.from_pretrained(model_path, num_labels=num_labels, trust_remote_code=trust_remote_code)
+    config = AutoConfig.from_pretrained(model_path, trust_remote_code=trust_remote_code,
+                                        **({} if num_labels is None else {"num_labels": num_labels}))
     owner = None
     if is_deepspeed_zero3_enabled():
         from accelerate.state import AcceleratorState, is_initialized
@@ -289,7 +290,7 @@ def meta_model(model_path: str, num_labels: int, trust_remote_code: bool = False
             unset_hf_deepspeed_config()
     try:
         with init_empty_weights():
-            return AutoModelForSequenceClassification.from_config(config, trust_remote_code=trust_remote_code)
+            return auto_class(num_labels).from_config(config, trust_remote_code=trust_remote_code)
     finally:
         if owner is not None:
             set_hf_deepspeed_config(owner.dschf)
@@ -314,20 +315,29 @@ def disable_cpu_weight_repacking(model) -> int:
     return count
 
 
-def load_base_model(cfg, model_path: str, num_labels: int, pad_token_id: int, device_map,
-                    head: Optional[Sequence[str]] = None):
-    """The base model with a fresh classification head, 4-bit when ``cfg.load_in_4bit``.
+def auto_class(num_labels: Optional[int]):
+    """A classification head for ``num_labels``; None = the causal LM itself (the generative objectives)."""
+    from transformers import AutoModelForCausalLM, AutoModelForSequenceClassification
+    return AutoModelForCausalLM if num_labels is None else AutoModelForSequenceClassification
+
+
+def load_base_model(cfg, model_path: str, num_labels: Optional[int], pad_token_id: int, device_map,
+                    head: Optional[Sequence[str]] = None, vocab_size: Optional[int] = None):
+    """The base model with a fresh classification head (``num_labels``; None = the causal LM, no head), 4-bit
+    when ``cfg.load_in_4bit``.
 
     ``head``: the head's modules when the caller has them (ft.py's plan); else found on the meta device.
+    ``vocab_size``: the tokenizer's, when a chat template added tokens: the embeddings grow to it.
     """
-    from transformers import AutoModelForSequenceClassification
-    problem_type = "regression" if num_labels == 1 else "single_label_classification"
-    head = list(head) if head else head_modules(meta_model(model_path, num_labels, cfg.trust_remote_code))
+    head = list(head) if head is not None else head_modules(meta_model(model_path, num_labels, cfg.trust_remote_code))
     quant = quantization_config(cfg, head)
-    model = AutoModelForSequenceClassification.from_pretrained(
-        model_path, num_labels=num_labels, problem_type=problem_type, quantization_config=quant,
-        dtype=DTYPE[cfg.bnb_4bit_compute_dtype], device_map=device_map,
-        trust_remote_code=cfg.trust_remote_code)
+    labels = {} if num_labels is None else {
+        "num_labels": num_labels, "problem_type": "regression" if num_labels == 1 else "single_label_classification"}
+    model = auto_class(num_labels).from_pretrained(
+        model_path, quantization_config=quant, dtype=DTYPE[cfg.bnb_4bit_compute_dtype], device_map=device_map,
+        trust_remote_code=cfg.trust_remote_code, **labels)
+    if vocab_size and vocab_size > model.get_input_embeddings().num_embeddings:
+        model.resize_token_embeddings(vocab_size, mean_resizing=True)  # new rows: the mean embedding (HF's default)
     model.config.pad_token_id = pad_token_id  # the head finds the last real token with it
     model.config.use_cache = False  # no generation; the KV cache only costs memory in training
     disable_cpu_weight_repacking(model)
@@ -359,12 +369,6 @@ def head_in_float32(model, head) -> None:
         module.float()
         module.register_forward_pre_hook(
             lambda _, args: tuple(a.float() if torch.is_floating_point(a) else a for a in args))
-
-
-def add_lora(model, cfg):
-    """LoRA (or what ``cfg.method`` trains) on a base model from ``load_base_model``: see methods.add_trainable."""
-    from .methods import add_trainable
-    return add_trainable(model, cfg)
 
 
 def load_adapter(model, adapter_dir: str):

@@ -61,7 +61,7 @@ def prepare_data(source: DataSource, template: Template, tokenizer, splits: Sequ
             if cut and accelerator.is_main_process:
                 log.warning("%d of %d %s examples (%.1f%%) reached --max_length %d and were cut there", cut, len(tok),
                             split, 100 * cut / len(tok), max_length)
-            batchers[split] = TokenizedSplit(tok, tokenizer.pad_token_id, task.spec.is_regression)
+            batchers[split] = TokenizedSplit(tok, tokenizer, task.spec.is_regression)
     return PreparedData(task, batchers, pad_hit, template)
 
 
@@ -72,17 +72,19 @@ def device_map_for(accelerator, zero3: bool = False):
     return {"": str(accelerator.device)}
 
 
-def build_model(cfg, model_path: str, tokenizer, num_labels: int, accelerator, adapter_dir: Optional[str] = None,
-                base_only: bool = False, zero3: bool = False, head=None):
-    """Base model (+ what ``cfg.method`` trains, fresh when training, saved when evaluating; methods.py)."""
+def build_model(cfg, model_path: str, tokenizer, num_labels: Optional[int], accelerator,
+                adapter_dir: Optional[str] = None, base_only: bool = False, zero3: bool = False, head=None,
+                new_tokens=()):
+    """Base model (+ what ``cfg.method`` trains, fresh when training, saved when evaluating; methods.py).
+    ``num_labels`` None: the causal LM (generative objectives); ``new_tokens``: tokens its chat template added."""
     from .methods import add_trainable, load_saved
     model = load_base_model(cfg, model_path, num_labels, tokenizer.pad_token_id, device_map_for(accelerator, zero3),
-                            head)
+                            head, vocab_size=len(tokenizer) if new_tokens else None)
     if base_only:
         return model
     if adapter_dir is not None:
         return load_saved(model, adapter_dir)
-    return add_trainable(model, cfg)
+    return add_trainable(model, cfg, new_token_ids=tokenizer.convert_tokens_to_ids(list(new_tokens)))
 
 
 def resolve_paths(cfg) -> tuple[str, str]:
@@ -96,5 +98,5 @@ def tokenizer_for(cfg) -> tuple[str, object]:
     try:
         tokenizer = load_tokenizer(tokenizer_path, cfg.trust_remote_code)
     except (OSError, ValueError) as exc:
-        raise UsageError(f"could not load a tokenizer from {tokenizer_path}: {str(exc).splitlines()[0]}")
+        raise UsageError(f"could not load a tokenizer from {tokenizer_path}: {' '.join(str(exc).split())}")
     return model_path, tokenizer

@@ -21,11 +21,11 @@ from .report import Collection, Group, label  # noqa: E402
 
 DPI = 120
 BOUNDED = {"accuracy", "f1", "matthews_correlation", "pearson", "spearmanr"}
+ZERO_ONE = {"accuracy", "f1"}
 
 
 def _unit(metric: str) -> str:
-    return f"{metric} (0-1)" if metric in {"accuracy", "f1"} else (
-        f"{metric} (-1 to 1)" if metric in BOUNDED else metric)
+    return f"{metric} (0-1)" if metric in ZERO_ONE else (f"{metric} (-1 to 1)" if metric in BOUNDED else metric)
 
 
 def _save(fig, path: Path) -> Path:
@@ -37,11 +37,23 @@ def _save(fig, path: Path) -> Path:
     return path
 
 
-def _legend(ax, title: str = "configuration") -> None:
+def _figure(lines: int):
+    """A wide figure for step curves, and a colour map with enough colours for ``lines`` lines."""
+    fig, ax = plt.subplots(figsize=(10, 4.8), layout="constrained")
+    return fig, ax, plt.get_cmap("tab10" if lines <= 10 else "tab20")
+
+
+def _finish_steps(fig, ax, ylabel: str, path: Path, legend: str = "configuration") -> Path:
+    """Optimizer steps on x (whole numbers), grid, legend outside the plot; saved."""
+    ax.xaxis.get_major_locator().set_params(integer=True)
+    ax.set_xlabel("optimizer step")
+    ax.set_ylabel(ylabel)
+    ax.grid(alpha=0.3)
     handles, _ = ax.get_legend_handles_labels()
     if handles:
         ax.legend(loc="upper left", bbox_to_anchor=(1.02, 1.0), borderaxespad=0, fontsize="small",
-                  title=title, title_fontsize="small")
+                  title=legend, title_fontsize="small")
+    return _save(fig, path)
 
 
 def _aggregate(series: list[dict[float, float]]) -> tuple[list[float], list[float], list[float]]:
@@ -52,7 +64,8 @@ def _aggregate(series: list[dict[float, float]]) -> tuple[list[float], list[floa
     return xs, means, stds
 
 
-def _line(ax, xs, means, stds, text, color, dodge: float = 0.0) -> None:
+def _line(ax, xs, means, stds, text, color, dodge: float = 0.0) -> list[float]:
+    """One line (mean) with its ±std band or whiskers; returns the band's edges (for the axis limits)."""
     if dodge or len(xs) == 1:  # a band needs two x values; whiskers show the spread of single points
         xs = [x + dodge for x in xs]
         ax.errorbar(xs, means, yerr=stds if any(stds) else None, marker="o", markersize=5, capsize=4,
@@ -62,14 +75,12 @@ def _line(ax, xs, means, stds, text, color, dodge: float = 0.0) -> None:
     if any(stds) and len(xs) > 1:
         ax.fill_between(xs, [m - s for m, s in zip(means, stds)], [m + s for m, s in zip(means, stds)],
                         color=color, alpha=0.2, linewidth=0)
+    return [m - s for m, s in zip(means, stds)] + [m + s for m, s in zip(means, stds)]
 
 
 def _n_text(groups: list[Group]) -> str:
     ns = sorted({len(g.finished) for g in groups})
     return f"{ns[0]} seed{'s' if ns[0] != 1 else ''}" if len(ns) == 1 else f"{ns[0]}-{ns[-1]} seeds"
-
-
-ZERO_ONE = {"accuracy", "f1"}
 
 
 def _limits(values: list, metric: str, min_span: float = 0.3) -> tuple[float, float]:
@@ -90,13 +101,21 @@ def _limits(values: list, metric: str, min_span: float = 0.3) -> tuple[float, fl
     return lo, hi
 
 
-def _baseline_value(baselines: Optional[list], metric: str) -> list[tuple[str, float]]:
+def _baseline_value(baselines: Optional[list], metric: str) -> list[tuple[str, float, str]]:
     out = []
     for b in baselines or []:
         v = b.get(f"{metric}_mean")
         if v is not None:
             out.append((f"trivial baseline: {b['name']} ({v:.3f})", v, b["name"]))
     return out
+
+
+def _baseline_lines(ax, baselines: Optional[list], metric: str) -> list[float]:
+    """The trivial baselines as dashed horizontal lines; returns their values."""
+    refs = _baseline_value(baselines, metric)
+    for text, v, _ in refs:
+        ax.axhline(v, color="black", linestyle="--", linewidth=1.2, label=text, zorder=1)
+    return [v for _, v, _ in refs]
 
 
 def _titles(fig, ax, title: str, col: Collection, note: str = "") -> None:
@@ -111,8 +130,7 @@ def eval_per_epoch(col: Collection, metric: str, path: Path, baselines: Optional
     if not groups:
         return None
     splits = sorted({r.metrics.get("eval_split", "validation") for g in groups for r in g.finished})
-    fig, ax = plt.subplots(figsize=(10, 4.8), layout="constrained")
-    colors = plt.get_cmap("tab10" if len(groups) <= 10 else "tab20")
+    fig, ax, colors = _figure(len(groups))
     steps: set = set()
     values: list = []
     series_of = {}
@@ -126,23 +144,14 @@ def eval_per_epoch(col: Collection, metric: str, path: Path, baselines: Optional
         if series_of[g.key]:
             # Configurations often score alike: a small sideways shift keeps every one visible.
             dodge = 0.012 * top * (i - (len(groups) - 1) / 2) if len(groups) > 1 else 0.0
-            xs, means, stds = _aggregate(series_of[g.key])
-            values += [m - s for m, s in zip(means, stds)] + [m + s for m, s in zip(means, stds)]
-            _line(ax, xs, means, stds, label(g, col.swept), colors(i % colors.N), dodge)
-    for text, v, _ in _baseline_value(baselines, metric):
-        ax.axhline(v, color="black", linestyle="--", linewidth=1.2, label=text, zorder=1)
-        values.append(v)
+            values += _line(ax, *_aggregate(series_of[g.key]), label(g, col.swept), colors(i % colors.N), dodge)
+    values += _baseline_lines(ax, baselines, metric)
     if steps:
         ax.set_xlim(0, top * 1.08)
     ax.set_ylim(*_limits(values, metric))
-    ax.xaxis.get_major_locator().set_params(integer=True)
     _titles(fig, ax, f"{'/'.join(splits).capitalize()} {metric} at each evaluation "
                      f"(mean ± std over {_n_text(groups)})", col)
-    ax.set_xlabel("optimizer step")
-    ax.set_ylabel(_unit(metric))
-    ax.grid(alpha=0.3)
-    _legend(ax)
-    return _save(fig, path)
+    return _finish_steps(fig, ax, _unit(metric), path)
 
 
 def step_curves(col: Collection, name: str, curves: list[dict], metric: str, path: Path,
@@ -151,21 +160,16 @@ def step_curves(col: Collection, name: str, curves: list[dict], metric: str, pat
     mean over its runs with a ±1 std band where it has several, and the trivial baseline."""
     if not curves:
         return None
-    fig, ax = plt.subplots(figsize=(10, 4.8), layout="constrained")
-    colors = plt.get_cmap("tab10" if len(curves) <= 10 else "tab20")
+    fig, ax, colors = _figure(len(curves))
     values: list = []
     for i, c in enumerate(curves):
-        stds = [s or 0.0 for s in c["std"]]
         n = c["n_series"]
-        _line(ax, c["steps"], c["mean"], stds, f"{c['label']} ({n} run{'s' if n != 1 else ''})", colors(i % colors.N))
-        values += [m - s for m, s in zip(c["mean"], stds)] + [m + s for m, s in zip(c["mean"], stds)]
-    for text, v, _ in _baseline_value(baselines, metric):
-        ax.axhline(v, color="black", linestyle="--", linewidth=1.2, label=text, zorder=1)
-        values.append(v)
+        values += _line(ax, c["steps"], c["mean"], [s or 0.0 for s in c["std"]],
+                        f"{c['label']} ({n} run{'s' if n != 1 else ''})", colors(i % colors.N))
+    values += _baseline_lines(ax, baselines, metric)
     top = max((x for c in curves for x in c["steps"]), default=1)
     ax.set_xlim(0, top * 1.05)
     ax.set_ylim(*_limits(values, metric))
-    ax.xaxis.get_major_locator().set_params(integer=True)
     splits = sorted({r.metrics.get("eval_split", "validation") for g in col.groups for r in g.finished})
     every = sorted({int(r.config.get("eval_every") or 0) for g in col.groups for r in g.finished} - {0})
     others = sorted({k for c in curves for k in c["averaged_over"]})
@@ -173,19 +177,14 @@ def step_curves(col: Collection, name: str, curves: list[dict], metric: str, pat
         "line: mean over seeds" + (f" and over the values of {', '.join(others)}" if others else "") + \
         ", band: ± 1 std (sample)"
     _titles(fig, ax, f"{'/'.join(splits).capitalize()} {metric} against optimizer step, by {name}", col, note)
-    ax.set_xlabel("optimizer step")
-    ax.set_ylabel(_unit(metric))
-    ax.grid(alpha=0.3)
-    _legend(ax, name)
-    return _save(fig, path)
+    return _finish_steps(fig, ax, _unit(metric), path, name)
 
 
 def loss_curves(col: Collection, path: Path, baselines: Optional[list] = None) -> Optional[Path]:
     groups = [g for g in col.groups if any(r.train_log for r in g.finished)]
     if not groups:
         return None
-    fig, ax = plt.subplots(figsize=(10, 4.8), layout="constrained")
-    colors = plt.get_cmap("tab10" if len(groups) <= 10 else "tab20")
+    fig, ax, colors = _figure(len(groups))
     regression = any(r.resolved.get("num_labels") == 1 for g in groups for r in g.finished)
     for i, g in enumerate(groups):
         series = [{e["step"]: e["loss"] for e in r.train_log if e.get("loss") is not None} for r in g.finished]
@@ -199,12 +198,7 @@ def loss_curves(col: Collection, path: Path, baselines: Optional[list] = None) -
                        label=f"constant predictor ({what}): {b['train_loss']:.3f}", zorder=1)
     ax.set_ylim(bottom=0)
     _titles(fig, ax, f"Training loss (mean per logging window; mean ± std over {_n_text(groups)})", col)
-    ax.set_xlabel("optimizer step")
-    ax.set_ylabel("loss (mean squared error)" if regression else "loss (cross-entropy, nats)")
-    ax.xaxis.get_major_locator().set_params(integer=True)
-    ax.grid(alpha=0.3)
-    _legend(ax)
-    return _save(fig, path)
+    return _finish_steps(fig, ax, "loss (mean squared error)" if regression else "loss (cross-entropy, nats)", path)
 
 
 def final_bars(col: Collection, rows: list[dict], base: list[dict], metric: str, path: Path,
@@ -224,11 +218,12 @@ def final_bars(col: Collection, rows: list[dict], base: list[dict], metric: str,
                 hatch="//" if is_base else None, edgecolor="gray", capsize=4, height=0.7)
         ax.text(mean + (std or 0) + 0.01, y, f"{mean:.3f}" + (f" ± {std:.3f}" if std else ""), va="center",
                 fontsize="small", clip_on=False, zorder=4, bbox=dict(facecolor="white", edgecolor="none", pad=1, alpha=0.8))
-    for text, v, _ in _baseline_value(baselines, metric):
+    refs = _baseline_value(baselines, metric)
+    for text, v, _ in refs:
         ax.axvline(v, color="black", linestyle="--", linewidth=1.4, label=text, zorder=3)
     ax.set_yticks(ys, [b[0] for b in bars], fontsize="small")
     lows = [m - (s or 0) for _, m, s, _ in bars]
-    highs = [m + (s or 0) for _, m, s, _ in bars] + [v for _, v, _ in _baseline_value(baselines, metric)]
+    highs = [m + (s or 0) for _, m, s, _ in bars] + [v for _, v, _ in refs]
     bounded = metric in ZERO_ONE or metric in BOUNDED
     left = min(0.0, min(lows)) if not bounded or min(lows) >= 0 else max(-1.0, math.floor(min(lows) * 10) / 10)
     right = 1.0 if bounded and max(highs) <= 1.0 else max(highs) * 1.05
@@ -240,7 +235,7 @@ def final_bars(col: Collection, rows: list[dict], base: list[dict], metric: str,
     _titles(fig, ax, f"Final {metric} per configuration", col,
             "bar: mean, whiskers: ± std over seeds; hatched: the un-tuned base model")
     ax.grid(axis="x", alpha=0.3)
-    if _baseline_value(baselines, metric):
+    if refs:
         fig.legend(loc="outside lower center", fontsize="small", frameon=False)
     return _save(fig, path)
 
@@ -249,11 +244,7 @@ def prompt_matrix(rows: list[dict], base: list[dict], metric: str, path: Path, b
                   col: Optional[Collection] = None) -> Optional[Path]:
     """Heat map: each trained configuration (and the base model) evaluated under each prompt; colours are
     centred on the trivial baseline (white), red below it, blue above."""
-    prompts: list[str] = []
-    for r in rows:
-        for e in r["eval_rows"]:
-            if e["adapter"] == "adapter" and e["eval_prompt"] not in prompts:
-                prompts.append(e["eval_prompt"])
+    prompts = list(dict.fromkeys(e["eval_prompt"] for r in rows for e in r["eval_rows"] if e["adapter"] == "adapter"))
     if not prompts:
         return None
     table = [(r["label"], {e["eval_prompt"]: e for e in r["eval_rows"] if e["adapter"] == "adapter"}) for r in rows]
@@ -263,10 +254,10 @@ def prompt_matrix(rows: list[dict], base: list[dict], metric: str, path: Path, b
     if ref:
         table.append((f"trivial baseline ({ref[0][2]})",
                       {p: {f"{metric}_mean": ref[0][1]} for p in prompts}))
-    values = [[cells[p].get(f"{metric}_mean") if p in cells else None for p in prompts] for _, cells in table]
     import numpy as np
     from matplotlib.colors import Normalize, TwoSlopeNorm
-    grid = np.array([[np.nan if v is None else v for v in row] for row in values], dtype=float)
+    grid = np.array([[cells[p].get(f"{metric}_mean") if p in cells else None for p in prompts] for _, cells in table],
+                    dtype=float)  # None: NaN
     finite = np.isfinite(grid).any()
     vmin, vmax = (float(np.nanmin(grid)), float(np.nanmax(grid))) if finite else (0.0, 1.0)
     if ref:

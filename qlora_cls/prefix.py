@@ -1,29 +1,11 @@
 """The prompt's shared prefix: leading tokens every example has, computed once per batch instead of per example.
 
-Every example of a task is rendered through one template, so all of them start with the same tokens
-(``Does sentence 1 mean the same as sentence 2? Sentence 1:`` is 16 tokens of SmolLM2's ~74 per MRPC
-example). In a causal decoder a token's hidden states depend only on the tokens before it, so those
-positions hold the same keys and values in every example of a batch: they can run once, at batch size
-1, and the rest of each example attends to that one key/value cache (expanded over the batch, a view).
-
-- **Evaluation** (``qlora_cls.fast_eval``): the prefix's cache is computed once per evaluation.
-- **Training** (``training_prefix``, ft.py's loop): the weights change every step, so the prefix runs
-  once per batch, with gradients; autograd sums each example's gradient into the one prefix pass (the
-  backward of ``expand``). In eval mode (no dropout) loss and gradients equal the full pass's to rounding
-  (tests/test_prefix.py). With LoRA dropout the batch's examples share one dropout mask on the prefix
-  positions instead of drawing one each: each example still sees a mask of the same distribution, so the
-  expected loss and gradient are unchanged; only their noise is correlated across the batch. Measured on
-  SmolLM2-135M, MRPC, bf16, one thread: README "Shared prompt prefix".
-
-Where it does not apply, ``training_prefix`` says why and the step is the plain ``model(**batch)``:
-encoders (a prefix token attends to the whole example), gradient checkpointing (transformers drops the
-key/value cache of a checkpointed layer in training), and distributed launches (DDP and
-DeepSpeed synchronise gradients through the forward of the model they wrap, which this bypasses; even one
-DeepSpeed process runs its engine).
-
-The prefix is the longest common *token* prefix of the split (whatever the tokenizer does at the
-template/text boundary, only really identical tokens are shared), capped one token short of the shortest
-example so every example keeps a token of its own for the head to pool (the last real one).
+In a causal decoder the template's leading tokens hold the same keys and values in every example, so they run once,
+at batch size 1, and the rest attends to that cache expanded over the batch: once per evaluation (``fast_eval``)
+and once per training batch with gradients (``training_prefix``: exact without dropout; with LoRA dropout one mask
+shared on the prefix, same expected gradient). ``training_prefix`` says why it does not apply (encoders, gradient
+checkpointing, distributed launches). The prefix is the longest common *token* prefix, capped one token short of
+the shortest example. Details: docs/speed-and-memory.md#prefix-module.
 """
 from __future__ import annotations
 
@@ -38,16 +20,10 @@ def common_prefix_length(sequences) -> int:
     """Longest common token prefix of all sequences, at most the shortest length minus one."""
     if not sequences:
         return 0
-    first = list(sequences[0])
+    first = sequences[0]
     n = min(len(s) for s in sequences) - 1
-    n = min(n, len(first))
     for s in sequences[1:]:
-        i = 0
-        while i < n and s[i] == first[i]:
-            i += 1
-        n = i
-        if n == 0:
-            break
+        n = next((i for i in range(n) if s[i] != first[i]), n)
     return max(n, 0)
 
 
@@ -115,14 +91,13 @@ class TrainingPrefix:
 
 
 def training_prefix(cfg, config, input_ids, launch: Optional[str] = None) -> TrainingPrefix:
-    """Decide ``--share_prefix`` for a run: the shared tokens of the training rows ``input_ids``, or 0 and why.
-
-    ``cfg.share_prefix``: auto (share where it applies), True (the same, and a UsageError where it does not),
-    False (never). ``launch``: accelerate's distributed type when the model is wrapped (DDP, DeepSpeed, FSDP;
-    even one DeepSpeed process runs through its engine), None for one plain process."""
+    """Decide ``--share_prefix`` (after ``TrainConfig.resolve_auto``) for a run: the shared tokens of the training
+    rows ``input_ids``, or 0 and why; True where it cannot apply is a UsageError. ``launch``: accelerate's
+    distributed type when the model is wrapped (DDP, DeepSpeed, FSDP), None for one plain process."""
     from .errors import UsageError
     if cfg.share_prefix is False:
-        return TrainingPrefix(0, "off (--share_prefix false)")
+        return TrainingPrefix(0, "off (--share_prefix false, as given or as auto resolved on a device where it is "
+                                 "not verified yet)")
     if not is_causal_decoder(config):
         why = f"{config.model_type} is not a causal decoder (its prefix tokens attend to the whole example)"
     elif cfg.gradient_checkpointing:

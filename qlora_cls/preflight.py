@@ -36,8 +36,7 @@ def check_launch_and_resolve(cfg, accelerator) -> bool:
         raise UsageError(f"the launcher started {launched} processes but accelerate set up {accelerator.num_processes} "
                          f"({dist}); several processes without GPUs need DDP (ACCELERATE_USE_CPU=1 accelerate launch "
                          f"--multi_gpu ...), DeepSpeed needs GPUs or a single process")
-    stage = zero_stage(accelerator)
-    zero3 = stage == 3
+    zero3 = zero_stage(accelerator) == 3
     if "FSDP" in dist and cfg.optim.endswith("8bit"):
         raise UsageError(f"--optim {cfg.optim} does not work with FSDP (bitsandbytes 8-bit state cannot be sharded "
                          f"by FSDP); use --optim adamw_torch or launch with DeepSpeed/DDP")

@@ -1,11 +1,7 @@
 """Child processes of a sweep: they end with it, and a finished one is not taken for a running one.
 
-A sweep runs each point in its own process group (so a Ctrl-C reaches it only through the sweep, which
-asks it to checkpoint). If the sweep itself is killed (``kill -9``, an OOM killer) nothing would stop
-that group: on Linux each child therefore asks the kernel for SIGTERM when its parent dies
-(``PR_SET_PDEATHSIG``), and ft.py answers SIGTERM by checkpointing and exiting, so re-running the sweep
-resumes the point. The sweep sets ``QLORA_CLS_EXIT_WITH_PARENT=1`` for its children; ft.py and the
-evaluations then do the same for their own parent (the ``accelerate launch`` process in between).
+Each point runs in its own process group; if the sweep is killed, ``PR_SET_PDEATHSIG`` sends its children
+SIGTERM, so they checkpoint and a re-run resumes. Details: docs/sweeps-and-reports.md#procs-module.
 """
 from __future__ import annotations
 

@@ -1,15 +1,8 @@
 """Prompt templates: ``prompts/<task>/<name>.txt``, whose ``{fields}`` are dataset columns.
 
-A template is plain text with ``{column}`` fields, e.g. ``prompts/mrpc/perfect.txt``:
-``Does sentence 1 mean the same as sentence 2? Sentence 1: {sentence1} Sentence 2: {sentence2}``.
-The same four names (none, perfect, conflicting, insufficient) exist for every GLUE task, so a prompt
-study is repeated on another task with the same ``--prompt`` names; ``prompts/any/`` holds the forms
-for any other data (local CSV/JSON files), written with two fields filled from the run itself:
-``{_inputs}`` (each text column as ``Column: {column}``) and ``{_labels}`` (the class names).
-``--prompt`` takes a name (looked up in the task's folder, then in ``any/``) or a path to a file.
-
-Rendering is deliberately not ``str.format``: only plain named fields are allowed (no attribute or
-index access, no conversions), so a template can never reach into Python objects.
+Plain text with ``{column}`` fields; the same names exist for every GLUE task and ``prompts/any/`` for other
+data. Rendering is not ``str.format`` (plain named fields only), so a template cannot reach into Python
+objects. Details: docs/tasks-and-prompts.md#prompts-module.
 """
 from __future__ import annotations
 

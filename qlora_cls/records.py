@@ -1,20 +1,11 @@
 """What a reader needs beside a score: the trivial baseline of the eval examples, and what was run.
 
-*Baseline.* Classification: the majority class of the **training** labels (what a classifier that
-never looks at the text would answer; ties go to the lowest label id), scored on the eval examples
-with the same GLUE metric code as the model (so its F1 and MCC are GLUE's: MCC of a constant is 0).
-Regression: the training-set mean; Pearson/Spearman of a constant are undefined (null), so the
-comparison uses the mean squared error of both. ``train_loss`` is the training loss such a constant
-reaches (the entropy of the training label frequencies in nats; the label variance for regression),
-a reference line for the loss curve.
-
-*Context.* ``describe_run`` says in words and numbers what was trained: model, task, labels, prompt,
-method, steps or epochs actually trained, examples seen, eval split and size. ft.py puts it at the top
-of config.json (planned) and metrics.json (what happened); report.py and the model card read it.
+*Baseline*: the majority training class (the training mean for regression) scored with the model's metric
+code, so a score reads against what ignoring the text gets. *Context*: ``describe_run`` says what was trained
+(config.json, metrics.json, report.py, the model card). Details: docs/sweeps-and-reports.md#records-module.
 """
 from __future__ import annotations
 
-import math
 import warnings
 from dataclasses import asdict
 from pathlib import Path
@@ -22,7 +13,13 @@ from typing import Any, Optional, Sequence
 
 import numpy as np
 
-from .data import HIDDEN_LABEL
+from .data import HIDDEN_LABEL, DataSource, load_task_data
+from .files import read_json
+from .metrics import compute_metrics
+from .modelcard import scores_of, write_model_card
+from .modeling import EMBEDDED_NAME
+from .pipeline import select
+from .sweeps import MANIFEST
 from .tasks import TaskSpec
 
 
@@ -60,7 +57,6 @@ def score_baseline(spec: TaskSpec, rule: dict, eval_labels: Sequence) -> dict:
         y = labels[visible].astype(float)
         out["metrics"] = {**{m: None for m in spec.metrics}, "mse": float(((y - rule["prediction"]) ** 2).mean())}
         return out
-    from .metrics import compute_metrics
     logits = np.zeros((len(labels), spec.num_labels), dtype=np.float32)
     logits[:, rule["prediction"]] = 1.0
     with warnings.catch_warnings():  # sklearn warns that F1/MCC of a constant divide by zero (they are 0)
@@ -80,15 +76,14 @@ def model_mse(logits: np.ndarray, labels: Sequence) -> Optional[float]:
 def compare(spec: TaskSpec, scores: dict, baseline: dict, mse: Optional[float] = None) -> dict:
     """Does the model beat the baseline? On the task's main metric; on MSE for regression (whose
     baseline correlation is undefined). ``beats`` is None when there is nothing to compare."""
-    if spec.is_regression:
-        metric, model, base = "mse", mse, baseline.get("metrics", {}).get("mse")
-        beats = None if model is None or base is None else model < base
-        margin = None if beats is None else base - model  # positive = better than the baseline
-    else:
-        metric, model, base = spec.main_metric, scores.get(spec.main_metric), baseline.get("metrics", {}).get(spec.main_metric)
-        beats = None if model is None or base is None else model > base
-        margin = None if beats is None else model - base
-    return {"metric": metric, "model": model, "baseline": base, "beats": beats, "margin": margin}
+    metric = "mse" if spec.is_regression else spec.main_metric
+    model = mse if spec.is_regression else scores.get(metric)
+    base = baseline.get("metrics", {}).get(metric)
+    margin = None  # positive = better than the baseline
+    if model is not None and base is not None:
+        margin = base - model if spec.is_regression else model - base
+    return {"metric": metric, "model": model, "baseline": base, "beats": None if margin is None else margin > 0,
+            "margin": margin}
 
 
 def warning_text(cmp: dict, baseline: dict, split: str, what: str = "the model") -> Optional[str]:
@@ -112,8 +107,6 @@ def baseline_line(baseline: dict) -> str:
 
 def rule_from_run_data(cfg) -> dict:
     """For a run saved before config.json recorded its baseline rule: read its training labels again."""
-    from .data import DataSource, load_task_data
-    from .pipeline import select
     task = load_task_data(DataSource.from_config(cfg), list(cfg.train_splits))
     labels = []
     for s in cfg.train_splits:
@@ -144,13 +137,12 @@ def describe_eval(cfg, records: dict, what: str, split: str, prompt: str, exampl
 
 # -- what was run -------------------------------------------------------------------------------------
 def model_name(cfg) -> str:
-    from .modeling import EMBEDDED_NAME
     return f"{EMBEDDED_NAME} (embedded)" if cfg.model_dir is None else str(cfg.model_dir)
 
 
 def method_text(cfg, resolved: dict, quant: Optional[dict]) -> str:
     """``--method`` in words: the base model's precision, what trains on it, the head, a --param_budget's choice."""
-    method = getattr(cfg, "method", None) or ("qlora" if cfg.load_in_4bit else "lora")
+    method = cfg.method  # TrainConfig resolves it (runs saved before --method included)
     targets = ", ".join(resolved.get("target_modules") or cfg.target_modules)
     head = ", ".join(resolved.get("head_modules") or []) or "the head"
     if cfg.load_in_4bit:
@@ -177,8 +169,7 @@ def method_text(cfg, resolved: dict, quant: Optional[dict]) -> str:
 
 def method_short(cfg) -> str:
     """``qlora-4bit-nf4``, ``lora-16bit``, ``dora-4bit-nf4``, ``adapter-16bit``, ``full-16bit``... (HParams)."""
-    method = getattr(cfg, "method", None) or ("qlora" if cfg.load_in_4bit else "lora")
-    return f"{method}-4bit-{cfg.bnb_4bit_quant_type}" if cfg.load_in_4bit else f"{method}-16bit"
+    return f"{cfg.method}-4bit-{cfg.bnb_4bit_quant_type}" if cfg.load_in_4bit else f"{cfg.method}-16bit"
 
 
 def _num(v: Any) -> str:
@@ -236,8 +227,6 @@ DISTINGUISHING = ("model", "task", "prompt", "method", "r", "lora_alpha", "targe
 
 def swept_fields(run_dir: Path) -> list[str]:
     """The fields the sweep this run belongs to varies (its sweep.json is in the parent folder)."""
-    from .files import read_json
-    from .sweeps import MANIFEST
     path = Path(run_dir).parent / MANIFEST
     try:
         return list(read_json(path).get("grid", {}).get("swept", {})) if path.is_file() else []
@@ -274,9 +263,11 @@ def hparams(cfg, resolved: dict, quant: Optional[dict], swept: Sequence[str]) ->
 def write_hparams(writer, hparams_: dict, metrics: dict, swept: Sequence[str]) -> None:
     """HParams into the run's own event file (so the session is named after the run folder).
 
-    TensorBoard takes the experiment definition (the list of hparam columns) from the first run that
-    has one, sorts the columns whose ``differs`` flag is set first and shows those by default; torch's
-    add_hparams leaves ``differs`` unset for every field, so the swept ones are marked here.
+    torch's public ``hparams()`` summaries, written as ``SummaryWriter.add_hparams`` writes them
+    (``file_writer.add_summary``, then the metrics as scalars), but through the run's own writer:
+    ``add_hparams`` opens a second writer in a sub-folder (``<run>/<time>``: a run of its own in TensorBoard).
+    TensorBoard shows the columns whose ``differs`` flag is set first and by default; neither torch's
+    ``hparams()`` nor TensorBoard's ``hparams_config_pb`` sets it, so the swept fields are marked here.
     """
     from tensorboard.plugins.hparams import plugin_data_pb2
     from torch.utils.tensorboard.summary import hparams as hparams_summary
@@ -285,9 +276,8 @@ def write_hparams(writer, hparams_: dict, metrics: dict, swept: Sequence[str]) -
     for info in data.experiment.hparam_infos:
         info.differs = info.name in swept
     exp.value[0].metadata.plugin_data.content = data.SerializeToString()
-    file_writer = writer._get_file_writer()
     for summary in (exp, ssi, sei):
-        file_writer.add_summary(summary)
+        writer.file_writer.add_summary(summary)
     for k, v in metrics.items():
         writer.add_scalar(k, v)
     writer.flush()
@@ -303,7 +293,6 @@ def tensorboard_layout(writer, metrics: Sequence[str], baseline_scalars: dict) -
 
 def tensorboard_hint(run_dir: Path, results_dir: Path) -> str:
     """The command that shows this run under its folder's name (its events are in the folder itself)."""
-    from .sweeps import MANIFEST
     parent = Path(run_dir).parent
     if parent.resolve() == Path(results_dir).resolve() or (parent / MANIFEST).is_file():
         return f"tensorboard --logdir {parent}   (this run is '{Path(run_dir).name}', beside the others there)"
@@ -313,8 +302,6 @@ def tensorboard_hint(run_dir: Path, results_dir: Path) -> str:
 def write_model_cards(run_dir: Path, records: dict, quant: dict, template: str, summary: dict,
                       baseline: dict) -> None:
     """README.md of adapter/ and (when kept) adapter_best/, over PEFT's empty template."""
-    from .modelcard import scores_of, write_model_card
-    from .tasks import TaskSpec
     spec = TaskSpec(records["resolved"]["task"], tuple(records["resolved"]["text_columns"]),
                     records["resolved"]["num_labels"], tuple(records["resolved"]["metrics"]))
     for which in ("adapter", "adapter_best"):
@@ -322,7 +309,3 @@ def write_model_cards(run_dir: Path, records: dict, quant: dict, template: str, 
             scores = scores_of(summary, which)
             cmp = summary["vs_baseline"] if which == "adapter" else compare(spec, scores, baseline)
             write_model_card(Path(run_dir) / which, records, quant, template, summary, scores, baseline, which, cmp)
-
-
-def finite(v: Any) -> bool:
-    return isinstance(v, (int, float)) and not isinstance(v, bool) and math.isfinite(v)

@@ -17,17 +17,13 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Optional
 
+from .config import role_fields, with_fields_added_later
 from .errors import UsageError
 from .files import read_json
 from .sweeps import MANIFEST
 
-# Settings that do not change what a run learns or how it is scored.
-BOOKKEEPING = ("results_path", "resume", "log_every", "checkpoint_every", "keep_checkpoints", "eval_batch_size",
-               "skip_nonfinite", "fast_eval", "latency_calls")
-# Fields added after some runs were written: absent = what those runs did (evaluated per epoch only, no
-# parameter budget, no shared prompt prefix in training). ``method`` is derived separately (method_of).
-LEGACY = {"eval_every": 0, "param_budget": None, "share_prefix": False}
-ADAPTER_ONLY = ("adapter_bottleneck", "adapter_layernorm")
+BOOKKEEPING = role_fields("bookkeeping", "command")  # settings that change neither what a run learns nor its scores
+ADAPTER_ONLY = role_fields("adapter")
 METHOD_DERIVED = ("load_in_4bit", "target_modules") + ADAPTER_ONLY  # resolved from --method (config.py)
 METHOD_ORDER = ("qlora", "lora", "dora", "ia3", "adapter", "full")
 SKIP_DIRS = {"adapter", "adapter_best", "checkpoints", "tensorboard", "logs", "evals", "__pycache__", "report"}
@@ -69,14 +65,12 @@ class Run:
     def comparable(self) -> dict:
         """What must be equal for two runs to be seeds of one configuration.
 
-        Fields newer than a run's config.json are read as the behaviour the run had (see ``LEGACY``), so
-        an older run and a new one with the same settings stay one configuration."""
-        c = {k: v for k, v in self.config.items() if k not in BOOKKEEPING and k != "seed"}
+        Fields newer than a run's config.json are read as the behaviour the run had (config.py
+        ``with_fields_added_later``), so an older run and a new one with the same settings stay one configuration."""
+        c = {k: v for k, v in with_fields_added_later(self.config).items() if k not in BOOKKEEPING and k != "seed"}
         if c.get("tokenizer_dir") == c.get("model_dir"):
             c.pop("tokenizer_dir", None)
         c["method"] = self.method
-        for k, v in LEGACY.items():
-            c.setdefault(k, v)
         if c["method"] != "adapter":  # bottleneck-adapter settings change nothing for the other methods
             for k in ADAPTER_ONLY:
                 c.pop(k, None)
@@ -175,7 +169,8 @@ def _manifest_for(path: Path, cache: dict) -> Optional[Path]:
 def collect(root: Path) -> Collection:
     root = Path(root)
     if not root.is_dir():
-        raise UsageError(f"{root}: no such folder")
+        raise UsageError(f"{root} is a file; give a sweep, results or run folder" if root.is_file()
+                         else f"{root}: no such folder")
     runs, base = find_runs(root)
     if not runs:
         raise UsageError(f"{root} holds no run folders (a folder with ft.py's config.json); "
@@ -428,7 +423,8 @@ def context_line(col: Collection) -> str:
 def context_markdown(col: Collection) -> list[str]:
     """'What was run' lines for the top of report.md."""
     c = context(col)
-    runs = [r for r in col.runs if r.finished] or col.runs
+    done = [r for r in col.runs if r.finished]
+    runs = done or col.runs
     seeds = sorted({len([r for r in g.finished]) for g in col.groups if g.finished})
     epochs = _one(c["epochs_trained"], lambda v: f"{v:.3g}")
     every = sorted({int(r.config.get("eval_every") or 0) for r in runs} - {0})
@@ -445,7 +441,9 @@ def context_markdown(col: Collection) -> list[str]:
              f"- **Evaluated on:** {_one(c['eval_examples'])} examples of the {_one(c['eval_split'])} split, "
              f"{_one(c['evaluations'])} evaluation{'' if c['evaluations'] == [1] else 's'} per run "
              f"({when})",
-             f"- **Runs:** {len(runs)} finished, {len(col.groups)} configuration(s), "
+             f"- **Runs:** {len(done)} finished"
+             + (f", {len(col.runs) - len(done)} unfinished" if done != col.runs else "")
+             + f", {len(col.groups)} configuration(s), "
              f"{_one(seeds)} seed(s) each"]
     return lines
 

@@ -23,7 +23,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Optional, Sequence
 
-from .config import DTYPES, TrainConfig
+from .config import DTYPES, TrainConfig, role_fields
 from .errors import UsageError
 from .files import read_json
 from .prompts import Template, parse_template
@@ -34,9 +34,7 @@ log = logging.getLogger(__name__)
 MERGED_FORMAT = "qlora-cls-merged/1"
 MERGED_FILE = "qlora_cls.json"
 DEFAULT_DATASET = "nyu-mll/glue"
-# What two runs must agree on to share one loaded base model (config.json `config` fields).
-SHARED_BASE_FIELDS = ("model_dir", "trust_remote_code", "load_in_4bit", "bnb_4bit_quant_type",
-                      "bnb_4bit_use_double_quant", "bnb_4bit_compute_dtype", "bnb_4bit_quant_storage", "method")
+SHARED_BASE_FIELDS = role_fields("base")  # what two runs must agree on to share one loaded base model
 
 
 @dataclass
@@ -45,7 +43,7 @@ class Source:
     path: Path
     kind: str  # "run" | "merged"
     records: dict  # run: config.json; merged: qlora_cls.json
-    template: Template  # the run's own template, as prompt.txt records it
+    template: Optional[Template]  # the run's own template, as prompt.txt records it (None: a generative run)
     label_names: Optional[list[str]]  # None for regression
     text_columns: list[str]
     max_length: int
@@ -110,28 +108,38 @@ def is_merged(path: Path) -> bool:
     return (path / MERGED_FILE).is_file()
 
 
-def open_source(path: str | Path, adapter: str = "adapter", base_only: bool = False,
-                model_dir: Optional[str] = None, dataset: Optional[str] = None) -> Source:
-    """A run folder or a merged folder; every problem is one line, before any weights are read."""
-    path = Path(path)
+def check_folder(path: Path, flag: str) -> None:
+    if path.is_file():
+        raise UsageError(f"{flag} {path} is a file; give a folder")
     if not path.is_dir():
-        raise UsageError(f"--results_path {path}: no such folder")
+        raise UsageError(f"{flag} {path}: no such folder")
+
+
+def open_source(path: str | Path, adapter: str = "adapter", base_only: Optional[bool] = None,
+                model_dir: Optional[str] = None, dataset: Optional[str] = None, generative: bool = False) -> Source:
+    """A run folder or a merged folder; every problem is one line, before any weights are read.
+    ``base_only`` None: the caller has no --base_only flag (predict.py), so no hint offers it.
+    ``generative``: the caller handles ``--objective sft|lm`` runs (no template: ``Source.template`` is None)."""
+    path = Path(path)
+    check_folder(path, "--results_path")
     if is_merged(path):
         return _open_merged(path, adapter, base_only)
     if not (path / "config.json").is_file():
         raise UsageError(f"--results_path {path} has no config.json (and no {MERGED_FILE}); is it a run folder "
                          f"written by ft.py or a merged folder written by merge.py?")
-    return _open_run(path, adapter, base_only, model_dir, dataset)
+    return _open_run(path, adapter, base_only, model_dir, dataset, generative)
 
 
 def load_run_config(run_dir: Path) -> tuple[TrainConfig, dict]:
     """A run's TrainConfig (fields this version does not know are dropped) and its config.json."""
     run_dir = Path(run_dir)
-    if not run_dir.is_dir():
-        raise UsageError(f"--results_path {run_dir}: no such folder")
+    check_folder(run_dir, "--results_path")
     if not (run_dir / "config.json").is_file():
         raise UsageError(f"--results_path {run_dir} has no config.json; is it a run folder written by ft.py?")
     records = read_json(run_dir / "config.json")
+    if "config" not in records and "model_type" in records:
+        raise UsageError(f"--results_path {run_dir} holds a transformers model but no {MERGED_FILE}, which merge.py "
+                         f"writes with the task, labels and prompt; merge the run again with merge.py")
     if "config" not in records:
         raise UsageError(f"{run_dir}/config.json has no 'config' block; is it a run folder written by ft.py?")
     known = {f.name for f in dataclasses.fields(TrainConfig)}
@@ -139,13 +147,18 @@ def load_run_config(run_dir: Path) -> tuple[TrainConfig, dict]:
 
 
 def _open_run(path: Path, adapter: str, base_only: bool, model_dir: Optional[str],
-              dataset: Optional[str]) -> Source:
+              dataset: Optional[str], generative: bool = False) -> Source:
     cfg, records = load_run_config(path)
+    if cfg.objective != "classification" and not generative:
+        raise UsageError(f"{path} is an --objective {cfg.objective} run (a causal LM, no labels); this command reads "
+                         f"classification runs (eval.py and merge.py take generative runs)")
     resolved = records.get("resolved", {})
     overrides = {"dataset": dataset, "model_dir": model_dir}
     cfg = dataclasses.replace(cfg, **{k: v for k, v in overrides.items() if v is not None})
     if model_dir is not None:
         cfg.tokenizer_dir = model_dir
+    if cfg.label_names is None and resolved.get("num_labels") != 1:  # the data are checked against them
+        cfg.label_names = resolved.get("label_names")
     adapter_dir = path / adapter
     summary = read_json(path / "metrics.json") if (path / "metrics.json").is_file() else None
     from .methods import has_saved_weights
@@ -157,8 +170,10 @@ def _open_run(path: Path, adapter: str, base_only: bool, model_dir: Optional[str
                              f"{path} has no adapter_best/: no epoch was selected (final protocol: trained on "
                              f"the validation split); adapter/ holds the last epoch")
         raise UsageError(f"{adapter_dir} has no trained weights (adapter_config.json, or weights.safetensors with "
-                         f"qlora_cls_method.json); the run may be unfinished (resume it with ft.py --resume) "
-                         f"or use --base_only")
+                         f"qlora_cls_method.json)" + (
+                             "; the run did not finish (no metrics.json): resume it by running its ft.py command "
+                             "again with --resume" if summary is None else "; the run folder is incomplete") + (
+                             "; or evaluate the un-tuned base model with --base_only" if base_only is not None else ""))
     if summary is None and not base_only:
         log.warning("%s has no metrics.json: the run did not finish; using the weights in %s (saved at the end of "
                     "an epoch or by the best-epoch selection), not a final model", path, adapter_dir)
@@ -167,14 +182,32 @@ def _open_run(path: Path, adapter: str, base_only: bool, model_dir: Optional[str
     if "num_labels" in resolved and label_names is None and resolved["num_labels"] != 1:
         label_names = [str(i) for i in range(resolved["num_labels"])]
     return Source(path=path, kind="run", records=records,
-                  template=_run_template(path, resolved.get("prompt_name", "run")),
-                  label_names=label_names, text_columns=list(text_columns), max_length=cfg.max_length,
+                  template=None if cfg.objective != "classification" else
+                  _run_template(path, resolved.get("prompt_name", "run")), label_names=label_names, text_columns=list(text_columns), max_length=cfg.max_length,
                   task=resolved.get("task") or cfg.task, cfg=cfg,
                   adapter_dir=None if base_only else adapter_dir, summary=summary)
 
 
-def _open_merged(path: Path, adapter: str, base_only: bool) -> Source:
+TOKENIZER_FILES = ("tokenizer.json", "tokenizer.model", "vocab.json", "vocab.txt", "spiece.model",
+                   "sentencepiece.bpe.model", "spm.model")
+
+
+def _open_merged(path: Path, adapter: str, base_only: Optional[bool]) -> Source:
     info = read_json(path / MERGED_FILE)
+    if info.get("objective") not in (None, "classification"):
+        raise UsageError(f"{path} is a merged {info['objective']} model (AutoModelForCausalLM, no labels): load it with "
+                         f"plain transformers; eval.py scores its source run ({info.get('source_run')})")
+    config = read_json(path / "config.json") if (path / "config.json").is_file() else {}
+    missing = [what for what, ok in (
+        ("config.json with a model_type", "model_type" in config),
+        ("weights (model.safetensors)", any((path / f).is_file() for f in (
+            "model.safetensors", "model.safetensors.index.json", "pytorch_model.bin", "pytorch_model.bin.index.json"))),
+        ("tokenizer files (tokenizer_config.json and tokenizer.json or a vocabulary)",
+         (path / "tokenizer_config.json").is_file() and any((path / f).is_file() for f in TOKENIZER_FILES)),
+        ("prompt.txt", (path / "prompt.txt").is_file())) if not ok]
+    if missing:
+        raise UsageError(f"{path} is a merged folder ({MERGED_FILE}) that lacks {'; '.join(missing)}; merge.py "
+                         f"writes them all: merge the source run again into a new --output_dir")
     if info.get("format") != MERGED_FORMAT:
         raise UsageError(f"{path / MERGED_FILE} has format {info.get('format')!r}; this version reads "
                          f"{MERGED_FORMAT!r} (folders written by merge.py)")
@@ -202,7 +235,7 @@ def merged_eval_config(source: Source, dataset: Optional[str]) -> TrainConfig:
     glue_columns = list(GLUE_TASKS[source.task].text_columns)
     return TrainConfig(model_dir=str(source.path), dataset=dataset or DEFAULT_DATASET, task=source.task,
                        text_columns=None if source.text_columns == glue_columns else list(source.text_columns),
-                       max_length=source.max_length, load_in_4bit=False,
+                       max_length=source.max_length, load_in_4bit=False, label_names=source.label_names,
                        bnb_4bit_compute_dtype="float32", gradient_checkpointing=False)
 
 
@@ -264,7 +297,7 @@ def tokenizer_of(source: Source):
         try:
             return str(source.path), load_tokenizer(str(source.path))
         except (OSError, ValueError) as exc:
-            raise UsageError(f"could not load a tokenizer from {source.path}: {str(exc).splitlines()[0]}")
+            raise UsageError(f"could not load a tokenizer from {source.path}: {' '.join(str(exc).split())}")
     return tokenizer_for(source.cfg)
 
 

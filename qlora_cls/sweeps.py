@@ -7,21 +7,28 @@ turns command-line words or a YAML grid into validated points, before anything e
 """
 from __future__ import annotations
 
+import contextlib
 import dataclasses
+import fcntl
 import hashlib
 import itertools
+import json
 import re
 import typing
+from collections import Counter
 from dataclasses import dataclass
+from datetime import datetime
 from pathlib import Path
 from typing import Any, Sequence
 
-from .cli import list_item_type, load_config_file, parse_dataclass
-from .config import TrainConfig
+from .cli import coerce_field, list_item_type, load_config_file, parse_dataclass
+from .config import TrainConfig, role_fields, with_fields_added_later
 from .errors import UsageError
+from .files import atomic_write_json, read_json
+from .procs import group_alive
+from .prompts import load_template
 
-# Set by sweep.py for every point; a grid may not choose them.
-RESERVED = ("results_path", "resume")
+RESERVED = role_fields("command")  # set by sweep.py for every point; a grid may not choose them
 MANIFEST = "sweep.json"
 ERROR_FILE = "sweep_error.txt"
 FIELDS_HINT = "`python ft.py --help` lists the valid fields"
@@ -123,6 +130,8 @@ def grid_from_file(path: str) -> dict[str, list[list[str]]]:
     out: dict[str, list[list[str]]] = {}
     for name, value in data.items():
         _check_field(str(name), f"--grid {path}")
+        if value == [] and not _is_list_field(name):
+            raise UsageError(f"--grid {path}: {name} has an empty list of values; give two or more to sweep, or one")
         try:
             if _is_list_field(name):
                 if isinstance(value, list) and value and all(isinstance(v, list) for v in value):
@@ -130,13 +139,16 @@ def grid_from_file(path: str) -> dict[str, list[list[str]]]:
                 else:
                     out[name] = [[_word(x) for x in (value if isinstance(value, list) else [value])]]
             elif isinstance(value, list):
-                if not value:
-                    raise UsageError(f"--grid {path}: {name} has an empty list of values")
                 out[name] = [[_word(v)] for v in value]
             else:
                 out[name] = [[_word(value)]]
         except UsageError as exc:
             raise UsageError(f"--grid {path}: {name}: {exc}") from None
+        for option in out[name]:  # a value of the wrong type, named with the file (ft.py's parser would not)
+            try:
+                coerce_field(TrainConfig, name, option if _is_list_field(name) else option[0])
+            except UsageError as exc:
+                raise UsageError(f"--grid {path}: {exc}") from None
     return out
 
 
@@ -202,7 +214,6 @@ def points(grid: Grid) -> list[Point]:
 
 def validate(grid: Grid, pts: list[Point], sweep_dir: Path) -> list[TrainConfig]:
     """Parse every point's full ft.py command line now: a bad value fails before any run starts."""
-    from .prompts import load_template
     configs = []
     for p in pts:
         cfg = parse_dataclass(TrainConfig, p.argv(grid, sweep_dir / p.name), "sweep.py", "")
@@ -223,10 +234,7 @@ def base_key(point: Point, grid: Grid) -> str:
     return "base-" + ",".join(f"{k}={_value_label(v)}" for k, v in values.items())
 
 
-BASE_FIELDS = ("model_dir", "tokenizer_dir", "trust_remote_code", "method", "load_in_4bit", "bnb_4bit_use_double_quant",
-               "bnb_4bit_quant_type", "bnb_4bit_compute_dtype", "bnb_4bit_quant_storage", "dataset", "task",
-               "train_file", "validation_file", "test_file", "text_columns", "label_column", "label_names",
-               "max_length", "max_eval_samples", "eval_split", "train_splits")
+BASE_FIELDS = role_fields("base", "eval_data")
 
 
 def clear_sweep_files(run_dir: Path) -> None:
@@ -255,16 +263,12 @@ class Manifest:
     @classmethod
     def open(cls, sweep_dir: Path, grid: Grid, pts: list[Point], configs: list[TrainConfig],
              eval_prompts: list[str]) -> "Manifest":
-        import json
-        from datetime import datetime
         path = sweep_dir / MANIFEST
         wanted = {p.name: {"values": p.values, "config": _comparable(c)} for p, c in zip(pts, configs)}
         # Round-trip through JSON so tuples/None compare like the stored file.
         wanted = json.loads(json.dumps(wanted, default=str))
         if path.is_file():
-            from .files import read_json
-            data = read_json(path)
-            from .checkpoint import with_fields_added_later  # a sweep started before a field existed resumes
+            data = read_json(path)  # a sweep started before a field existed resumes (with_fields_added_later)
             stored = {name: {"values": s.get("values"), "config": with_fields_added_later(s.get("config") or {})}
                       for name, s in data.get("points", {}).items()}
             if stored != wanted:
@@ -295,9 +299,6 @@ class Manifest:
 
     def lock(self):
         """One sweep process per sweep folder (two would train the same point twice)."""
-        import contextlib
-        import fcntl
-
         @contextlib.contextmanager
         def held():
             with open(self.dir / ".sweep.lock", "w") as f:
@@ -311,7 +312,6 @@ class Manifest:
     def check_orphans(self) -> None:
         """A point of a sweep killed with SIGKILL gets SIGTERM (procs.py) and checkpoints, which takes a
         while; training it twice at once would corrupt its folder, so a re-run waits for it to end."""
-        from .procs import group_alive
         for name, p in self.data["points"].items():
             pgid = p.get("process_group")
             if p.get("status") == "running" and pgid and group_alive(pgid):
@@ -319,8 +319,6 @@ class Manifest:
                                  f"that was killed; wait for it or stop it (kill -TERM -{pgid}), then re-run")
 
     def save(self) -> None:
-        from datetime import datetime
-        from .files import atomic_write_json
         self.data["updated"] = datetime.now().isoformat(timespec="seconds")
         atomic_write_json(self.path, self.data)
 
@@ -343,7 +341,6 @@ class Manifest:
         return bad
 
     def counts(self) -> str:
-        from collections import Counter
         c = Counter(p.get("status") for p in self.data["points"].values())
         text = ", ".join(f"{n} {s}" for s, n in sorted(c.items()))
         evals = [n for n, p in self.data["points"].items() if p.get("eval_errors")]

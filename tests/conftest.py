@@ -18,19 +18,55 @@ os.environ.setdefault("HF_HUB_DISABLE_TELEMETRY", "1")
 
 # Absolute: some tests run the entry points as subprocesses in another working directory.
 MRPC = str(Path(os.environ.get("QLORA_TEST_DATASET", REPO.parent / "shared" / "data" / "glue")).resolve())
+# The instruction records and WikiText-2 of the generative tests (../shared/data, beside the checkout).
+SHARED = REPO.parent / "shared"
 
 
 def pytest_configure(config):
-    config.addinivalue_line("markers", "slow: a test of more than a few seconds (`make test-quick` skips them)")
+    config.addinivalue_line("markers", "slow: a test of more than a few seconds (`make test-quick` leaves them out)")
+    config.addinivalue_line("markers", "gpu: needs a CUDA device; deselected unless -m names gpu (`make gpu-check`)")
+    # No silent skips: gpu tests are deselected (counted as such), never skipped, unless -m asks for them.
+    expr = config.option.markexpr
+    if "gpu" not in expr:
+        config.option.markexpr = f"({expr}) and not gpu" if expr else "not gpu"
+
+
+def pytest_collection_finish(session):
+    """Fail fast, in one line, when a selected test needs something this machine lacks (never skip it)."""
+    import importlib.util
+    items = session.items
+    if any("mrpc" in item.fixturenames or getattr(getattr(item, "module", None), "MRPC", None) for item in items) \
+            and not Path(MRPC).is_dir():
+        pytest.exit(f"tests need GLUE MRPC in the hub layout at {MRPC} (missing): `make test-data` downloads it to "
+                    f"../shared/data/glue, or set QLORA_TEST_DATASET=<folder>", returncode=2)
+    if any(item.path.name in ("test_sft.py", "test_sft_data.py") for item in items) \
+            and not (SHARED / "data" / "instructions").is_dir():
+        pytest.exit(f"tests/test_sft*.py need the instruction records and WikiText-2 at {SHARED / 'data'} (missing): "
+                    f"the ../shared folder beside the checkout", returncode=2)
+    if any(item.path.name == "test_deepspeed.py" for item in items) and importlib.util.find_spec("deepspeed") is None:
+        pytest.exit("tests/test_deepspeed.py needs deepspeed: `make setup` installs it (pip install "
+                    "--no-build-isolation deepspeed==<requirements.txt pin>)", returncode=2)
+    if any(item.get_closest_marker("gpu") for item in items):
+        import torch
+        if not torch.cuda.is_available():
+            pytest.exit("tests marked gpu need a CUDA device (none here); `make gpu-check` runs them where one is",
+                        returncode=2)
+
+
+def tokenizer_dir() -> Path:
+    """The SmolLM2 tokenizer the tiny models use: QLORA_TEST_TOKENIZER (a folder; `make gpu-wheels` bundles one
+    for a GPU machine without the embedded model), else the embedded model's."""
+    if os.environ.get("QLORA_TEST_TOKENIZER"):
+        return Path(os.environ["QLORA_TEST_TOKENIZER"])
+    from qlora_cls.modeling import embedded_model_dir
+    return embedded_model_dir()
 
 
 def build_tiny_model(out: Path, seed: int = 0) -> Path:
     import torch
     from transformers import AutoTokenizer, LlamaConfig, LlamaForCausalLM
 
-    from qlora_cls.modeling import embedded_model_dir
-
-    tok = AutoTokenizer.from_pretrained(embedded_model_dir())
+    tok = AutoTokenizer.from_pretrained(tokenizer_dir())
     config = LlamaConfig(vocab_size=len(tok), hidden_size=64, intermediate_size=128, num_hidden_layers=2,
                          num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=512,
                          pad_token_id=tok.pad_token_id, bos_token_id=tok.bos_token_id,
@@ -46,14 +82,13 @@ def build_tiny_model(out: Path, seed: int = 0) -> Path:
 ARCHITECTURES = ("llama", "mistral", "qwen2", "gemma", "gpt2", "bert", "roberta", "distilbert", "deberta-v2")
 
 
-def build_tiny_architecture(arch: str, out: Path, seed: int = 0) -> Path:
+def build_tiny_architecture(arch: str, out: Path, seed: int = 0, causal_lm: bool = False) -> Path:
+    """``causal_lm``: saved with its LM head (the generative objectives' base), else as a base model."""
     import torch
     import transformers as tf
-    from transformers import AutoModel, AutoTokenizer
+    from transformers import AutoModel, AutoModelForCausalLM, AutoTokenizer
 
-    from qlora_cls.modeling import embedded_model_dir
-
-    tok = AutoTokenizer.from_pretrained(embedded_model_dir())
+    tok = AutoTokenizer.from_pretrained(tokenizer_dir())
     common = dict(vocab_size=len(tok), pad_token_id=tok.pad_token_id)
     decoder = dict(hidden_size=64, intermediate_size=128, num_hidden_layers=2, num_attention_heads=4,
                    num_key_value_heads=2, max_position_embeddings=512, bos_token_id=tok.bos_token_id,
@@ -67,6 +102,8 @@ def build_tiny_architecture(arch: str, out: Path, seed: int = 0) -> Path:
         "gemma": lambda: tf.GemmaConfig(**decoder, head_dim=16),
         "gpt2": lambda: tf.GPT2Config(n_embd=64, n_layer=2, n_head=4, n_positions=512,
                                       bos_token_id=tok.bos_token_id, eos_token_id=tok.eos_token_id, **common),
+        "bloom": lambda: tf.BloomConfig(hidden_size=64, n_layer=2, n_head=4, bos_token_id=tok.bos_token_id,
+                                        eos_token_id=tok.eos_token_id, **common),
         "bert": lambda: tf.BertConfig(**encoder),
         "roberta": lambda: tf.RobertaConfig(**encoder),
         "distilbert": lambda: tf.DistilBertConfig(dim=64, hidden_dim=128, n_layers=2, n_heads=4,
@@ -77,7 +114,7 @@ def build_tiny_architecture(arch: str, out: Path, seed: int = 0) -> Path:
                                                  position_buckets=64, norm_rel_ebd="layer_norm", share_att_key=True),
     }[arch]()
     torch.manual_seed(seed)
-    AutoModel.from_config(config).save_pretrained(out)
+    (AutoModelForCausalLM if causal_lm else AutoModel).from_config(config).save_pretrained(out)
     tok.save_pretrained(out)
     return out
 
@@ -89,9 +126,7 @@ def tiny_model(tmp_path_factory) -> str:
 
 @pytest.fixture(scope="session")
 def mrpc() -> str:
-    if not Path(MRPC).is_dir():
-        pytest.skip(f"local MRPC not found at {MRPC} (set QLORA_TEST_DATASET)")
-    return MRPC
+    return MRPC  # checked once for the whole session: pytest_collection_finish
 
 
 def tiny_args(model: str, dataset: str, results: Path, *extra: str) -> list[str]:
@@ -200,12 +235,13 @@ def tiny_lora_training_model(model_dir: str):
     reach lora_A through the 4-bit layers; for the CPU repack-trap tests. Returns (model, tokenizer)."""
     import torch
     from qlora_cls.config import TrainConfig
-    from qlora_cls.modeling import add_lora, load_base_model, load_tokenizer
+    from qlora_cls.methods import add_trainable
+    from qlora_cls.modeling import load_base_model, load_tokenizer
     cfg = TrainConfig(model_dir=model_dir, lora_dropout=0.0, gradient_checkpointing=False,
                       bnb_4bit_compute_dtype="bfloat16")
     tok = load_tokenizer(model_dir)
     torch.manual_seed(0)
-    model = add_lora(load_base_model(cfg, model_dir, 2, tok.pad_token_id, {"": "cpu"}), cfg)
+    model = add_trainable(load_base_model(cfg, model_dir, 2, tok.pad_token_id, {"": "cpu"}), cfg)
     with torch.no_grad():
         for n, p in model.named_parameters():
             if "lora_B" in n:

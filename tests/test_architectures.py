@@ -44,14 +44,15 @@ def models(tmp_path_factory):
 def test_gradients_reach_lora_and_head_also_after_eval(models, arch, four_bit):
     import bitsandbytes as bnb
     from qlora_cls.config import TrainConfig
-    from qlora_cls.modeling import add_lora, load_base_model, load_tokenizer
+    from qlora_cls.methods import add_trainable
+    from qlora_cls.modeling import load_base_model, load_tokenizer
 
     path = models(arch)
     cfg = TrainConfig(model_dir=path, load_in_4bit=four_bit, lora_dropout=0.0, gradient_checkpointing=False)
-    cfg.resolve_compute_dtype("cpu")
+    cfg.resolve_auto("cpu")
     tok = load_tokenizer(path)
     torch.manual_seed(0)
-    model = add_lora(load_base_model(cfg, path, 2, tok.pad_token_id, {"": "cpu"}), cfg)
+    model = add_trainable(load_base_model(cfg, path, 2, tok.pad_token_id, {"": "cpu"}), cfg)
     linear4 = [n.removeprefix("base_model.model.") for n, m in model.named_modules()
                if isinstance(m, bnb.nn.Linear4bit)]
     assert bool(linear4) == four_bit

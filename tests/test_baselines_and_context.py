@@ -212,6 +212,9 @@ def test_tensorboard_run_named_after_its_folder_with_baseline_and_resolved_hpara
     tags = mux.GetAccumulator(path.name).Tags()
     names = set(tags.get("scalars", [])) | set(tags.get("tensors", []))
     assert {"eval/accuracy", "eval/baseline_accuracy", "train/loss", "train/baseline_loss"} <= names
+    # HParams (experiment, session start and end) in the run's one event file, not in a sub-folder of their own
+    assert len(list(path.glob("events.out.tfevents.*"))) == 1 and not list(path.glob("*/events.out.tfevents.*"))
+    assert len(mux.GetAccumulator(path.name).PluginTagToContent("hparams")) == 3
     # resolved values, not "none": bnb_4bit_quant_storage as quant_config.json has it
     records = json.loads((path / "config.json").read_text())
     quant = json.loads((path / "quant_config.json").read_text())

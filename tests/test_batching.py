@@ -1,10 +1,39 @@
 from collections import Counter
 
 import pytest
+import torch
+from accelerate.data_loader import prepare_data_loader
+from torch.utils.data import DataLoader
 
-from qlora_cls.batching import DatasetTooSmall, eval_batches, padding_efficiency, train_batches
+from qlora_cls.batching import DatasetTooSmall, LengthGroupedBatchSampler, padding_efficiency
 
 LENGTHS = [((i * 37) % 90) + 10 for i in range(203)]  # odd size on purpose
+
+
+def train_batches(lengths, batch_size, seed, epoch, world=1, rank=0, accum=1, grouped=True):
+    """Process ``rank``'s batches of ``epoch`` as ft.py gets them: the sampler in a DataLoader, sharded by
+    Accelerate's own prepare_data_loader (the rows themselves are the dataset, so a batch is its row numbers)."""
+    sampler = LengthGroupedBatchSampler(lengths, batch_size, seed, world * accum, grouped)
+    loader = prepare_data_loader(DataLoader(range(len(lengths)), batch_sampler=sampler, collate_fn=list),
+                                 num_processes=world, process_index=rank, put_on_device=False)
+    loader.set_epoch(epoch)  # as ft.py's loop does
+    sampler.set_epoch(epoch)
+    return list(loader)
+
+
+@pytest.mark.parametrize("world", [1, 2])
+def test_a_resumed_epoch_has_the_batches_of_an_uninterrupted_run(world):
+    """A fresh loader started at epoch 2 (a resume) yields what the third pass of one loader yields."""
+    sampler = LengthGroupedBatchSampler(LENGTHS, 8, 3, world)
+    loader = prepare_data_loader(DataLoader(range(len(LENGTHS)), batch_sampler=sampler, collate_fn=list),
+                                 num_processes=world, process_index=world - 1, put_on_device=False)
+    passes = []
+    for epoch in range(3):
+        loader.set_epoch(epoch)
+        sampler.set_epoch(epoch)
+        passes.append(list(loader))
+    assert passes[0] != passes[1] != passes[2]
+    assert train_batches(LENGTHS, 8, 3, 2, world, world - 1) == passes[2]
 
 
 @pytest.mark.parametrize("world", [1, 2, 3])
@@ -28,22 +57,14 @@ def test_order_depends_on_epoch_and_seed_only():
 
 
 def test_grouping_reduces_padding():
-    grouped = train_batches(LENGTHS, 16, 0, 0, group_by_length=True)
-    random = train_batches(LENGTHS, 16, 0, 0, group_by_length=False)
+    grouped = train_batches(LENGTHS, 16, 0, 0, grouped=True)
+    random = train_batches(LENGTHS, 16, 0, 0, grouped=False)
     assert padding_efficiency(grouped, LENGTHS) > padding_efficiency(random, LENGTHS) + 0.1
-
-
-@pytest.mark.parametrize("world", [1, 2])
-def test_eval_batches_cover_once(world):
-    parts = [eval_batches(LENGTHS, 16, world, r) for r in range(world)]
-    rows = [i for p in parts for b in p for i in b]
-    assert sorted(rows) == list(range(len(LENGTHS)))
-    assert len({len(p) for p in parts}) == 1
 
 
 def test_too_small_dataset():
     with pytest.raises(DatasetTooSmall):
-        train_batches([5, 6, 7], 8, 0, 0, world_size=2, grad_accum=4)
+        LengthGroupedBatchSampler([5, 6, 7], 8, 0, multiple=2 * 4)
 
 
 def test_mrpc_padding_efficiency(mrpc):
@@ -57,6 +78,7 @@ def test_mrpc_padding_efficiency(mrpc):
     ds = datasets.load_dataset(mrpc, "mrpc")["train"]
     lengths = [len(x) for x in tok([t.render(r) for r in ds])["input_ids"]]
     grouped = padding_efficiency(train_batches(lengths, 16, 42, 0), lengths)
-    plain = padding_efficiency(train_batches(lengths, 16, 42, 0, group_by_length=False), lengths)
+    plain = padding_efficiency(train_batches(lengths, 16, 42, 0, grouped=False), lengths)
     assert grouped >= 0.95 and plain < 0.85
-    assert padding_efficiency(eval_batches(lengths, 16), lengths) >= 0.95
+    by_length = sorted(range(len(lengths)), key=lambda r: -lengths[r])  # evaluation's order (evaluation.py)
+    assert padding_efficiency([by_length[i:i + 16] for i in range(0, len(lengths), 16)], lengths) >= 0.95

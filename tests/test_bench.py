@@ -103,15 +103,3 @@ def test_dense_batch_by_hand():
     assert b["attention_mask"].tolist() == [[1] * 4] * 2 and b["labels"].tolist() == [1, 0]
     assert b["input_ids"].dtype == torch.long
 
-
-def test_loop_ab_times_every_arm_on_the_same_batches(tiny_model, mrpc, tmp_path):
-    from bench import loop_ab
-    out = loop_ab.main(["--model_dir", tiny_model, "--dataset", mrpc, "--steps", "4", "--max_train_samples", "48",
-                        "--out", str(tmp_path)])
-    arms = out["arms"]
-    assert set(arms) == set(loop_ab.ARMS) and all(len(a["step_seconds"]) == 4 for a in arms.values())
-    # ft's loop, the plain step and the dense limit see the same rows; random batches are other rows
-    assert arms["ft_loop"]["step_tokens"] == arms["plain"]["step_tokens"] == arms["dense"]["step_tokens"]
-    assert arms["random"]["step_tokens"] != arms["plain"]["step_tokens"]
-    assert out["ratios"]["ft_loop_over_dense"] == arms["ft_loop"]["tokens_per_s"] / arms["dense"]["tokens_per_s"]
-    assert "ft_loop / plain" in Path(out["json_path"]).with_suffix(".md").read_text()

@@ -115,16 +115,16 @@ def _measured(monkeypatch, tmp_path, float32_gflops, bfloat16_gflops):
 def test_compute_dtype_auto_resolves_per_device(monkeypatch, tmp_path, float32_gflops, bfloat16_gflops, expected):
     _measured(monkeypatch, tmp_path, float32_gflops, bfloat16_gflops)
     cfg = parse([])
-    cfg.resolve_compute_dtype("cpu")
+    cfg.resolve_auto("cpu")
     assert cfg.bnb_4bit_compute_dtype == expected
     cfg = parse([])
-    cfg.resolve_compute_dtype("cuda")
+    cfg.resolve_auto("cuda")
     assert cfg.bnb_4bit_compute_dtype == "bfloat16"
     cfg = parse(["--bnb_4bit_compute_dtype", "bfloat16"])
-    cfg.resolve_compute_dtype("cpu")
+    cfg.resolve_auto("cpu")
     assert cfg.bnb_4bit_compute_dtype == "bfloat16"
     cfg = parse(["--bnb_4bit_compute_dtype", "float32"])
-    cfg.resolve_compute_dtype("cuda")
+    cfg.resolve_auto("cuda")
     assert cfg.bnb_4bit_compute_dtype == "float32"
 
 
@@ -175,7 +175,7 @@ def test_compute_dtype_auto_is_float32_with_onednn_off(monkeypatch, tmp_path):
     with torch.backends.mkldnn.flags(enabled=False):
         probe = hardware.cpu_dtype_probe()
         cfg = parse([])
-        cfg.resolve_compute_dtype("cpu")
+        cfg.resolve_auto("cpu")
     assert "onednn=False" in probe["key"] and probe["bfloat16_gflops"] < probe["float32_gflops"]
     assert cfg.bnb_4bit_compute_dtype == "float32"
 
@@ -187,7 +187,7 @@ def test_compute_dtype_auto_is_float32_with_onednn_off(monkeypatch, tmp_path):
 def test_gradient_checkpointing_auto_or_strict_boolean(argv, value):
     cfg = parse(argv)
     assert cfg.gradient_checkpointing == value and type(cfg.gradient_checkpointing) is type(value)
-    cfg.resolve_compute_dtype("cpu")  # auto: off on a CPU, decided with the compute dtype
+    cfg.resolve_auto("cpu")  # auto: off on a CPU, decided with the compute dtype
     assert cfg.gradient_checkpointing is (value if isinstance(value, bool) else False)
 
 
@@ -212,22 +212,21 @@ def test_gradient_checkpointing_auto_on_a_gpu_follows_the_memory_estimate(monkey
 
     import torch
 
-    from qlora_cls import hardware, memory
+    from qlora_cls import memory
     accelerator = types.SimpleNamespace(device=torch.device("cuda", 0), num_processes=1,
                                         state=types.SimpleNamespace(deepspeed_plugin=None), distributed_type="NO")
-    import qlora_cls.preflight as preflight
-    monkeypatch.setattr(preflight, "zero_stage", lambda acc: 0)
+    monkeypatch.setattr(memory, "zero_stage", lambda acc: 0)
     need = memory.estimate(TrainConfig(model_dir=tiny_model, bnb_4bit_compute_dtype="bfloat16",
                                        gradient_checkpointing=False), tiny_model, 2, 100, 100)["per_process_bytes"]
-    for capacity, expected in ((need / hardware.GPU_MEMORY_SHARE * 1.01, False),
-                               (need / hardware.GPU_MEMORY_SHARE * 0.99, True)):
+    for capacity, expected in ((need / memory.GPU_MEMORY_SHARE * 1.01, False),
+                               (need / memory.GPU_MEMORY_SHARE * 0.99, True)):
         monkeypatch.setattr(torch.cuda, "get_device_properties",
                             lambda device, c=capacity: types.SimpleNamespace(total_memory=int(c)))
         cfg = TrainConfig(model_dir=tiny_model, bnb_4bit_compute_dtype="bfloat16")
-        hardware.resolve_gradient_checkpointing(cfg, tiny_model, 2, 100, accelerator)
+        memory.resolve_gradient_checkpointing(cfg, tiny_model, 2, 100, accelerator)
         assert cfg.gradient_checkpointing is expected
     cfg = TrainConfig(model_dir=tiny_model, bnb_4bit_compute_dtype="bfloat16", gradient_checkpointing=False)
-    hardware.resolve_gradient_checkpointing(cfg, tiny_model, 2, 100, accelerator)  # explicit values stay
+    memory.resolve_gradient_checkpointing(cfg, tiny_model, 2, 100, accelerator)  # explicit values stay
     assert cfg.gradient_checkpointing is False
 
 
@@ -238,10 +237,10 @@ def test_auto_under_resume_keeps_what_the_run_was_started_with(tmp_path, monkeyp
     old = TrainConfig(bnb_4bit_compute_dtype="float32", gradient_checkpointing=True, results_path=str(tmp_path))
     (tmp_path / "config.json").write_text(json.dumps({"config": asdict(old)}))
     cfg = parse(["--results_path", str(tmp_path), "--resume"])
-    cfg.resolve_compute_dtype("cpu")
+    cfg.resolve_auto("cpu")
     assert (cfg.bnb_4bit_compute_dtype, cfg.gradient_checkpointing) == ("float32", True)
     cfg = parse(["--results_path", str(tmp_path)])  # a new run (no --resume) decides afresh
-    cfg.resolve_compute_dtype("cpu")
+    cfg.resolve_auto("cpu")
     assert (cfg.bnb_4bit_compute_dtype, cfg.gradient_checkpointing) == ("bfloat16", False)
 
 

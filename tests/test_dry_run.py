@@ -13,7 +13,8 @@ LLAMA3_8B = REPO / "bench" / "configs" / "llama3-8b"
 
 
 def test_weight_figure_within_5_percent_of_loaded_embedded_model():
-    from qlora_cls.modeling import add_lora, embedded_model_dir, load_base_model, load_tokenizer, parameter_counts
+    from qlora_cls.methods import add_trainable
+    from qlora_cls.modeling import embedded_model_dir, load_base_model, load_tokenizer, parameter_counts
     path = str(embedded_model_dir())
     cfg = TrainConfig(bnb_4bit_compute_dtype="float32", gradient_checkpointing=False)
     est = memory.estimate(cfg, path, 2, train_max_len=64, eval_max_len=64)
@@ -27,7 +28,7 @@ def test_weight_figure_within_5_percent_of_loaded_embedded_model():
     assert constants > 0
     assert abs(est["weight_bytes"] - measured) / measured < 0.05
     assert abs(est["weight_bytes"] - (measured + constants)) / (measured + constants) < 0.01
-    counts = parameter_counts(add_lora(model, cfg))
+    counts = parameter_counts(add_trainable(model, cfg))
     assert (est["trainable_params"], est["total_params"]) == (counts["trainable"], counts["total"])
 
 
@@ -120,11 +121,13 @@ def test_activation_estimate_bounds_the_measured_peak_within_2x(tiny_model, chec
     probabilities that SDPA never stores still counted it was 2.5x on the unpadded batch."""
     import torch
 
-    from qlora_cls.modeling import add_lora, load_base_model, load_tokenizer
+    from qlora_cls.methods import add_trainable
+    from qlora_cls.modeling import load_base_model, load_tokenizer
     batch_size, length = 2, 256
     cfg = TrainConfig(model_dir=tiny_model, bnb_4bit_compute_dtype="float32", gradient_checkpointing=checkpointing,
                       batch_size=batch_size)
-    model = add_lora(load_base_model(cfg, tiny_model, 2, load_tokenizer(tiny_model).pad_token_id, {"": "cpu"}), cfg)
+    model = add_trainable(load_base_model(cfg, tiny_model, 2, load_tokenizer(tiny_model).pad_token_id, {"": "cpu"}),
+                          cfg)
     model.train()
     torch.manual_seed(0)
     mask = torch.ones(batch_size, length, dtype=torch.long)

@@ -73,13 +73,14 @@ def test_eval_every_bad_value_is_one_line(tmp_path, capsys):
 
 @pytest.mark.parametrize("world,accum,grouped", [(1, 1, True), (1, 1, False), (2, 1, True), (2, 2, False)])
 def test_tokens_trained_counts_every_example_once_per_epoch(world, accum, grouped):
-    from qlora_cls.batching import tokens_trained, train_batches
+    from qlora_cls.batching import LengthGroupedBatchSampler, tokens_trained
     lengths = [3, 1, 4, 1, 5, 9, 2, 6, 5, 3, 5, 8, 9, 7]  # 68 tokens
-    per_epoch = len(train_batches(lengths, 2, 7, 0, world, 0, accum, grouped)) // accum
+    sampler = LengthGroupedBatchSampler(lengths, 2, 7, world * accum, grouped)
+    per_epoch = len(sampler) // (world * accum)
     # Whole epochs: every example is trained on exactly once per epoch, whatever the order and process count.
-    assert tokens_trained(lengths, 2, 7, world, accum, grouped, per_epoch) == 68
-    assert tokens_trained(lengths, 2, 7, world, accum, grouped, 3 * per_epoch) == 3 * 68
-    part = tokens_trained(lengths, 2, 7, world, accum, grouped, per_epoch + 1)
+    assert tokens_trained(sampler, world, accum, per_epoch) == 68
+    assert tokens_trained(sampler, world, accum, 3 * per_epoch) == 3 * 68
+    part = tokens_trained(sampler, world, accum, per_epoch + 1)
     assert 68 < part < 2 * 68
 
 
@@ -101,7 +102,7 @@ def test_latency_keeps_training_mode_and_lora_gradients(tiny_model):
     texts = [f"example number {i} " * (1 + i % 3) for i in range(9)]
     ids = [tok(t)["input_ids"] for t in texts]
     rows = TokenizedSplit({"input_ids": ids, "labels": [i % 2 for i in range(9)], "length": [len(x) for x in ids],
-                    "idx": list(range(9))}, tok.pad_token_id, False)
+                    "idx": list(range(9))}, tok, False)
     batch = {k: v for k, v in rows([0, 5]).items()}
 
     def grads():

@@ -52,12 +52,13 @@ def test_forward_backward_and_modes():
 
 def test_lora_layers_get_fast_dropout_and_peft_still_works(tiny_model):
     from qlora_cls.config import TrainConfig
-    from qlora_cls.modeling import add_lora, load_base_model, load_tokenizer
+    from qlora_cls.methods import add_trainable
+    from qlora_cls.modeling import load_base_model, load_tokenizer
 
     for fast in (True, False):
         cfg = TrainConfig(model_dir=tiny_model, bnb_4bit_compute_dtype="float32", gradient_checkpointing=False,
                           fast_cpu_dropout=fast)
-        model = add_lora(load_base_model(cfg, tiny_model, 2, load_tokenizer(tiny_model).pad_token_id,
+        model = add_trainable(load_base_model(cfg, tiny_model, 2, load_tokenizer(tiny_model).pad_token_id,
                                          {"": "cpu"}), cfg)
         kinds = [type(m.lora_dropout["default"]) for m in model.modules() if hasattr(m, "lora_dropout")]
         assert kinds == [FastDropout if fast else torch.nn.Dropout] * 4  # q,v x 2 layers
@@ -75,14 +76,15 @@ def test_gradient_checkpointing_recomputes_the_same_masks(tiny_model):
     """Checkpointed layers run forward twice; the second pass must redraw the same dropout masks (torch's
     checkpoint restores the RNG state), or the gradients would belong to a different forward."""
     from qlora_cls.config import TrainConfig
-    from qlora_cls.modeling import add_lora, load_base_model, load_tokenizer
+    from qlora_cls.methods import add_trainable
+    from qlora_cls.modeling import load_base_model, load_tokenizer
 
     grads = []
     for checkpointing in (False, True):
         cfg = TrainConfig(model_dir=tiny_model, bnb_4bit_compute_dtype="float32", lora_dropout=0.5,
                           gradient_checkpointing=checkpointing)
         torch.manual_seed(0)
-        model = add_lora(load_base_model(cfg, tiny_model, 2, load_tokenizer(tiny_model).pad_token_id,
+        model = add_trainable(load_base_model(cfg, tiny_model, 2, load_tokenizer(tiny_model).pad_token_id,
                                          {"": "cpu"}), cfg)
         for name, p in model.named_parameters():
             if "lora_B" in name:  # non-zero B, so every dropout mask reaches the loss and every gradient

@@ -1,7 +1,9 @@
 """The fast evaluation path equals the plain one, and never touches the training model.
 
 Oracle: ``predict(..., fast=False)``, the path every earlier test and run used (the 4-bit training
-model run as is). LoRA B is filled with random values so the merged deltas are not zero.
+model run as is). LoRA B is filled with random values so the merged deltas are not zero. The tests run on the
+device ``Accelerator()`` picks (the CPU here); what only the CPU copy does (fused gated MLPs, grouped-query
+attention) is asserted only there. The same checks on CUDA: tests/test_gpu.py (`make gpu-check`).
 """
 from __future__ import annotations
 
@@ -34,7 +36,7 @@ def _setup(model_dir: str, mrpc: str, compute: str = "float32", n: int = 40, loa
     cfg = TrainConfig(model_dir=model_dir, dataset=mrpc, bnb_4bit_compute_dtype=compute, load_in_4bit=load_in_4bit,
                       target_modules=["attention"])
     accelerator = Accelerator()
-    cfg.resolve_compute_dtype("cpu")
+    cfg.resolve_auto(accelerator.device.type)
     model_path, tokenizer = tokenizer_for(cfg)
     data = prepare_data(DataSource.from_config(cfg), load_template("perfect", "mrpc"), tokenizer, ["validation"],
                         512, {"validation": n}, accelerator)
@@ -69,8 +71,11 @@ def test_fast_path_equals_plain_path(arch, compute, tiny_models, mrpc):
         ids = batcher.input_ids
         expected = next(i for i in range(len(ids[0])) if len({tuple(x[:i + 1]) for x in ids}) > 1)
         assert stats["eval_prefix_tokens"] == expected > 5
-    assert stats["eval_fused_gated_mlps"] == (2 if arch == "llama" else 0)  # GPT-2 and RoBERTa have no gated MLP
-    assert stats["eval_gqa_attention"] == (arch == "llama")  # 4 query heads over 2 key/value heads; the others 1:1
+    if accelerator.device.type == "cpu":  # rewrites for a CPU's caches and kernels; a GPU runs the modules as they are
+        assert stats["eval_fused_gated_mlps"] == (2 if arch == "llama" else 0)  # GPT-2 and RoBERTa: no gated MLP
+        assert stats["eval_gqa_attention"] == (arch == "llama")  # 4 query heads over 2 key/value heads; others 1:1
+    else:
+        assert "eval_fused_gated_mlps" not in stats and "eval_gqa_attention" not in stats
     if compute == "float32":  # LoRA merged into its float32 layer; in bf16 it stays a LoRA layer (exact)
         assert stats["eval_merged_lora_layers"] > 0 and stats["eval_kept_lora_layers"] == 0
     else:
@@ -148,11 +153,12 @@ def test_other_peft_layers_fall_back_to_the_plain_weights(tiny_models, mrpc):
 
     from qlora_cls.config import TrainConfig
     from qlora_cls.evaluation import predict
-    from qlora_cls.modeling import load_base_model
+    from qlora_cls.modeling import load_base_model, load_tokenizer
     _, batcher, accelerator = _setup(tiny_models["llama"], mrpc)
     cfg = TrainConfig(model_dir=tiny_models["llama"], bnb_4bit_compute_dtype="float32")
     torch.manual_seed(0)
-    base = load_base_model(cfg, cfg.model_dir, 2, batcher.pad_id, {"": "cpu"})
+    base = load_base_model(cfg, cfg.model_dir, 2, load_tokenizer(cfg.model_dir).pad_token_id,
+                           {"": accelerator.device})
     model = get_peft_model(base, LoraConfig(task_type=TaskType.SEQ_CLS, r=4, target_modules=["q_proj", "v_proj"],
                                             use_dora=True, init_lora_weights=False))
     plain, _ = predict(model, batcher, 8, accelerator)
@@ -181,6 +187,7 @@ def test_gated_mlp_in_chunks_computes_what_the_module_it_replaces_does(compute, 
     assert fast_eval.fuse_gated_mlps(fused) == 2
     layers = zip(fast_eval.hf_model(unfused).model.layers, fast_eval.hf_model(fused).model.layers)
     x = torch.randn(2, 37, 64, generator=torch.Generator().manual_seed(1))  # 74 rows: 15 chunks, the last partial
+    x = x.to(accelerator.device)
     with torch.inference_mode():
         for old, new in layers:
             assert type(new.mlp) is fast_eval.GatedMLP
@@ -204,7 +211,7 @@ def test_gated_mlp_workspace_serves_shrinking_and_growing_batches_exactly(tiny_m
     generator = torch.Generator().manual_seed(2)
     with torch.inference_mode():
         for rows in (40, 7, 90):
-            x = torch.randn(1, rows, 64, generator=generator)
+            x = torch.randn(1, rows, 64, generator=generator).to(new_layers[0].mlp.weight.device)
             for old, new in zip(old_layers, new_layers):
                 assert torch.equal(new.mlp(x), old.mlp(x))
 
@@ -274,13 +281,16 @@ def test_decoders_and_encoders_told_apart():
 
 
 def test_training_is_identical_with_the_fast_path_on_and_off(tiny_models, mrpc, tmp_path):
-    """Two epochs with an evaluation between them: the later losses, gradient norms and weights do not move."""
+    """Two epochs with an evaluation between them: the later losses, gradient norms and weights do not move.
+    The "true" run is the default (auto, on where verified: the CPU), or opts in where auto is off."""
     from safetensors.torch import load_file
+    from qlora_cls.config import fast_path_default
+    on = [] if fast_path_default("fast_eval", "cuda" if torch.cuda.is_available() else "cpu") else ["--fast_eval", "true"]
     runs = {}
     for flag in ("true", "false"):
         run = tmp_path / f"fast-{flag}"
         ft.main(tiny_args(tiny_models["llama"], mrpc, run, "--max_steps", "10", "--log_every", "1", "--lr", "5e-3",
-                          "--fast_eval", flag, "--seed", "4"))
+                          *(on if flag == "true" else ["--fast_eval", flag]), "--seed", "4"))
         runs[flag] = run
     logs = {f: [json.loads(x) for x in (r / "train_log.jsonl").read_text().splitlines()] for f, r in runs.items()}
     assert len(logs["true"]) == 10
@@ -294,3 +304,29 @@ def test_training_is_identical_with_the_fast_path_on_and_off(tiny_models, mrpc, 
         assert "eval_fast_path" not in e_plain
     for f in ("true", "false"):
         assert json.loads((runs[f] / "config.json").read_text())["config"]["fast_eval"] == (f == "true")
+
+
+def test_fast_paths_are_on_by_default_only_where_verified():
+    """auto = on for the device kinds in VERIFIED_FAST_PATHS (the CPU, where this suite runs them), off elsewhere
+    until `make gpu-check` verifies them there; true opts in anywhere; false stays off. A pure function of the
+    device kind: no torch.cuda involved."""
+    from qlora_cls.config import VERIFIED_FAST_PATHS, EvalConfig, PredictConfig, TrainConfig
+    assert VERIFIED_FAST_PATHS == {"fast_eval": {"cpu"}, "share_prefix": {"cpu"}}
+    for device, fast, share in (("cpu", True, "auto"), ("cuda", False, False), ("mps", False, False),
+                                ("xpu", False, False)):
+        cfg = TrainConfig(bnb_4bit_compute_dtype="float32")
+        assert (cfg.fast_eval, cfg.share_prefix) == ("auto", "auto")  # the defaults, before the device is known
+        cfg.resolve_auto(device)
+        assert (cfg.fast_eval, cfg.share_prefix) == (fast, share), device  # share auto: prefix.py decides the rest
+        for other in (EvalConfig(results_path="run"), PredictConfig(results_path="run", input="-")):
+            other.resolve_auto(device)
+            assert other.fast_eval is fast, (type(other).__name__, device)
+    cfg = TrainConfig(bnb_4bit_compute_dtype="float32", fast_eval="true", share_prefix=True)
+    cfg.resolve_auto("cuda")
+    assert cfg.fast_eval is True and cfg.share_prefix is True
+    cfg = TrainConfig(bnb_4bit_compute_dtype="float32", fast_eval=False, share_prefix="false")
+    cfg.resolve_auto("cpu")
+    assert cfg.fast_eval is False and cfg.share_prefix is False
+    ecfg = EvalConfig(results_path="run", fast_eval="yes")
+    ecfg.resolve_auto("cuda")
+    assert ecfg.fast_eval is True

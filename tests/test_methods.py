@@ -36,7 +36,7 @@ def models(tmp_path_factory):
 def _cfg(path, method, **kw):
     from qlora_cls.config import TrainConfig
     cfg = TrainConfig(model_dir=path, method=method, lora_dropout=0.0, **kw)
-    cfg.resolve_compute_dtype("cpu")
+    cfg.resolve_auto("cpu")
     return cfg
 
 

@@ -34,7 +34,7 @@ def _model_and_rows(model_dir: str, mrpc: str, compute: str):
     cfg = TrainConfig(model_dir=model_dir, dataset=mrpc, bnb_4bit_compute_dtype=compute, lora_dropout=0.0,
                       target_modules=["attention"])
     accelerator = Accelerator()
-    cfg.resolve_compute_dtype("cpu")
+    cfg.resolve_auto(accelerator.device.type)
     model_path, tokenizer = tokenizer_for(cfg)
     data = prepare_data(DataSource.from_config(cfg), load_template("perfect", "mrpc"), tokenizer, ["train"], 512,
                         {"train": 24}, accelerator)
@@ -100,19 +100,22 @@ def _losses(run_dir):
 
 @pytest.mark.slow
 def test_ft_with_and_without_the_shared_prefix_train_alike(tiny_model, mrpc, tmp_path):
-    """ft.py's own loop (train mode, LoRA dropout off): the same losses and predictions either way."""
+    """ft.py's own loop (train mode, LoRA dropout off): the same losses and predictions either way. "auto" is the
+    default (on where verified: the CPU); where auto is off, true opts in."""
+    from qlora_cls.config import fast_path_default
+    on = "auto" if fast_path_default("share_prefix", "cuda" if torch.cuda.is_available() else "cpu") else "true"
     runs = {}
-    for share in ("auto", "false"):
+    for share in (on, "false"):
         out = tmp_path / share
         ft.main(tiny_args(tiny_model, mrpc, out, "--lora_dropout", "0", "--bnb_4bit_compute_dtype", "float32",
                           "--share_prefix", share))
         runs[share] = out
     resolved = {s: json.loads((d / "config.json").read_text())["resolved"] for s, d in runs.items()}
-    assert resolved["auto"]["train_prefix_tokens"] >= 8 and resolved["false"]["train_prefix_tokens"] == 0
+    assert resolved[on]["train_prefix_tokens"] >= 8 and resolved["false"]["train_prefix_tokens"] == 0
     assert "--share_prefix false" in resolved["false"]["train_prefix"]
-    assert _losses(runs["auto"]) == pytest.approx(_losses(runs["false"]), rel=1e-5)
+    assert _losses(runs[on]) == pytest.approx(_losses(runs["false"]), rel=1e-5)
     preds = {s: (d / "predictions_validation.csv").read_text().splitlines() for s, d in runs.items()}
-    assert [r.split(",")[:3] for r in preds["auto"]] == [r.split(",")[:3] for r in preds["false"]]
+    assert [r.split(",")[:3] for r in preds[on]] == [r.split(",")[:3] for r in preds["false"]]
 
 
 def test_share_prefix_true_on_an_encoder_is_one_line_before_loading(tmp_path, mrpc, capsys):
@@ -123,3 +126,26 @@ def test_share_prefix_true_on_an_encoder_is_one_line_before_loading(tmp_path, mr
     err = [line for line in capsys.readouterr().err.splitlines() if line.startswith("ft.py: error:")]
     assert exc.value.code == 2 and len(err) == 1 and "roberta is not a causal decoder" in err[0], err
     assert not results.exists()
+
+
+def test_share_prefix_auto_by_device_and_under_resume(tmp_path):
+    """auto: kept for prefix.py on a CPU, off on CUDA (not verified there yet); a resumed run keeps what it was
+    started with: auto stays auto (the rule it ran by), a run saved before the flag existed trains without it."""
+    from dataclasses import asdict
+
+    from qlora_cls.config import TrainConfig
+
+    def resolved(device, saved=None, **kwargs):
+        cfg = TrainConfig(bnb_4bit_compute_dtype="float32", **kwargs)
+        if saved is not None:
+            config = {k: v for k, v in asdict(TrainConfig(bnb_4bit_compute_dtype="float32")).items()
+                      if saved != "absent" or k != "share_prefix"}
+            if saved != "absent":
+                config["share_prefix"] = saved
+            (tmp_path / "config.json").write_text(json.dumps({"config": config}))
+            cfg = TrainConfig(bnb_4bit_compute_dtype="float32", results_path=str(tmp_path), resume=True, **kwargs)
+        cfg.resolve_auto(device)
+        return cfg.share_prefix
+    assert resolved("cpu") == "auto" and resolved("cuda") is False and resolved("cuda", share_prefix=True) is True
+    assert resolved("cuda", saved="auto") == "auto" and resolved("cuda", saved=True) is True
+    assert resolved("cpu", saved=False) is False and resolved("cpu", saved="absent") is False
