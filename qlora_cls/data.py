@@ -296,7 +296,21 @@ def warn_if_pad_in_inputs(ds, pad_id: int) -> bool:
     return hits > 0
 
 
-class TokenizedSplit(torch.utils.data.Dataset):
+class Rows(torch.utils.data.Dataset):
+    """Tokenized rows held in memory (``input_ids``, ``lengths``, ``labels``, ``collate``) as a map-style dataset;
+    ``split(rows)`` collates the given rows directly. Classification (TokenizedSplit) and SFT (sft.SFTSplit)."""
+
+    def __len__(self) -> int:
+        return len(self.input_ids)
+
+    def __getitem__(self, r: int) -> dict:
+        return {"input_ids": self.input_ids[r], "attention_mask": [1] * self.lengths[r], "labels": self.labels[r]}
+
+    def __call__(self, rows: Sequence[int]) -> dict[str, torch.Tensor]:
+        return dict(self.collate([self[r] for r in rows]))
+
+
+class TokenizedSplit(Rows):
     """A tokenized split in memory, as a map-style ``Dataset`` for a ``DataLoader``, with its collator.
 
     ``collate`` is transformers' ``DataCollatorWithPadding``: right padding (``load_tokenizer`` sets it) to
@@ -311,15 +325,6 @@ class TokenizedSplit(torch.utils.data.Dataset):
         self.lengths: list[int] = ds["length"]
         self.idx: list[int] = ds["idx"]
         self.collate = DataCollatorWithPadding(tokenizer)
-
-    def __len__(self) -> int:
-        return len(self.input_ids)
-
-    def __getitem__(self, r: int) -> dict:
-        return {"input_ids": self.input_ids[r], "attention_mask": [1] * self.lengths[r], "labels": self.labels[r]}
-
-    def __call__(self, rows: Sequence[int]) -> dict[str, torch.Tensor]:
-        return dict(self.collate([self[r] for r in rows]))
 
 
 def concat_batchers(batchers: Sequence["TokenizedSplit"]) -> "TokenizedSplit":

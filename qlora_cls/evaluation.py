@@ -18,6 +18,14 @@ from .preflight import zero_stage
 from .tasks import TaskSpec
 
 
+def eval_loader(split, batch_size: int, accelerator) -> tuple[list[int], DataLoader]:
+    """Rows longest first (an out-of-memory shows at once; little padding) and their DataLoader, prepared by
+    Accelerate. Its own generator, not the global one: evaluating must not shift training's random stream."""
+    order = sorted(range(len(split)), key=lambda r: (-split.lengths[r], r))
+    return order, accelerator.prepare_data_loader(
+        DataLoader(split, batch_size=batch_size, sampler=order, collate_fn=split.collate, generator=torch.Generator()))
+
+
 @torch.inference_mode()
 def predict(model, batcher: TokenizedSplit, batch_size: int, accelerator,
             fast: bool = False, prepared: Optional[tuple] = None,
@@ -31,10 +39,7 @@ def predict(model, batcher: TokenizedSplit, batch_size: int, accelerator,
     was_training = model.training
     model.eval()
     n = len(batcher)
-    order = sorted(range(n), key=lambda r: (-batcher.lengths[r], r))
-    loader = accelerator.prepare_data_loader(
-        DataLoader(batcher, batch_size=batch_size, sampler=order, collate_fn=batcher.collate,
-                   generator=torch.Generator()))  # not the global one: evaluating must not shift training's RNG
+    order, loader = eval_loader(batcher, batch_size, accelerator)
     start = time.perf_counter()
     runner = None
     if fast:

@@ -19,8 +19,7 @@ from typing import Optional
 
 import torch
 import torch.nn.functional as F
-from torch.utils.data import DataLoader
-
+from .evaluation import eval_loader
 from .files import atomic_write_text
 
 
@@ -53,10 +52,7 @@ def answer_loss(model, split, batch_size: int, accelerator) -> dict:
     was_training = model.training
     model.eval()
     n = len(split)
-    order = sorted(range(n), key=lambda r: (-split.lengths[r], r))
-    loader = accelerator.prepare_data_loader(
-        DataLoader(split, batch_size=batch_size, sampler=order, collate_fn=split.collate,
-                   generator=torch.Generator()))
+    _, loader = eval_loader(split, batch_size, accelerator)
     nll_parts, count_parts = [], []
     for batch in loader:
         with accelerator.autocast():

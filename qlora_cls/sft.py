@@ -26,6 +26,7 @@ from typing import Optional, Sequence
 
 import torch
 
+from .data import Rows
 from .errors import UsageError
 from .prompts import PROMPTS_DIR
 
@@ -245,7 +246,7 @@ def render_prompt(tokenizer, messages: list[dict]) -> str:
 
 
 # -- tokenized splits --------------------------------------------------------------------------------
-class SFTSplit(torch.utils.data.Dataset):
+class SFTSplit(Rows):
     """Tokenized examples in memory, as a map-style ``Dataset``, with their collator.
 
     The interface of ``data.TokenizedSplit`` (``lengths`` for the length-grouped sampler, ``split(rows)``
@@ -261,15 +262,6 @@ class SFTSplit(torch.utils.data.Dataset):
         self.lengths = [len(x) for x in input_ids]
         self.prompt_ids, self.references, self.prompts, self.idx = prompt_ids, references, prompts, idx
         self.collate = DataCollatorForSeq2Seq(tokenizer, padding=True, label_pad_token_id=-100)
-
-    def __len__(self) -> int:
-        return len(self.input_ids)
-
-    def __getitem__(self, r: int) -> dict:
-        return {"input_ids": self.input_ids[r], "attention_mask": [1] * self.lengths[r], "labels": self.labels[r]}
-
-    def __call__(self, rows: Sequence[int]) -> dict[str, torch.Tensor]:
-        return dict(self.collate([self[r] for r in rows]))
 
 
 def encode(records: list[dict], tokenizer, fmt: ChatFormat, max_length: int,
