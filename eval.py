@@ -67,13 +67,7 @@ def _plan(ecfg: EvalConfig, source) -> dict:
         max_samples = cfg.max_eval_samples if ecfg.max_eval_samples is None else (ecfg.max_eval_samples or None)
     split = ecfg.split or resolved.get("eval_split") or "validation"
     template = source.template if ecfg.prompt is None else load_template(ecfg.prompt, cfg.glue_task)
-    suffix = "-base" if ecfg.base_only else ("" if ecfg.adapter == "adapter" else "-best")
-    out_dir = Path(ecfg.output_dir) if ecfg.output_dir else source.path / "evals" / f"{split}-{template.name}{suffix}"
-    if out_dir.exists() and not out_dir.is_dir():
-        raise UsageError(f"--output_dir {out_dir} is a file; give a folder for metrics.json and predictions.csv")
-    if out_dir.exists() and any(out_dir.iterdir()) and not ecfg.overwrite:
-        raise UsageError(f"{out_dir} already holds an evaluation; pass --overwrite to replace it "
-                         f"or --output_dir to write elsewhere")
+    suffix, out_dir = _out_dir(ecfg, source, split, template.name, "predictions.csv")
     return {"source": source, "cfg": cfg, "records": records, "resolved": resolved, "split": split,
             "max_samples": max_samples, "template": template, "suffix": suffix, "out_dir": out_dir}
 
@@ -165,13 +159,7 @@ def evaluate_generative(ecfg: EvalConfig, source) -> dict:
         raise UsageError(f"{refused[0]}: {source.path} is an --objective {cfg.objective} run, scored on its own "
                          f"held-out {split} data with its own chat format; that flag applies to classification runs")
     name = resolved.get("prompt_name") or cfg.objective
-    suffix = "-base" if ecfg.base_only else ("" if ecfg.adapter == "adapter" else "-best")
-    out_dir = Path(ecfg.output_dir) if ecfg.output_dir else source.path / "evals" / f"{split}-{name}{suffix}"
-    if out_dir.exists() and not out_dir.is_dir():
-        raise UsageError(f"--output_dir {out_dir} is a file; give a folder for metrics.json and the generations")
-    if out_dir.exists() and any(out_dir.iterdir()) and not ecfg.overwrite:
-        raise UsageError(f"{out_dir} already holds an evaluation; pass --overwrite to replace it "
-                         f"or --output_dir to write elsewhere")
+    suffix, out_dir = _out_dir(ecfg, source, split, name, "the generations")
     check_model_paths(cfg.model_dir, cfg.tokenizer_dir)
     if ecfg.max_eval_samples is not None:  # none: as the run did; 0: every held-out example
         cfg.max_eval_samples = ecfg.max_eval_samples or None
@@ -264,6 +252,18 @@ def _write(ecfg: EvalConfig, p: dict, logits, stats: dict, batch_size: int, acce
         print(f"written: {out_dir}")
     return result
 
+
+def _out_dir(ecfg: EvalConfig, source, split: str, name: str, what: str) -> tuple[str, Path]:
+    """The evaluation's folder (evals/<split>-<prompt or chat template>[-base|-best], or --output_dir), checked:
+    a folder, and not an earlier evaluation unless --overwrite."""
+    suffix = "-base" if ecfg.base_only else ("" if ecfg.adapter == "adapter" else "-best")
+    out_dir = Path(ecfg.output_dir) if ecfg.output_dir else source.path / "evals" / f"{split}-{name}{suffix}"
+    if out_dir.exists() and not out_dir.is_dir():
+        raise UsageError(f"--output_dir {out_dir} is a file; give a folder for metrics.json and {what}")
+    if out_dir.exists() and any(out_dir.iterdir()) and not ecfg.overwrite:
+        raise UsageError(f"{out_dir} already holds an evaluation; pass --overwrite to replace it "
+                         f"or --output_dir to write elsewhere")
+    return suffix, out_dir
 
 if __name__ == "__main__":
     from qlora_cls.procs import exit_with_parent_if_asked
