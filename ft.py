@@ -506,13 +506,14 @@ def score_base_model(run: Run, model, progress: dict) -> None:
     """The generative runs' baseline: the model before its first step is the base model (generative.py), scored
     once, kept in the checkpoints' progress (a resumed run does not score it again) and in TensorBoard."""
     from qlora_cls import generative
-    if progress.get("base") is None:
+    scored_now = progress.get("base") is None
+    if scored_now:
         progress["base"] = generative.evaluate(run.cfg, run.accelerator.unwrap_model(model), run.data, run.tokenizer,
                                                run.accelerator, run.dir, f"{run.eval_split}_base", run.zero3)
-        run.baseline = {"kind": "base_model", "metrics": progress["base"]}
+    run.baseline = {"kind": "base_model", "metrics": progress["base"]}
+    if scored_now:
         log.info("before training, %s", _baseline_text(run))
         run.accelerator.log(run.baseline_scalars, step=0)
-    run.baseline = {"kind": "base_model", "metrics": progress["base"]}
 
 
 def finish(run: Run, model, progress: dict, logits) -> dict:
