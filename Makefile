@@ -10,7 +10,7 @@ DATASET ?= $(if $(wildcard ../shared/data/glue),../shared/data/glue,nyu-mll/glue
 QLORA_TEST_DATASET ?= $(if $(wildcard $(DATASET)),$(DATASET),../shared/data/glue)
 export QLORA_TEST_DATASET
 
-.PHONY: setup demo demo-sft test test-quick test-data gpu-check gpu-wheels sweep report bench bench-eval bench-sft latency clean
+.PHONY: setup demo demo-sft test test-quick test-slurm test-data gpu-check gpu-wheels sweep report bench bench-eval bench-sft latency clean
 
 setup: $(STAMP)
 	@$(PY) -c "from qlora_cls.modeling import embedded_model_dir; print('embedded model:', embedded_model_dir())"
@@ -40,6 +40,12 @@ test: setup
 # Tests marked gpu are deselected (never skipped) on both: `make gpu-check` runs them.
 test-quick: setup
 	$(PY) -m pytest -q -m "not slow" tests
+
+# sweep.py --executor slurm against a real single-node Slurm that the tests start on this host (as root; Debian's
+# slurm-wlm and munge, installed here when missing). Deselected from `make test` (a CI machine has no Slurm).
+test-slurm: setup
+	@command -v slurmctld >/dev/null && command -v munged >/dev/null || apt-get install -y -q slurm-wlm munge
+	$(PY) -m pytest -q -m slurm tests/test_sweep_slurm.py
 
 # GLUE MRPC from the hub into ../shared/data/glue (hub layout), for a machine without the local copy.
 test-data: setup

@@ -50,6 +50,8 @@ def evaluate_run(ecfg: EvalConfig) -> Optional[dict]:
 
 def _plan(ecfg: EvalConfig, source) -> dict:
     """Cheap checks of one folder: what to evaluate, with which template, written where."""
+    import dataclasses
+
     from qlora_cls.prompts import load_template
     from qlora_cls.runs import merged_eval_config
 
@@ -65,11 +67,39 @@ def _plan(ecfg: EvalConfig, source) -> dict:
         cfg, records, resolved = source.cfg, source.records, source.resolved
         # By default the evaluation repeats the run's own: its eval split and its number of examples.
         max_samples = cfg.max_eval_samples if ecfg.max_eval_samples is None else (ecfg.max_eval_samples or None)
+    cfg, name_tag = _scoring(ecfg, source, cfg)
     split = ecfg.split or resolved.get("eval_split") or "validation"
     template = source.template if ecfg.prompt is None else load_template(ecfg.prompt, cfg.glue_task)
-    suffix, out_dir = _out_dir(ecfg, source, split, template.name, "predictions.csv")
+    if not ecfg.base_only and cfg.classifier == "label_words" and not cfg.label_words:
+        # a trained model keeps the words it was trained on (its label names), whatever --prompt's file names
+        template = dataclasses.replace(template, label_words=None)
+    suffix, out_dir = _out_dir(ecfg, source, split, template.name + name_tag, "predictions.csv")
     return {"source": source, "cfg": cfg, "records": records, "resolved": resolved, "split": split,
             "max_samples": max_samples, "template": template, "suffix": suffix, "out_dir": out_dir}
+
+
+def _scoring(ecfg: EvalConfig, source, cfg):
+    """The run's config with --classifier/--label_words/--length_normalize applied (checked as ft.py checks
+    them: a regression task refuses label words in one line), and the tag its evaluation folder gets when
+    the classifier is not the run's (``-label_words``: a head run's base scored zero-shot by label words)."""
+    import dataclasses
+    overrides = ecfg.scoring_overrides()
+    if not overrides:
+        return cfg, ""
+    own = cfg.classifier
+    wanted = overrides.get("classifier", own)
+    if wanted != own and not ecfg.base_only:
+        raise UsageError(f"--classifier {wanted}: {source.path} was trained with --classifier {own}, and its "
+                         f"{'merged weights' if source.kind == 'merged' else ecfg.adapter + '/'} belong to that "
+                         f"classifier; score the un-tuned base model with --classifier {wanted} --base_only")
+    if wanted == "head" and ("label_words" in overrides or "length_normalize" in overrides):
+        raise UsageError("--label_words and --length_normalize apply to --classifier label_words")
+    if wanted == "head" and own == "label_words":
+        overrides = {**overrides, "label_words": None, "length_normalize": False}
+    cfg = dataclasses.replace(cfg, **overrides)  # __post_init__ checks them, as on ft.py's command line
+    if source.kind == "run":
+        source.cfg = cfg  # the model is built from it (runs.load_models): the causal LM for label words
+    return cfg, "" if wanted == own else f"-{wanted}"
 
 
 def cfg_split(cfg) -> str:
@@ -82,6 +112,7 @@ def evaluate_runs(ecfg: EvalConfig) -> list[dict]:
 
     from qlora_cls.data import DataSource
     from qlora_cls.evaluation import predict
+    from qlora_cls.label_words import LabelWords
     from qlora_cls.pipeline import prepare_data
     from qlora_cls.runs import check_model_sources, check_same_base, load_models, open_source, tokenizer_of
 
@@ -111,7 +142,8 @@ def evaluate_runs(ecfg: EvalConfig) -> list[dict]:
         p["cfg"].resolve_auto(accelerator.device.type)  # runs saved before auto existed are concrete
         p["model_path"], p["tokenizer"] = tokenizer_of(p["source"])
         p["data"] = prepare_data(DataSource.from_config(p["cfg"]), p["template"], p["tokenizer"], [p["split"]],
-                                 p["cfg"].max_length, {p["split"]: p["max_samples"]}, accelerator)
+                                 p["cfg"].max_length, {p["split"]: p["max_samples"]}, accelerator,
+                                 label_words=LabelWords.of(p["cfg"]))
     pad_ids = {p["tokenizer"].pad_token_id for p in plans}
     if len(pad_ids) > 1:
         raise UsageError(f"the runs' tokenizers pad with different token ids ({', '.join(map(str, sorted(pad_ids)))}); "
@@ -229,6 +261,9 @@ def _write(ecfg: EvalConfig, p: dict, logits, stats: dict, batch_size: int, acce
               "base_only": ecfg.base_only, "examples": len(batcher), "max_eval_samples": p["max_samples"],
               "run_finished": source.summary is not None or source.kind == "merged", "eval_batch_size": batch_size,
               "metrics": scores, "baseline": baseline, "vs_baseline": vs_baseline, **stats}
+    result["classifier"] = cfg.classifier  # report.py keeps the base model's head and label-word scores apart
+    if data.words is not None:  # --classifier label_words: the words this evaluation scored
+        result["label_words"] = data.words
     if source.kind == "merged":
         result["merged"] = {k: source.records.get(k) for k in ("source_run", "merged_into", "base_model", "dtype")}
     if not scores:

@@ -215,12 +215,13 @@ def setup(cfg: TrainConfig):
     from qlora_cls import checkpoint
     from qlora_cls import records as rec
     from qlora_cls.data import DataSource, check_trainable, concat_batchers
+    from qlora_cls.label_words import LabelWords, LabelWordSplit
     from qlora_cls.memory import resolve_gradient_checkpointing
     from qlora_cls import methods
     from qlora_cls.modeling import meta_model
     from qlora_cls.pipeline import check_model_paths, prepare_data, tokenizer_for
     from qlora_cls.preflight import check_launch_and_resolve
-    from qlora_cls.prefix import training_prefix
+    from qlora_cls.prefix import TrainingPrefix, is_causal_decoder, training_prefix
     from qlora_cls.prompts import load_template
     from qlora_cls.tasks import GLUE_TASKS
 
@@ -246,9 +247,6 @@ def setup(cfg: TrainConfig):
                          f"{' '.join(cfg.train_splits)}); evaluate on a held-out split with --eval_split")
     if cfg.dry_run:  # memory estimate from shapes on the meta device: no weights are read
         from qlora_cls.memory import dry_run
-        if generative:
-            raise UsageError(f"--dry_run estimates classification runs only so far; drop it for --objective "
-                             f"{cfg.objective}")
         return dry_run(cfg, source, template, cfg.train_splits, eval_split, accelerator)
     model_path, tokenizer = tokenizer_for(cfg)
     if generative:
@@ -259,22 +257,38 @@ def setup(cfg: TrainConfig):
     splits = list(dict.fromkeys(cfg.train_splits + [eval_split] + extra_splits))
     data = prepare_data(source, template, tokenizer, splits, cfg.max_length,
                         {s: cfg.max_train_samples for s in cfg.train_splits}
-                        | {s: cfg.max_eval_samples for s in [eval_split] + extra_splits}, accelerator)
+                        | {s: cfg.max_eval_samples for s in [eval_split] + extra_splits}, accelerator,
+                        label_words=LabelWords.of(cfg))
+    if cfg.causal_lm and not cfg.label_words and template.label_words:
+        # the prompt file's '# label_words:' line: recorded as --label_words, which eval.py, predict.py and merge.py read
+        cfg.label_words = list(data.words)
     spec = data.task.spec
     for s in cfg.train_splits:
         check_trainable(data.task.splits[s], s, cfg.label_column)
     # Head and LoRA targets resolved from the architecture (meta device, no weights read): a bad
     # --target_modules fails here, and config.json records what the presets meant for this model.
-    meta = meta_model(model_path, spec.num_labels, cfg.trust_remote_code)
+    # --classifier label_words: no head, the causal LM itself (num_labels None, as the generative objectives).
+    head_labels = None if cfg.causal_lm else spec.num_labels
+    meta = meta_model(model_path, head_labels, cfg.trust_remote_code)
+    if cfg.causal_lm and not is_causal_decoder(meta.config):
+        raise UsageError(f"--classifier label_words scores words with a causal LM; {meta.config.model_type} is not "
+                         f"a causal decoder: use --classifier head")
     plan = methods.plan(cfg, meta)
-    budget = methods.resolve_param_budget(cfg, model_path, spec.num_labels)  # sets --r / --adapter_bottleneck
-    resolve_gradient_checkpointing(cfg, model_path, spec.num_labels,  # auto: from the estimate on a GPU, off on CPU
+    budget = methods.resolve_param_budget(cfg, model_path, head_labels)  # sets --r / --adapter_bottleneck
+    resolve_gradient_checkpointing(cfg, model_path, head_labels,  # auto: from the estimate on a GPU, off on CPU
                                    max(max(data.batchers[s].lengths) for s in cfg.train_splits), accelerator)
-    train_rows = concat_batchers([data.batchers[s] for s in cfg.train_splits])
+    splits_trained = [data.batchers[s] for s in cfg.train_splits]
+    train_rows = LabelWordSplit.concat(splits_trained) if cfg.causal_lm else concat_batchers(splits_trained)
     # The prompt's leading tokens, the same in every training example, run once per batch where that is
     # exact (qlora_cls/prefix.py); decided here so --share_prefix true fails before any weight is read.
     launch = None if accelerator.distributed_type == DistributedType.NO else str(accelerator.distributed_type)
-    prefix = training_prefix(cfg, meta.config, train_rows.input_ids, launch)
+    if cfg.causal_lm:  # exact for a pooled head; the label-word loss is on the last tokens, not built for it
+        if cfg.share_prefix is True:
+            raise UsageError("--share_prefix true: the shared prompt prefix is built for a classification head; "
+                             "with --classifier label_words use --share_prefix auto or false")
+        prefix = TrainingPrefix(0, "off (--classifier label_words)")
+    else:
+        prefix = training_prefix(cfg, meta.config, train_rows.input_ids, launch)
     log.info("shared prompt prefix in training: %s", prefix.reason)
 
     # Final protocol: with the validation split trained on, the only held-out split is the test set, and
@@ -362,7 +376,7 @@ def build_training(run: Run):
 
     cfg, accelerator = run.cfg, run.accelerator
     fmt = getattr(run.data, "fmt", None)
-    model = build_model(cfg, run.model_path, run.tokenizer, None if run.generative else run.spec.num_labels,
+    model = build_model(cfg, run.model_path, run.tokenizer, None if cfg.causal_lm else run.spec.num_labels,
                         accelerator, zero3=run.zero3, head=run.plan.head,
                         new_tokens=fmt.added_tokens if fmt else ())
     run.counts = counts = parameter_counts(model)
@@ -399,7 +413,11 @@ def write_run_records(run: Run, model) -> None:
         spec = run.spec
         objective = {"prompt_name": run.data.template.name, "task": spec.name, "num_labels": spec.num_labels,
                      "label_names": run.data.task.label_names, "text_columns": list(spec.text_columns),
-                     "pad_token_in_inputs": run.data.pad_in_inputs}
+                     "pad_token_in_inputs": run.data.pad_in_inputs, "classifier": cfg.classifier}
+        if cfg.classifier == "label_words":  # the words as scored, and their tokens after the first eval prompt
+            objective.update(label_words=run.data.words, length_normalize=cfg.length_normalize,
+                             label_word_tokens=[run.tokenizer.convert_ids_to_tokens(c)
+                                                for c in run.eval_rows.candidates[0]] if len(run.eval_rows) else None)
         prompt = run.data.template.text
     resolved = {"model_path": run.model_path, "eval_split": run.eval_split, **objective,
                 "metrics": run.metric_names, "main_metric": run.main_metric, "pad_token_id": run.tokenizer.pad_token_id,

@@ -125,17 +125,28 @@ def write_report(folder: Path, out: Optional[Path], metric: Optional[str]) -> di
 
 
 def _below_baseline(rows) -> list[str]:
-    """One line per configuration whose mean does not beat the trivial baseline of its eval examples."""
+    """One line per configuration whose mean does not beat the trivial baseline of its eval examples (a generative
+    run's: the base model)."""
     out = []
     for r in rows:
         if r.get("beats_baseline") is False:
             m = r["vs_baseline_metric"]
             n = r["n_runs"]
-            out.append(f"{r['label']} does not beat the trivial baseline ({r['baseline_name']}): {m} "
-                       f"{r['baseline_' + m] + (r['vs_baseline_margin'] if m != 'mse' else -r['vs_baseline_margin']):.4f}"
+            what = ("does not improve on the base model (un-tuned)" if r["baseline_name"] == BASE_MODEL_NAME else
+                    f"does not beat the trivial baseline ({r['baseline_name']})")
+            out.append(f"{r['label']} {what}: {m} "
+                       f"{r['baseline_' + m] + (-r['vs_baseline_margin'] if rp.lower_is_better(m) else r['vs_baseline_margin']):.4f}"
                        f"{' (mean of ' + str(n) + ' runs)' if n > 1 else ''} against {r['baseline_' + m]:.4f} on the same "
                        f"{r['eval_examples']} {r['eval_split']} examples")
     return out
+
+
+BASE_MODEL_NAME = rp.baseline_name({"kind": rp.BASE_MODEL})
+
+
+def _baseline_label(t: dict) -> str:
+    """A baseline row's name: a classification run's trivial baseline, or a generative run's base model."""
+    return t["name"] if t.get("kind") == rp.BASE_MODEL else f"trivial baseline: {t['name']}"
 
 
 # -- CSV ------------------------------------------------------------------------------------------------
@@ -176,13 +187,14 @@ def _main_rows(rows, base, swept, metrics, baselines) -> list[list[Any]]:
                     r.get("epochs_trained"), r.get("examples_seen"), r.get("eval_examples"), r.get("evaluations"),
                     ";".join("" if s is None else str(s) for s in r.get("best_step", []))])
     for b in base:
-        out.append([f"base model (un-tuned), prompt={b['eval_prompt']}", *[b["eval_prompt"] if f == "prompt" else ""
-                                                                           for f in swept],
+        out.append([f"{b['label']}, prompt={b['eval_prompt']}", *[b["eval_prompt"] if f == "prompt" else
+                                                                  b["classifier"] if f == "classifier" else ""
+                                                                  for f in swept],
                     "", b["split"], b["n_runs"], 0, "", *[b[f"{m}_{s}"] for m in metrics for s in ("mean", "std")],
                     "", "", "", "", "", "", "", ";".join(b["sources"]), *[""] * len(metrics), "", "", "", "",
                     b.get("examples"), "", ""])
     for t in baselines:
-        out.append([f"trivial baseline: {t['name']}", *[""] * len(swept), "", t["split"], "", "", "",
+        out.append([_baseline_label(t), *[""] * len(swept), "", t["split"], "", "", "",
                     *[t[f"{m}_{s}"] for m in metrics for s in ("mean", "std")], "", "", "", "", "", "", "",
                     ";".join(t["sources"]), *[t[f"{m}_mean"] for m in metrics], "", "", "", "", t["examples"], "", ""])
     return out
@@ -198,11 +210,11 @@ def _eval_table(rows, base, metrics, baselines) -> tuple[list[str], list[list[An
                         *[e[f"{m}_{s}"] for m in metrics for s in ("mean", "std")], e.get("examples"),
                         *[e.get(f"baseline_{m}") for m in metrics]])
     for b in base:
-        out.append(["base model (un-tuned)", "", b["split"], b["eval_prompt"], b["n_runs"],
+        out.append([b["label"], "", b["split"], b["eval_prompt"], b["n_runs"],
                     *[b[f"{m}_{s}"] for m in metrics for s in ("mean", "std")], b.get("examples"),
                     *[b.get(f"baseline_{m}") for m in metrics]])
     for t in baselines:
-        out.append([f"trivial baseline: {t['name']}", "", t["split"], "", "",
+        out.append([_baseline_label(t), "", t["split"], "", "",
                     *[t[f"{m}_{s}"] for m in metrics for s in ("mean", "std")], t["examples"],
                     *[t[f"{m}_mean"] for m in metrics]])
     return header, out
@@ -232,7 +244,7 @@ def _method_table(rows, swept, metrics, baselines) -> tuple[list[str], list[list
                     *[r[f"latency_b{n}_{s}_mean"] for n in (1, 8) for s in ("median_ms", "p95_ms")],
                     ";".join(r["runs"])])
     for t in baselines:
-        out.append([f"trivial baseline: {t['name']}", *[""] * len(others), "", "", "", 0, "", 0.0, 0, 0.0, "",
+        out.append([_baseline_label(t), *[""] * len(others), "", "", "", 0, "", 0.0, 0, 0.0, "",
                     "", "", "", "", "", *[t.get(f"{m}_{s}") for m in metrics for s in ("mean", "std")],
                     0.0, "", "", "", "", "", ";".join(t["sources"])])
     return header, out
@@ -341,7 +353,7 @@ def _method_markdown(col, rows, metric, baselines) -> list[str]:
                       *[cell(r, key, lambda v: f"{v:,.1f}" if v < 1000 else f"{v:,.0f}") for _, key in LATENCY_COLUMNS]])
     for t in baselines:
         v = t.get(f"{metric}_mean")
-        table.append([f"trivial baseline: {t['name']}", *([""] if show_settings else []), "–", "0", "0 %", "0",
+        table.append([_baseline_label(t), *([""] if show_settings else []), "–", "0", "0 %", "0",
                       "–", "–", "–", "undefined" if v is None else _pm(v, None), "–", "–"])
     grouping = (f"one row per method and setting of the other swept field(s) ({', '.join(others)}), nothing "
                 f"averaged across them" if others else "one row per method")
@@ -376,15 +388,24 @@ def _markdown(col, rows, base, problems, metrics, metric, figures, baselines, be
     lines = [f"# Report: {col.root}", "", "## What was run", "", *rp.context_markdown(col),
              f"- **Swept fields:** {', '.join(col.swept) or 'none'}" + (
                  " (inferred: the fields that vary; no sweep.json found)" if col.swept_inferred else ""), ""]
-    if baselines:
-        lines += ["**Trivial baseline** (what a classifier that never reads the text scores on the same examples; "
-                  "every score below is to be read against it):", ""]
-        for t in baselines:
+    trivial = [t for t in baselines if t.get("kind") != rp.BASE_MODEL]
+    base_model = [t for t in baselines if t.get("kind") == rp.BASE_MODEL]
+    for kind, intro in ((trivial, "**Trivial baseline** (what a classifier that never reads the text scores on the "
+                                  "same examples; every score below is to be read against it):"),
+                        (base_model, f"**Baseline: the base model, un-tuned** ({rp.BASE_MODEL_TEXT}; every score below "
+                                     f"is to be read against it; lower perplexity and loss are better):")):
+        if not kind:
+            continue
+        lines += [intro, ""]
+        for t in kind:
+            shown = [m for m in metrics if t.get(m + "_mean") is not None] if t.get("kind") == rp.BASE_MODEL \
+                else metrics + (["mse"] if t.get("kind") == "training_mean" else [])
             values = ", ".join(f"{m} {'undefined' if t.get(m + '_mean') is None else format(t[m + '_mean'], '.4f')}"
-                               for m in metrics + (["mse"] if t.get("kind") == "training_mean" else []))
-            lines.append(f"- {t['description']}: {values} on {t['examples']} {t['split']} examples")
+                               for m in shown)
+            what = t["name"] if t.get("kind") == rp.BASE_MODEL else t["description"]
+            lines.append(f"- {what}: {values} on {t['examples']} {t['split']} examples")
         lines.append("")
-    else:
+    if not baselines:
         lines += ["No trivial baseline recorded (these runs predate it); compare with care." if runs else
                   "No run has finished yet: no scores and no trivial baseline to compare them with.", ""]
     for w in below:
@@ -413,14 +434,14 @@ def _markdown(col, rows, base, problems, metrics, metric, figures, baselines, be
             cells.insert(1, r["differs_in"] or "")
         table.append(cells)
     for t in baselines:
-        cells = [f"trivial baseline: {t['name']}, {t['split']}, {t['examples']} examples", "–",
+        cells = [f"{_baseline_label(t)}, {t['split']}, {t['examples']} examples", "–",
                  *[_pm(t[f"{m}_mean"], None) if t.get(f"{m}_mean") is not None else "undefined" for m in metrics],
                  "0", "–", "–", "–", "–", "–", "–", "–"]
         if "differs in" in header:
             cells.insert(1, "")
         table.append(cells)
     for b in base:
-        cells = [f"base model (un-tuned), prompt={b['eval_prompt']}, {b['split']}", str(b["n_runs"]),
+        cells = [f"{b['label']}, prompt={b['eval_prompt']}, {b['split']}", str(b["n_runs"]),
                  *[_pm(b[f"{m}_mean"], b[f"{m}_std"]) for m in metrics],
                  _signed(None if b.get(f"{metric}_mean") is None or b.get(f"baseline_{metric}") is None
                          else b[f"{metric}_mean"] - b[f"baseline_{metric}"]), "0", "–", "–", "–", "–", "–", "–"]
@@ -430,14 +451,22 @@ def _markdown(col, rows, base, problems, metrics, metric, figures, baselines, be
     lines += ["## Configurations", "", _table(header, table), "",
               "Values are mean ± sample standard deviation (n-1) over seeds of the final adapter on each run's eval "
               "split; a single run shows no ±. 'vs baseline': the mean minus the trivial baseline on the same examples "
-              "(for regression: the baseline's mean squared error minus the model's). 'steps': optimizer steps "
+              "(for regression: the baseline's mean squared error minus the model's"
+              + ("; for a generative run, whose baseline is the base model and whose perplexity is better lower: "
+                 "the base model's minus the model's, so positive is better" if rp.generative(col) else "")
+              + "). 'steps': optimizer steps "
               "trained. 'best epoch' counts from 1 and names the selected evaluation's step (with --eval_every: the best "
               "of all evaluations, in the epoch it fell in); '– (1 evaluation)': the run was evaluated once (it "
               "trained one epoch or less), so there was no epoch to choose; '–' alone: "
               "no selection (final protocol). Throughput is the mean over training-log windows.", ""]
     if base:
-        lines += ["Base-model rows: the un-tuned model with a freshly initialised classification head, evaluated "
-                  "by `eval.py --base_only` on the same examples (\"before fine-tuning\").", ""]
+        kinds = {b["classifier"] for b in base}
+        how = ("" if rp.generative(col) else " with a freshly initialised classification head" if kinds == {"head"}
+               else " scoring each label's words after the prompt (zero-shot)" if kinds == {"label_words"}
+               else " with a freshly initialised classification head ('new head') or scoring each label's words "
+                    "after the prompt, zero-shot ('label words')")
+        lines += ["Base-model rows: the un-tuned model" + how
+                  + ", evaluated by `eval.py --base_only` on the same examples (\"before fine-tuning\").", ""]
     eval_table = []
     for r in rows:
         for e in r["eval_rows"]:
@@ -449,7 +478,7 @@ def _markdown(col, rows, base, problems, metrics, metric, figures, baselines, be
     if eval_table:
         lines += ["## Every adapter under every evaluated prompt", "",
                   _table(["trained configuration", "evaluated with prompt", "split", "n", "examples", *metrics,
-                          f"trivial baseline ({metric})"], eval_table), ""]
+                          f"{'base model' if rp.generative(col) else 'trivial baseline'} ({metric})"], eval_table), ""]
     if method_rows:
         lines += _method_markdown(col, method_rows, metric, baselines)
     step_figures = [n for n in figures if n.startswith("eval_vs_step_")]
@@ -464,7 +493,8 @@ def _markdown(col, rows, base, problems, metrics, metric, figures, baselines, be
     elif col.swept and runs:
         lines += ["No step-wise evaluations in these runs (ft.py `--eval_every N`), so no per-field curves against "
                   "optimizer step; eval_per_epoch.png has the epoch-end evaluations.", ""]
-    for name, caption in (("eval_per_epoch.png", f"{metric} at each evaluation, with the trivial baseline"),
+    reference = "the base model's figure" if rp.generative(col) else "the trivial baseline"
+    for name, caption in (("eval_per_epoch.png", f"{metric} at each evaluation, with {reference}"),
                           ("train_loss.png", "training loss"), ("final_metric.png", f"final {metric} per configuration"),
                           ("prompt_matrix.png", f"{metric} of each adapter under each prompt")):
         if name in figures:

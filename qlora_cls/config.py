@@ -28,6 +28,7 @@ QUANT_TYPES = ("nf4", "fp4")
 MIXED_PRECISION = ("no", "bf16", "fp16")
 METHODS = ("qlora", "lora", "dora", "ia3", "adapter", "full")
 OBJECTIVES = ("classification", "sft", "lm")
+CLASSIFIERS = ("head", "label_words")
 SPLITS_HINT = "train, validation, test (validation_matched/test_matched for mnli)"
 
 # Where each fast path is on by default (``auto``): the device kinds on which the test suite runs it for real.
@@ -74,7 +75,7 @@ def with_fields_added_later(saved: dict) -> dict:
 class TrainConfig:
     # Each field's role (metadata ``role``, read through ``role_fields``), declared here only:
     #   base: shapes the loaded base model (runs.py: runs sharing one; sweeps.py: with eval_data, base evaluations)
-    #   eval_data: shapes the evaluation data (sweeps.py: which base evaluations a point shares)
+    #   eval_data: shapes the evaluation data or how it is scored (sweeps.py: which base evaluations a point shares)
     #   adapter: matters for --method adapter only (report.py leaves it out of other methods' configurations)
     #   bookkeeping: changes neither what a run learns nor how it is scored (checkpoint.py: may change on
     #     --resume; report.py: not grouped on)
@@ -176,6 +177,18 @@ class TrainConfig:
         role="eval_data"))
     group_by_length: bool = field(default=True, metadata=_help(
         "batch examples of similar length together (less padding, same examples per epoch)"))
+    # -- classification by label words (--classifier label_words; qlora_cls/label_words.py) ----------
+    classifier: str = field(default="head", metadata=_help(
+        "how classes are predicted: head = a classification head on the base model (the default); label_words = "
+        "the causal LM itself: each label's words scored after the prompt (log-likelihood, the argmax predicts, "
+        "softmax over the labels gives probabilities) and trained with the LM loss on the gold label's words "
+        "only; classification tasks only", choices=CLASSIFIERS, before="head", role="eval_data"))
+    label_words: Optional[list[str]] = field(default=None, metadata=_help(
+        "--classifier label_words: each label's words, in label-id order (--label_words no yes, or \"no,yes\"); "
+        "none = the label names with _ as a space (not_equivalent -> not equivalent)", before=None, role="eval_data"))
+    length_normalize: bool = field(default=False, metadata=_help(
+        "--classifier label_words: divide each label's log-likelihood by its number of tokens (default: the "
+        "sum, as lm-eval-harness's acc)", before=False, role="eval_data"))
     # -- generative objectives (--objective sft | lm; qlora_cls/generative.py) -----------------------
     objective: str = field(default="classification", metadata=_help(
         "what is trained: classification = a head on the base model (the default); sft = the causal LM on "
@@ -313,6 +326,17 @@ class TrainConfig:
             (self.label_names is None or len(self.label_names) != 0, "--label_names needs at least one name"),
             (not self.resume or self.results_path is not None,
              "--resume needs --results_path: the folder of the run to continue"),
+            (self.classifier in CLASSIFIERS,
+             f"--classifier must be one of {', '.join(CLASSIFIERS)}, got {self.classifier!r}"),
+            (self.classifier == "head" or self.objective == "classification",
+             f"--classifier label_words classifies; --objective {self.objective} trains a causal LM on text: "
+             f"drop one of them"),
+            (self.classifier == "label_words" or (not self.label_words and not self.length_normalize),
+             f"--{'label_words' if self.label_words else 'length_normalize'} applies to --classifier label_words "
+             f"(add it, or drop the flag)"),
+            (self.classifier == "head" or not self.regression_task,
+             f"--classifier label_words scores class names; {self.task if not self.train_file else 'this'} is a "
+             f"regression task (one number per example): use --classifier head"),
         ]
         for ok, message in checks:
             if not ok:
@@ -322,6 +346,7 @@ class TrainConfig:
         self._resolve_method()
         if self.tokenizer_dir is None:
             self.tokenizer_dir = self.model_dir
+        self.label_words = parse_label_words(self.label_words)
 
     def _resolve_method(self) -> None:
         """``--method`` with ``--load_in_4bit``, and ``--target_modules auto``: concrete values from here on.
@@ -386,6 +411,19 @@ class TrainConfig:
             return None  # no run there yet: check_resumable reports it
 
     @property
+    def regression_task(self) -> bool:
+        """Known before any data is read: a GLUE regression task (stsb), or local files with one label name.
+        Local files whose labels are numbers are known to be a regression once loaded (label_words.py)."""
+        if self.train_file:
+            return self.label_names is not None and len(self.label_names) == 1
+        return self.task in GLUE_TASKS and GLUE_TASKS[self.task].is_regression
+
+    @property
+    def causal_lm(self) -> bool:
+        """No head: the model is the causal LM (``--objective sft|lm``, or ``--classifier label_words``)."""
+        return self.objective != "classification" or self.classifier == "label_words"
+
+    @property
     def glue_task(self) -> Optional[str]:
         """The GLUE task whose prompts/<task>/ templates apply; None for local files."""
         return None if self.train_file else self.task
@@ -394,6 +432,19 @@ class TrainConfig:
     def trains_on_eval_data(self) -> bool:
         """Final protocol: the usual held-out split is part of the training data."""
         return any(s.startswith("validation") for s in self.train_splits)
+
+
+def parse_label_words(values) -> Optional[list[str]]:
+    """``--label_words no yes`` or ``--label_words "no,yes"`` (commas split a single argument): the words, stripped."""
+    if not values:
+        return None
+    if isinstance(values, str):
+        values = [values]
+    words = [w.strip() for v in values for w in (str(v).split(",") if len(values) == 1 else [str(v)])]
+    if any(not w for w in words):
+        raise UsageError(f"--label_words {' '.join(map(str, values))}: an empty label word; give one non-empty word "
+                         f"(or phrase) per label, e.g. --label_words \"no,yes\"")
+    return words
 
 
 def _parse_auto(cfg, name: str) -> None:
@@ -415,7 +466,17 @@ class EvalConfig:
         "template name in prompts/ or a path; none = the run's own template"))
     eval_batch_size: Optional[int] = field(default=None, metadata=_help("examples per forward; none = the run's"))
     adapter: str = field(default="adapter", metadata=_help("adapter folder inside the run: adapter or adapter_best"))
-    base_only: bool = field(default=False, metadata=_help("evaluate the un-tuned base model (new, untrained head)"))
+    base_only: bool = field(default=False, metadata=_help(
+        "evaluate the un-tuned base model (new, untrained head; with --classifier label_words: zero-shot scoring "
+        "of each label's words, the meaningful 'before fine-tuning')"))
+    classifier: Optional[str] = field(default=None, metadata=_help(
+        "head or label_words; none = the run's; another than the run's only with --base_only (a trained adapter "
+        "belongs to its classifier)", choices=CLASSIFIERS))
+    label_words: Optional[list[str]] = field(default=None, metadata=_help(
+        "with label_words: each label's words, in label-id order (no yes, or \"no,yes\"); none = the run's (the "
+        "label names for a head run)"))
+    length_normalize: Optional[bool] = field(default=None, metadata=_help(
+        "with label_words: divide each label's log-likelihood by its token count; none = the run's"))
     dataset: Optional[str] = field(default=None, metadata=_help("dataset hub id or folder; none = the run's"))
     model_dir: Optional[str] = field(default=None, metadata=_help("base model location; none = the run's"))
     max_eval_samples: Optional[int] = field(default=None, metadata=_help(
@@ -449,6 +510,15 @@ class EvalConfig:
         if self.eval_stream_dtype not in STREAM_DTYPES:
             raise UsageError(f"--eval_stream_dtype must be one of {', '.join(STREAM_DTYPES)}, "
                              f"got {self.eval_stream_dtype!r}")
+        if self.classifier is not None and self.classifier not in CLASSIFIERS:
+            raise UsageError(f"--classifier must be one of {', '.join(CLASSIFIERS)}, got {self.classifier!r}")
+        self.label_words = parse_label_words(self.label_words)
+
+    def scoring_overrides(self) -> dict:
+        """The TrainConfig fields this evaluation sets (--classifier, --label_words, --length_normalize)."""
+        given = {"classifier": self.classifier, "label_words": self.label_words,
+                 "length_normalize": self.length_normalize}
+        return {k: v for k, v in given.items() if v is not None}
 
 
 INPUT_FORMATS = ("auto", "csv", "jsonl")

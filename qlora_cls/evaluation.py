@@ -30,12 +30,15 @@ def eval_loader(split, batch_size: int, accelerator) -> tuple[list[int], DataLoa
 def predict(model, batcher: TokenizedSplit, batch_size: int, accelerator,
             fast: bool = False, prepared: Optional[tuple] = None,
             stream_dtype: str = "float32") -> tuple[np.ndarray, dict[str, float]]:
-    """Logits for every row of ``batcher`` in dataset order, plus throughput figures.
+    """Logits for every row of ``batcher`` in dataset order, plus throughput figures; for a
+    ``label_words.LabelWordSplit`` each label's score (its log-likelihood after the prompt) instead.
 
     The time includes building the fast path's inference copy and prefix cache (it is part of the cost).
     ``prepared``: an inference copy built earlier for ``model`` (``fast_eval.inference_model``), reused.
     ``stream_dtype``: the fast path's residual stream, ``float32`` or ``compute`` (``--eval_stream_dtype``).
     """
+    if getattr(batcher, "classifier", "head") == "label_words":  # label_words.LabelWordSplit: no head to run
+        return batcher.score(model, batch_size, accelerator, fast, prepared, stream_dtype)
     was_training = model.training
     model.eval()
     n = len(batcher)

@@ -38,8 +38,9 @@ def prepare(cfg, tokenizer) -> GenerativeData:
         if not cfg.train_file or not cfg.validation_file:
             raise UsageError("--objective lm trains on plain text: give --train_file and --validation_file "
                              "(UTF-8 text files, e.g. wikitext-2's valid.txt and test.txt)")
-        return GenerativeData(sft.text_blocks(cfg.train_file, tokenizer, cfg.max_length),
-                              sft.text_blocks(cfg.validation_file, tokenizer, cfg.max_length), None, [])
+        return GenerativeData(sft.text_blocks(cfg.train_file, tokenizer, cfg.max_length, cfg.max_train_samples),
+                              sft.text_blocks(cfg.validation_file, tokenizer, cfg.max_length, cfg.max_eval_samples),
+                              None, [])
     source = cfg.train_file or (None if cfg.dataset == "nyu-mll/glue" else cfg.dataset)
     if source is None:
         raise UsageError("--objective sft needs instruction records or conversations: --train_file FILE (.json, "
@@ -79,17 +80,17 @@ def evaluate(cfg, model, data: GenerativeData, tokenizer, accelerator, out_dir: 
     sliding window (lm); for sft also greedy (or sampled) generations of the first --generate_examples
     prompts, their stop rate, exact match and ROUGE-L, written to ``out_dir/generations_<split>.jsonl``.
     Generation runs in the main process, so not under ZeRO-3 (its forwards are collective): skipped there."""
+    runner = model
+    if cfg.fast_eval:  # fast_eval.py's inference copy: 4-bit weights de-quantized once, not at every forward
+        from .fast_eval import inference_model
+        runner, _ = inference_model(model, accelerator.device, zero3=zero3)
     if cfg.objective == "lm":
         stride = cfg.stride or cfg.max_length // 2
         scores = {}
         if accelerator.is_main_process:  # one sequential pass; the other processes wait
-            r = generation.corpus_perplexity(model, data.eval.ids, cfg.max_length, stride, accelerator.device)
+            r = generation.corpus_perplexity(runner, data.eval.ids, cfg.max_length, stride, accelerator.device)
             scores = {"perplexity": r["perplexity"], "nll": r["nll"], "eval_tokens": r["tokens"]}
         return _shared(accelerator, scores)
-    runner = model
-    if cfg.fast_eval:  # fast_eval.py's inference copy: 4-bit weights de-quantized once, not at every new token
-        from .fast_eval import inference_model
-        runner, _ = inference_model(model, accelerator.device, zero3=zero3)
     loss = generation.answer_loss(runner, data.eval, cfg.eval_batch_size, accelerator)
     scores = {"answer_loss": loss["loss"], "answer_perplexity": loss["perplexity"], "answer_tokens": loss["tokens"]}
     n = 0 if zero3 else min(cfg.generate_examples, len(data.eval))

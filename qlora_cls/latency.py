@@ -63,12 +63,16 @@ def measure_latency(model, batcher, accelerator, batch_sizes: Sequence[int] = (1
                 return model(input_ids=input_ids.to(accelerator.device),
                              attention_mask=attention_mask.to(accelerator.device))
 
+        collate, call = batcher, forward
+        if getattr(batcher, "classifier", "head") == "label_words":  # a call scores every label of the batch
+            from .label_words import scoring_call
+            call, collate = scoring_call(model, batcher, accelerator)
         for size in batch_sizes:
             if size > n:
                 continue
             starts = [(c * size) % (n - size + 1) for c in range(WARMUP + calls)]
-            batches = [batcher(list(range(s, s + size))) for s in starts]
-            result[f"batch_{size}"] = summarize(timed_calls(forward, batches), size)
+            batches = [collate(list(range(s, s + size))) for s in starts]
+            result[f"batch_{size}"] = summarize(timed_calls(call, batches), size)
         if was_training:
             model.train()
     accelerator.wait_for_everyone()

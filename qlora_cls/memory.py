@@ -231,7 +231,8 @@ def report(r: dict, cfg, note: Optional[str] = None) -> str:
         ("  packed 4-bit values", w["packed_bytes"]),
         ("  quantization constants", w["quant_constant_bytes"]),
         ("  non-quantized params (fp32)" if cfg.load_in_4bit else "  params", w["other_param_bytes"]),
-        (TRAINED_ROW[cfg.method], r["lora_bytes"]),
+        (TRAINED_ROW[cfg.method].replace(" + head (fp32)", "") if cfg.causal_lm else TRAINED_ROW[cfg.method],
+         r["lora_bytes"]),
         ("gradients" if cfg.method == "full" else "gradients (fp32)", r["gradient_bytes"]),
         ("optimizer state", r["optimizer_bytes"]),
         ("activations, training batch", r["activation_bytes"]),
@@ -281,18 +282,39 @@ def dry_run(cfg, source, template, splits: list[str], eval_split: str, accelerat
         tokenizer = None
         note = (f"no tokenizer in {cfg.tokenizer_dir or model_path}: sequence length taken as --max_length "
                 f"{cfg.max_length} (give --tokenizer_dir for the real lengths)")
-    if tokenizer is not None:
+    if tokenizer is not None and cfg.objective != "classification":  # sft / lm: a causal LM, no head
+        from qlora_cls.generative import prepare as prepare_generative
+        data = prepare_generative(cfg, tokenizer)  # the same checks and lengths as training
+        num_labels, train_max, eval_max = None, max(data.train.lengths), max(data.eval.lengths)
+    elif tokenizer is not None:
+        from qlora_cls.label_words import LabelWords
         all_splits = list(dict.fromkeys(list(splits) + [eval_split]))
         data = prepare_data(source, template, tokenizer, all_splits, cfg.max_length,
                             {s: cfg.max_train_samples for s in splits} | {eval_split: cfg.max_eval_samples},
-                            accelerator)
-        num_labels = data.task.spec.num_labels
-        train_max = max(max(data.batchers[s].lengths) for s in splits)
-        eval_max = max(data.batchers[eval_split].lengths)
+                            accelerator, label_words=LabelWords.of(cfg))
+        if cfg.causal_lm:  # --classifier label_words: the causal LM, no head; a prompt + its longest label
+            num_labels = None
+            longest = {s: max(len(p) + max(map(len, c)) for p, c in zip(b.prompt_ids, b.candidates))
+                       for s, b in data.batchers.items()}
+            train_max, eval_max = max(longest[s] for s in splits), longest[eval_split]
+        else:
+            num_labels = data.task.spec.num_labels
+            train_max = max(max(data.batchers[s].lengths) for s in splits)
+            eval_max = max(data.batchers[eval_split].lengths)
+    elif cfg.causal_lm:  # sft / lm / label words, no tokenizer: the causal LM, --max_length
+        num_labels, train_max, eval_max = None, cfg.max_length, cfg.max_length
     else:
         spec = GLUE_TASKS.get(cfg.task)
         num_labels = spec.num_labels if spec and not cfg.train_file else max(len(cfg.label_names or [0, 1]), 1)
         train_max = eval_max = cfg.max_length
+    if cfg.classifier == "label_words":  # as ft.py refuses it, before the estimate
+        from transformers import AutoConfig
+
+        from qlora_cls.prefix import is_causal_decoder
+        config = AutoConfig.from_pretrained(model_path, trust_remote_code=cfg.trust_remote_code)
+        if not is_causal_decoder(config):
+            raise UsageError(f"--classifier label_words scores words with a causal LM; {config.model_type} is not "
+                             f"a causal decoder: use --classifier head")
     budget = resolve_param_budget(cfg, model_path, num_labels)  # as ft.py chooses it
     if budget and budget["field"]:
         note = ((note + "; ") if note else "") + (f"--param_budget {budget['budget']:,} chose --{budget['field']} "

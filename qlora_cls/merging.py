@@ -1,5 +1,8 @@
 """A run's adapter merged into a standalone ``AutoModelForSequenceClassification`` folder (merge.py), or for
-a generative run (``--objective sft|lm``) an ``AutoModelForCausalLM`` folder (``merge_generative``).
+a generative run (``--objective sft|lm``) an ``AutoModelForCausalLM`` folder (``merge_generative``). A
+``--classifier label_words`` run merges into an ``AutoModelForCausalLM`` folder with the classification
+folder's files (``prompt.txt``, ``qlora_cls.json`` with ``classifier`` and ``label_words``): eval.py and
+predict.py keep scoring it by its labels' words.
 
 The adapter was trained against the *4-bit* base: its LoRA (DoRA, IA3) weights correct what that
 quantized model computes. So by default the merged weights are that exact base de-quantized
@@ -150,13 +153,16 @@ def merge_run(cfg, records: dict, run_dir: Path, output_dir: Path, adapter: str 
     model_path, tokenizer = tokenizer_for(cfg)
     num_labels = int(resolved.get("num_labels") or 2)
     label_names = resolved.get("label_names")
+    words = cfg.classifier == "label_words"  # the causal LM, scored by its labels' words: no head to set up
     device = "cuda:0" if torch.cuda.is_available() else "cpu"
-    model = merged_model(cfg, model_path, run_dir / adapter, num_labels, tokenizer.pad_token_id, merge_into, device)
+    model = merged_model(cfg, model_path, run_dir / adapter, None if words else num_labels, tokenizer.pad_token_id,
+                         merge_into, device)
     model = model.to(DTYPE[dtype])
     config = model.config
     config.pad_token_id = tokenizer.pad_token_id
-    config.problem_type = "regression" if num_labels == 1 else "single_label_classification"
-    if label_names:
+    if not words:
+        config.problem_type = "regression" if num_labels == 1 else "single_label_classification"
+    if label_names and not words:
         config.id2label = {i: n for i, n in enumerate(label_names)}
         config.label2id = {n: i for i, n in enumerate(label_names)}
     config.use_cache = True  # training switched it off; a plain model keeps the library default
@@ -169,7 +175,9 @@ def merge_run(cfg, records: dict, run_dir: Path, output_dir: Path, adapter: str 
             "base_model": model_path, "dtype": dtype,
             "peft_type": (read_json(run_dir / adapter / "adapter_config.json").get("peft_type")
                           if (run_dir / adapter / "adapter_config.json").is_file() else None),
-            "method": run_method(records.get("config", {}))}
+            "method": run_method(records.get("config", {})), "classifier": cfg.classifier}
+    if words:  # eval.py / predict.py score the merged LM by the same words (runs.Source.scoring)
+        info.update(label_words=resolved.get("label_words"), length_normalize=cfg.length_normalize)
     template = (run_dir / "prompt.txt").read_text(encoding="utf-8")
     tokenizer.padding_side = "right"
     tokenizer.init_kwargs["padding_side"] = "right"  # saved in tokenizer_config.json: the head pools the last real token
@@ -228,6 +236,26 @@ def model_card(output_dir: Path, info: dict, records: dict, summary: dict, templ
         "    logits = model(**batch).logits.float()",
         "print(logits[:, 0].tolist())" if info["num_labels"] == 1 else
         "print([model.config.id2label[i] for i in logits.argmax(-1).tolist()])"])
+    if info.get("classifier") == "label_words":  # a causal LM: each label's words scored after the prompt
+        snippet = "\n".join([
+            "import torch",
+            "from transformers import AutoModelForCausalLM, AutoTokenizer",
+            "",
+            f"path = {json.dumps(str(output_dir.resolve()))}",
+            "model = AutoModelForCausalLM.from_pretrained(path).eval()",
+            "tokenizer = AutoTokenizer.from_pretrained(path)",
+            f"template = {json.dumps(template)}  # prompt.txt: {{field}} = a text column",
+            f"words = {json.dumps(info.get('label_words'))}  # label i's words",
+            f"row = {example}",
+            "prompt = template.format(**row)",
+            "n = len(tokenizer(prompt)['input_ids'])",
+            "scores = []",
+            "for w in words:  # the log-likelihood of ' ' + words after the prompt",
+            "    ids = tokenizer(prompt + ' ' + w, return_tensors='pt')['input_ids']",
+            "    with torch.no_grad():",
+            "        logp = model(ids).logits[0, :-1].float().log_softmax(-1)",
+            "    scores.append(sum(logp[t - 1, ids[0, t]].item() for t in range(n, ids.shape[1])))",
+            f"print({json.dumps(names)}[max(range(len(scores)), key=scores.__getitem__)])"])
     data = ModelCardData(base_model=info["base_model"], library_name="transformers", pipeline_tag="text-classification",
                          tags=["text-classification", "full-fine-tune" if full else "merged-adapter",
                                str(info.get("task"))], metrics=metrics)

@@ -82,10 +82,34 @@ def _snippet(adapter_dir: Path, records: dict, quant: dict, template: str) -> st
                   f"    load_in_4bit=True, bnb_4bit_quant_type={json.dumps(quant.get('bnb_4bit_quant_type'))}, "
                   f"bnb_4bit_use_double_quant={quant.get('bnb_4bit_use_double_quant')},",
                   f"    bnb_4bit_compute_dtype=torch.{quant.get('bnb_4bit_compute_dtype')}, "
-                  f"llm_int8_skip_modules={json.dumps(skip)})  # the head stays unquantized"]
+                  f"llm_int8_skip_modules={json.dumps(skip) if skip is not None else None})  # the head stays unquantized"]
     # In 4 bit, training had every unquantized weight (embeddings, norms, head) in float32
     # (prepare_model_for_kbit_training), whatever the compute dtype: load them so to get its numbers.
     dtype = "float32" if quant.get("load_in_4bit") else (cfg.get("bnb_4bit_compute_dtype") or "float32")
+    if cfg.get("classifier") == "label_words":  # no head: the causal LM scores each label's words after the prompt
+        lines = [line.replace("AutoPeftModelForSequenceClassification", "AutoPeftModelForCausalLM")
+                 .replace("  # the head stays unquantized", "") for line in lines]
+        lines += ["model = AutoPeftModelForCausalLM.from_pretrained(",
+                  f"    adapter, dtype=torch.{dtype}" + (", quantization_config=quant)" if quant.get("load_in_4bit")
+                                                           else ")"),
+                  "model.eval()",
+                  f"template = {json.dumps(template)}  # prompt.txt (str.format fields)",
+                  f"words = {json.dumps(resolved.get('label_words'))}  # label i's words, scored after the prompt",
+                  f"row = {example}",
+                  "prompt = template.format(**row)",
+                  "context = prompt.rstrip()  # the prompt's trailing whitespace, else one space, goes before the words",
+                  "n = len(tokenizer(context)['input_ids'])",
+                  "scores = []",
+                  "for w in words:  # the log-likelihood of the label's tokens after the prompt",
+                  "    ids = tokenizer(context + (prompt[len(context):] or ' ') + w, return_tensors='pt')['input_ids']",
+                  "    with torch.no_grad():",
+                  "        logp = model(input_ids=ids).logits[0].float().log_softmax(-1)",
+                  "    total = sum(logp[t - 1, ids[0, t]].item() for t in range(n, ids.shape[1]))",
+                  "    scores.append(total / (ids.shape[1] - n))  # --length_normalize: per token"
+                  if cfg.get("length_normalize") else "    scores.append(total)",
+                  f"labels = {json.dumps(resolved.get('label_names'))}",
+                  "print(labels[max(range(len(scores)), key=scores.__getitem__)])"]
+        return "\n".join(lines)
     lines += ["# The classification head is inside the adapter (PEFT modules_to_save) and is loaded with it.",
               "model = AutoPeftModelForSequenceClassification.from_pretrained(",
               f"    adapter, num_labels={resolved.get('num_labels')}, pad_token_id={resolved.get('pad_token_id')}, "
@@ -141,8 +165,10 @@ def write_model_card(adapter_dir: Path, records: dict, quant: dict, template: st
                f"the weights after epoch {best + 1 if best is not None else '?'} (the best on {split}), "
                f"kept beside the final ones in ../adapter/")
     how_to_use = _own_format_use(adapter_dir, records) if own_format else (
-        "With stock PEFT (transformers + peft + bitsandbytes; the head comes from this folder):\n\n"
-        f"```python\n{_snippet(adapter_dir, records, quant, template)}\n```")
+        ("With stock PEFT (transformers + peft + bitsandbytes; no head: the causal LM scores each label's words):\n\n"
+         if cfg.get("classifier") == "label_words" else
+         "With stock PEFT (transformers + peft + bitsandbytes; the head comes from this folder):\n\n")
+        + f"```python\n{_snippet(adapter_dir, records, quant, template)}\n```")
     text = f"""
 # {run.get('task', resolved.get('task'))} classifier: {TITLES[method]} for {run.get('model')}
 

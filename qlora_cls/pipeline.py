@@ -24,6 +24,7 @@ class PreparedData:
     batchers: dict[str, TokenizedSplit]  # split -> tokenized examples
     pad_in_inputs: bool
     template: Template  # bound to this data: what every example was rendered with (prompt.txt)
+    words: Optional[list[str]] = None  # --classifier label_words: each label's words (None: a head)
 
 
 def check_model_paths(model_dir: Optional[str], tokenizer_dir: Optional[str]) -> None:
@@ -39,10 +40,13 @@ def select(ds, n: Optional[int]):
 
 
 def prepare_data(source: DataSource, template: Template, tokenizer, splits: Sequence[str], max_length: int,
-                 max_samples: dict[str, Optional[int]], accelerator) -> PreparedData:
-    """Load and check the splits; tokenize each once (main process first, so the others hit the cache)."""
+                 max_samples: dict[str, Optional[int]], accelerator, label_words=None) -> PreparedData:
+    """Load and check the splits; tokenize each once (main process first, so the others hit the cache).
+    ``label_words``: a ``label_words.LabelWords`` (``--classifier label_words``): the splits are
+    ``LabelWordSplit``s, each label's words after the prompt; None: a head's ``TokenizedSplit``s."""
     with accelerator.main_process_first():
         task = load_task_data(source, list(splits))
+        words = None if label_words is None else label_words.resolve(task.label_names, template)
         template = template.bind(task.spec.text_columns, task.label_names)
         # A --max_length that leaves no room for the inputs trains on the prompt alone: every example the same.
         fixed = len(tokenizer(template.render({f: "" for f in template.fields}))["input_ids"])
@@ -55,6 +59,11 @@ def prepare_data(source: DataSource, template: Template, tokenizer, splits: Sequ
         pad_hit = False
         for split in splits:
             ds = select(task.splits[split], max_samples.get(split))
+            if words is not None:
+                from .label_words import tokenize_split
+                batchers[split] = tokenize_split(ds, template, tokenizer, source.label_column, max_length, words,
+                                                 label_words.length_normalize)
+                continue
             tok = tokenize(ds, template, tokenizer, source.label_column, max_length, task.spec.is_regression)
             pad_hit |= accelerator.is_main_process and warn_if_pad_in_inputs(tok, tokenizer.pad_token_id)
             cut = sum(n >= max_length for n in tok["length"])
@@ -62,7 +71,7 @@ def prepare_data(source: DataSource, template: Template, tokenizer, splits: Sequ
                 log.warning("%d of %d %s examples (%.1f%%) reached --max_length %d and were cut there", cut, len(tok),
                             split, 100 * cut / len(tok), max_length)
             batchers[split] = TokenizedSplit(tok, tokenizer, task.spec.is_regression)
-    return PreparedData(task, batchers, pad_hit, template)
+    return PreparedData(task, batchers, pad_hit, template, words)
 
 
 def device_map_for(accelerator, zero3: bool = False):

@@ -94,6 +94,9 @@ def _limits(values: list, metric: str, min_span: float = 0.3) -> tuple[float, fl
     hi = math.ceil((max(vals) + 0.05) * 10) / 10
     while hi - lo < min_span - 1e-9:
         lo, hi = lo - 0.05, hi + 0.05
+    if floor is None:  # unbounded (a generative run's perplexity): a margin, so no point or baseline sits on the frame
+        pad = 0.05 * (hi - lo)
+        lo, hi = lo - pad, hi + pad
     if floor is not None:
         lo, hi = max(lo, floor), min(hi, ceil)
         if hi - lo < min_span:
@@ -106,7 +109,8 @@ def _baseline_value(baselines: Optional[list], metric: str) -> list[tuple[str, f
     for b in baselines or []:
         v = b.get(f"{metric}_mean")
         if v is not None:
-            out.append((f"trivial baseline: {b['name']} ({v:.3f})", v, b["name"]))
+            what = "" if b.get("kind") == "base_model" else "trivial baseline: "  # a generative run's: the base model
+            out.append((f"{what}{b['name']} ({v:.3f})", v, b["name"]))
     return out
 
 
@@ -207,7 +211,7 @@ def final_bars(col: Collection, rows: list[dict], base: list[dict], metric: str,
     the trivial baseline as a dashed line."""
     bars = [(r["label"], r.get(f"{metric}_mean"), r.get(f"{metric}_std"), False) for r in rows
             if r.get(f"{metric}_mean") is not None]
-    bars += [(f"base model, prompt={b['eval_prompt']} ({b['split']})", b.get(f"{metric}_mean"),
+    bars += [(f"{b['label'].replace(' (un-tuned)', '')}, prompt={b['eval_prompt']} ({b['split']})", b.get(f"{metric}_mean"),
               b.get(f"{metric}_std"), True) for b in base if b.get(f"{metric}_mean") is not None]
     if not bars:
         return None
@@ -248,8 +252,8 @@ def prompt_matrix(rows: list[dict], base: list[dict], metric: str, path: Path, b
     if not prompts:
         return None
     table = [(r["label"], {e["eval_prompt"]: e for e in r["eval_rows"] if e["adapter"] == "adapter"}) for r in rows]
-    if base:
-        table.append(("base model (un-tuned)", {b["eval_prompt"]: b for b in base}))
+    for name in dict.fromkeys(b["label"] for b in base):  # one row per way of scoring the base (head, label words)
+        table.append((name, {b["eval_prompt"]: b for b in base if b["label"] == name}))
     ref = _baseline_value(baselines, metric)
     if ref:
         table.append((f"trivial baseline ({ref[0][2]})",

@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import os
 import signal
+import subprocess
 from pathlib import Path
 
 ENV = "QLORA_CLS_EXIT_WITH_PARENT"
@@ -55,3 +56,44 @@ def group_alive(pgid: int) -> bool:
         if int(fields[2]) == pgid and fields[0] not in ("Z", "X"):
             return True
     return False
+
+
+def _stat_fields(pid: int) -> list[str] | None:
+    try:
+        stat = Path(f"/proc/{pid}/stat").read_text()
+    except OSError:
+        return None
+    return stat.rsplit(")", 1)[1].split()  # state ppid pgrp ... (field 22 of stat is index 19 here)
+
+
+def start_time(pid: int) -> str:
+    """The process's start time in clock ticks since boot ("" without procfs): with the pid, it names one
+    process even after the pid is reused."""
+    fields = _stat_fields(pid)
+    return fields[19] if fields else ""
+
+
+def same_process_alive(pid: int, started: str) -> bool:
+    """Whether the process that had ``started`` as its start time still runs (zombies do not count)."""
+    if not Path("/proc/self/stat").is_file():
+        try:
+            os.kill(pid, 0)
+            return True
+        except (ProcessLookupError, PermissionError):
+            return False
+    fields = _stat_fields(pid)
+    return bool(fields) and fields[0] not in ("Z", "X") and (not started or fields[19] == started)
+
+
+def slurm_active(job_ids: list[str]) -> set[str]:
+    """Which of these Slurm jobs (``123`` or array tasks ``123_4``) squeue still lists (pending, running,
+    requeued, completing). An id squeue no longer knows is not active."""
+    arrays = sorted({str(j).split("_")[0] for j in job_ids})
+    if not arrays:
+        return set()
+    proc = subprocess.run(["squeue", "--noheader", "--array", "--format=%i", "--jobs", ",".join(arrays)],
+                          capture_output=True, text=True, timeout=60)
+    if proc.returncode != 0 and "Invalid job id" not in proc.stderr:
+        raise RuntimeError(f"squeue failed: {proc.stderr.strip()[:300]}")
+    listed = {line.strip() for line in proc.stdout.splitlines() if line.strip()}
+    return {str(j) for j in job_ids if str(j) in listed}

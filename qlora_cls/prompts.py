@@ -1,11 +1,13 @@
 """Prompt templates: ``prompts/<task>/<name>.txt``, whose ``{fields}`` are dataset columns.
 
 Plain text with ``{column}`` fields; the same names exist for every GLUE task and ``prompts/any/`` for other
-data. Rendering is not ``str.format`` (plain named fields only), so a template cannot reach into Python
+data. A first line ``# label_words: not equivalent, equivalent`` (not part of the prompt) names each label's
+words for ``--classifier label_words``, in label-id order; ``--label_words`` overrides it. Rendering is not ``str.format`` (plain named fields only), so a template cannot reach into Python
 objects. Details: docs/tasks-and-prompts.md#prompts-module.
 """
 from __future__ import annotations
 
+import dataclasses
 import string
 from dataclasses import dataclass
 from pathlib import Path
@@ -17,6 +19,8 @@ PROMPTS_DIR = Path(__file__).resolve().parent.parent / "prompts"
 GENERIC = "any"  # templates for any task, filled from the run's text columns and label names
 SUFFIX = ".txt"
 INPUTS, LABELS = "_inputs", "_labels"  # fields filled from the run, not from a dataset column
+ANSWER = "_answer"  # where the answer goes: the prompt ends there (label words follow it; a head reads up to it)
+LABEL_WORDS_LINE = "# label_words:"  # a template file's optional first line: each label's words, comma-separated
 
 
 @dataclass(frozen=True)
@@ -24,13 +28,15 @@ class Template:
     name: str
     text: str
     pieces: tuple[tuple[str, str | None], ...]  # (literal text, field name or None)
+    label_words: Optional[tuple[str, ...]] = None  # the file's ``# label_words:`` line (None: none given)
 
     @property
     def fields(self) -> tuple[str, ...]:
         return tuple(f for _, f in self.pieces if f is not None)
 
     def bind(self, text_columns: Sequence[str], label_names: Optional[Sequence[str]]) -> "Template":
-        """The template for one run: ``{_inputs}``/``{_labels}`` written out, every field a data column.
+        """The template for one run: ``{_inputs}``/``{_labels}`` written out, every field a data column, and the
+        template cut at ``{_answer}`` (optional: where the answer goes; without it the template's end is there).
 
         The result's ``text`` is a template again (literal braces escaped), which is what ``prompt.txt``
         records, so eval.py re-reads exactly what the run saw.
@@ -41,12 +47,20 @@ class Template:
             raise UsageError(f"prompt template {self.name!r} has no field for the text, so the model would never "
                              f"see the data; use one of {fields}")
         labels = ", ".join(label_names) if label_names else "a number"
+        pieces = self.pieces
+        if ANSWER in self.fields:  # the prompt is the text before the answer's slot
+            at = next(i for i, (_, f) in enumerate(pieces) if f == ANSWER)
+            after = "".join(literal + ("{" + f + "}" if f else "") for literal, f in pieces[at + 1:])
+            if after.strip():
+                raise UsageError(f"prompt template {self.name!r}: {{{ANSWER}}} marks where the answer goes and must "
+                                 f"end the template, but {after.strip()[:40]!r} follows it")
+            pieces = pieces[:at] + ((pieces[at][0], None),)
 
         def escape(s: str) -> str:
             return s.replace("{", "{{").replace("}", "}}")
 
         out = []
-        for literal, f in self.pieces:
+        for literal, f in pieces:
             out.append(escape(literal))
             if f == INPUTS:
                 out.append(" ".join(f"{escape(c.replace('_', ' ').capitalize())}: {{{c}}}" for c in columns))
@@ -54,7 +68,7 @@ class Template:
                 out.append(escape(labels))
             elif f is not None:
                 out.append("{" + f + "}")
-        return parse_template(self.name, "".join(out))
+        return dataclasses.replace(parse_template(self.name, "".join(out)), label_words=self.label_words)
 
     def check_columns(self, columns: list[str]) -> None:
         missing = [f for f in self.fields if f not in columns]
@@ -111,7 +125,16 @@ def load_template(name_or_path: str, task: Optional[str] = None) -> Template:
         text = path.read_text(encoding="utf-8").rstrip("\r\n")
     except UnicodeDecodeError as exc:
         raise UsageError(f"prompt template {path} is not UTF-8 text (byte {exc.start}); save it as UTF-8")
+    words = None
+    first, _, rest = text.partition("\n")
+    if first.startswith(LABEL_WORDS_LINE):
+        words = tuple(w.strip() for w in first[len(LABEL_WORDS_LINE):].split(","))
+        if len(words) < 2 or not all(words):
+            raise UsageError(f"prompt template {path}: its first line {first.strip()!r} names no label words or an "
+                             f"empty one; write one per label, in label-id order, comma-separated: "
+                             f"'{LABEL_WORDS_LINE} not equivalent, equivalent'")
+        text = rest
     if not text.strip():
         raise UsageError(f"prompt template {path} is empty; write the prompt with {{column}} fields, e.g. "
                          f"{(PROMPTS_DIR / 'mrpc' / 'perfect.txt').read_text().strip()!r}")
-    return parse_template(path.stem, text)
+    return dataclasses.replace(parse_template(path.stem, text), label_words=words)

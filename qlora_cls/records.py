@@ -128,7 +128,9 @@ def describe_eval(cfg, records: dict, what: str, split: str, prompt: str, exampl
     """What an eval.py result is: which weights, trained how (metrics.json; else as planned), scored on what."""
     trained = ((summary or {}).get("run") or {}).get("training") or records.get("run", {}).get("training")
     if what.startswith("the un-tuned"):
-        trained = "not fine-tuned: the base model with a freshly initialised classification head"
+        trained = ("not fine-tuned: the base model scoring each label's words (zero-shot)"
+                   if getattr(cfg, "classifier", "head") == "label_words" else
+                   "not fine-tuned: the base model with a freshly initialised classification head")
     return {"model": model_name(cfg), "model_path": records.get("resolved", {}).get("model_path"),
             "task": task_name(cfg, records.get("resolved", {}).get("task")), "weights": what,
             "trained": trained or "see config.json", "prompt": prompt, "eval_split": split, "eval_examples": examples,
@@ -164,6 +166,11 @@ def method_text(cfg, resolved: dict, quant: Optional[dict]) -> str:
     if budget:
         what += (f"; --param_budget {budget['budget']:,}: " + (f"{budget['field']}={budget['value']} chosen, " if budget["field"]
                  else "") + f"{budget['trainable']:,} trainable parameters")
+    if getattr(cfg, "classifier", "head") == "label_words":
+        words = resolved.get("label_words") or cfg.label_words or []
+        return (f"{what}; no head: each label scored by its words after the prompt ({', '.join(map(repr, words))}"
+                f"{', length-normalised' if cfg.length_normalize else ''}), trained with the LM loss on the gold "
+                f"label's words")
     return f"{what}; classification head ({head}) trained in full precision"
 
 

@@ -27,6 +27,14 @@ ADAPTER_ONLY = role_fields("adapter")
 METHOD_DERIVED = ("load_in_4bit", "target_modules") + ADAPTER_ONLY  # resolved from --method (config.py)
 METHOD_ORDER = ("qlora", "lora", "dora", "ia3", "adapter", "full")
 SKIP_DIRS = {"adapter", "adapter_best", "checkpoints", "tensorboard", "logs", "evals", "__pycache__", "report"}
+# Metrics where lower is better: a regression's MSE and every main metric of the generative objectives
+# (generative.MAIN_METRIC: answer_perplexity for sft, perplexity for lm) with the losses behind them.
+LOWER_IS_BETTER = {"mse", "answer_perplexity", "answer_loss", "perplexity", "nll"}
+BASE_MODEL = "base_model"  # a generative run's baseline kind: the un-tuned base model itself (generative.py)
+
+
+def lower_is_better(metric: Optional[str]) -> bool:
+    return metric in LOWER_IS_BETTER
 
 
 def method_of(config: dict) -> str:
@@ -143,6 +151,10 @@ def find_runs(root: Path) -> tuple[list[Run], list[dict]]:
             if isinstance(records, dict) and "config" in records:
                 dirnames[:] = []  # nothing inside a run folder is another run
                 metrics = _read(d / "metrics.json") if "metrics.json" in filenames else None
+                if isinstance(metrics, dict) and "epochs" not in metrics and isinstance(metrics.get("evaluations"), list):
+                    # a generative run records its evaluations only; its epoch-end ones, as ft.py lists them
+                    # for a classification run (the per-epoch figure reads them)
+                    metrics["epochs"] = [e for e in metrics["evaluations"] if e.get("trigger", "epoch") == "epoch"]
                 tuned, b = _eval_records(d / "evals", d.name)
                 base += b
                 runs.append(Run(d, records, metrics if isinstance(metrics, dict) else None,
@@ -324,25 +336,42 @@ def eval_rows(g: Group, metrics: list[str], order: Optional[list[str]] = None) -
                "examples": _common(e.get("examples") for e in entries)}
         for m in metrics:
             row[f"{m}_mean"], row[f"{m}_std"] = mean_std([e["metrics"].get(m) for e in entries])
-            row[f"baseline_{m}"], _ = mean_std([(e.get("baseline") or {}).get("metrics", {}).get(m) for e in entries])
+            row[f"baseline_{m}"], _ = mean_std([eval_baseline(e).get(m) for e in entries])
         rows.append(row)
     return rows
 
 
+def eval_baseline(e: dict) -> dict:
+    """The baseline figures an eval.py record holds: a classification run's trivial baseline, or for a generative
+    run's adapter the base model's figures it was compared with (for --base_only they are the adapter's: none)."""
+    if e.get("baseline"):
+        return e["baseline"].get("metrics") or {}
+    if e.get("objective") not in (None, "classification") and not e.get("base_only"):
+        return (e.get("compared_with") or {}).get("metrics") or {}
+    return {}
+
+
 def base_rows(col: Collection, metrics: list[str]) -> list[dict]:
-    """The un-tuned model under each prompt ("before fine-tuning"), one row per split and prompt."""
+    """The un-tuned model under each prompt ("before fine-tuning"), one row per split, prompt and classifier
+    (a new head and label words score the same base model two ways: never averaged together)."""
     by_key: dict[tuple, list[dict]] = {}
     for e in col.base_evals:
-        by_key.setdefault((e.get("split"), e.get("prompt"), e.get("examples")), []).append(e)
+        by_key.setdefault((e.get("split"), e.get("prompt"), e.get("examples"), e.get("classifier") or "head"),
+                          []).append(e)
+    kinds = {k[3] for k in by_key}
     rows = []
-    for (split, prompt, examples), entries in sorted(by_key.items(), key=_by_prompt(prompt_order(col))):
+    for (split, prompt, examples, kind), entries in sorted(by_key.items(), key=_by_prompt(prompt_order(col))):
         row = {"split": split, "eval_prompt": prompt, "examples": examples, "n_runs": len(entries),
-               "sources": sorted({e["source"] for e in entries})}
+               "sources": sorted({e["source"] for e in entries}), "classifier": kind,
+               "label": "base model (un-tuned)" + (f", {BASE_SCORING[kind]}" if kinds != {"head"} else "")}
         for m in metrics:
             row[f"{m}_mean"], row[f"{m}_std"] = mean_std([e["metrics"].get(m) for e in entries])
             row[f"baseline_{m}"], _ = mean_std([(e.get("baseline") or {}).get("metrics", {}).get(m) for e in entries])
         rows.append(row)
     return rows
+
+
+BASE_SCORING = {"head": "new head", "label_words": "label words"}  # base rows' labels when not only heads
 
 
 def sweep_problems(col: Collection) -> list[str]:
@@ -458,6 +487,9 @@ def baseline_rows(col: Collection, metrics: list[str]) -> list[dict]:
     for r in col.runs:
         b = baseline_of(r) if r.finished else None
         if b:
+            if b.get("kind") == BASE_MODEL:  # a generative run's: the examples and words are the run's
+                b = {**b, "eval_examples": b.get("eval_examples") or run_info(r).get("eval_examples"),
+                     "description": b.get("description") or f"the base model, un-tuned ({BASE_MODEL_TEXT})"}
             found.setdefault(_baseline_key(b), {"baseline": b, "split": run_info(r).get("eval_split"),
                                                 "sources": []})["sources"].append(r.path.name)
     for e in col.base_evals:
@@ -477,7 +509,12 @@ def baseline_rows(col: Collection, metrics: list[str]) -> list[dict]:
     return rows
 
 
+BASE_MODEL_TEXT = "the run's model before its first step, scored by the same evaluation on the same prompts"
+
+
 def baseline_name(b: dict) -> str:
+    if b.get("kind") == BASE_MODEL:
+        return "the base model (un-tuned)"
     if b.get("kind") == "majority_class":
         return f"always '{b.get('prediction_name')}'"
     return f"always {b.get('prediction', 0):.3g} (training mean)"
@@ -490,13 +527,13 @@ def baseline_columns(g: Group, metrics: list[str]) -> dict:
     row: dict[str, Any] = {}
     for m in [*metrics, "mse"]:
         row[f"baseline_{m}"], _ = mean_std([b.get("metrics", {}).get(m) for b in bls if b])
-    vs = [(r.metrics or {}).get("vs_baseline") or {} for r in done]
+    vs = [vs_baseline(r) for r in done]
     model, _ = mean_std([v.get("model") for v in vs])
     base, _ = mean_std([v.get("baseline") for v in vs])
     metric = _common(v.get("metric") for v in vs)
     row["vs_baseline_metric"] = metric
     row["vs_baseline_margin"] = None if model is None or base is None else (
-        base - model if metric == "mse" else model - base)
+        base - model if lower_is_better(metric) else model - base)
     row["beats_baseline"] = None if row["vs_baseline_margin"] is None else row["vs_baseline_margin"] > 0
     row["below_baseline_runs"] = sum(1 for v in vs if v.get("beats") is False)
     row["baseline_name"] = _common(baseline_name(b) for b in bls if b)
@@ -505,6 +542,26 @@ def baseline_columns(g: Group, metrics: list[str]) -> dict:
         row[k] = _common(i.get(k) for i in infos)
     row["best_step"] = [(r.metrics or {}).get("best_step") for r in done]
     return row
+
+
+def vs_baseline(r: Run) -> dict:
+    """The run's final model against its baseline: ``metric``, ``model``, ``baseline``, ``beats``. A classification
+    run records it so (records.compare); a generative run records every metric's ``model``/``base_model``/``change``,
+    read here on its main metric (lower is better)."""
+    m = r.metrics or {}
+    vs = m.get("vs_baseline") or {}
+    if "metric" in vs or m.get("objective") in (None, "classification"):
+        return vs
+    metric = m.get("main_metric") or r.resolved.get("main_metric")
+    entry = vs.get(metric) if isinstance(vs.get(metric), dict) else {}
+    model, base = entry.get("model"), entry.get("base_model")
+    beats = None if model is None or base is None else (model < base if lower_is_better(metric) else model > base)
+    return {"metric": metric, "model": model, "baseline": base, "beats": beats}
+
+
+def generative(col: Collection) -> bool:
+    """Some finished run of the collection is an --objective sft|lm run."""
+    return any((r.metrics or {}).get("objective") not in (None, "classification") for r in col.runs if r.finished)
 
 
 # -- evaluations at optimizer steps (--eval_every) ------------------------------------------------------------

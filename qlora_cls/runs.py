@@ -77,6 +77,17 @@ class Source:
         return list(dict.fromkeys(list(self.text_columns) + list(self.template.fields)))
 
     @property
+    def scoring(self):
+        """``label_words.LabelWords`` for a label-words run or merged folder; None for a head."""
+        from .label_words import LabelWords
+        if self.kind == "run":
+            return LabelWords.of(self.cfg)
+        if self.records.get("classifier") != "label_words":
+            return None
+        return LabelWords(tuple(self.records.get("label_words") or ()) or None,
+                          bool(self.records.get("length_normalize")))
+
+    @property
     def default_batch_size(self) -> int:
         return self.cfg.eval_batch_size if self.cfg is not None else 32
 
@@ -233,10 +244,14 @@ def merged_eval_config(source: Source, dataset: Optional[str]) -> TrainConfig:
                          f"does not record; score it with predict.py on your file, or eval.py on the source run "
                          f"({source.records.get('source_run')})")
     glue_columns = list(GLUE_TASKS[source.task].text_columns)
+    scoring = source.scoring
     return TrainConfig(model_dir=str(source.path), dataset=dataset or DEFAULT_DATASET, task=source.task,
                        text_columns=None if source.text_columns == glue_columns else list(source.text_columns),
                        max_length=source.max_length, load_in_4bit=False, label_names=source.label_names,
-                       bnb_4bit_compute_dtype="float32", gradient_checkpointing=False)
+                       bnb_4bit_compute_dtype="float32", gradient_checkpointing=False,
+                       classifier="head" if scoring is None else "label_words",
+                       label_words=None if scoring is None else list(scoring.words or ()) or None,
+                       length_normalize=bool(scoring and scoring.length_normalize))
 
 
 def check_same_base(sources: Sequence[Source]) -> None:
@@ -322,7 +337,8 @@ def load_models(sources: Sequence[Source], model_path: str, tokenizer, accelerat
         raise UsageError("--dtype applies to merged folders; a run is rebuilt in the dtypes it was trained with")
     from .pipeline import build_model
     set_seed(first.cfg.seed)  # --base_only gets the same fresh head as eval.py always gave it
-    model = build_model(first.cfg, model_path, tokenizer, first.num_labels, accelerator,
+    num_labels = None if first.cfg.causal_lm else first.num_labels  # label words: the causal LM, no head
+    model = build_model(first.cfg, model_path, tokenizer, num_labels, accelerator,
                         adapter_dir=None if first.adapter_dir is None else str(first.adapter_dir),
                         base_only=first.adapter_dir is None)
     names: list[Optional[str]] = [None if first.adapter_dir is None else "default"]  # PeftModel's first adapter
@@ -337,11 +353,15 @@ def load_models(sources: Sequence[Source], model_path: str, tokenizer, accelerat
 
 
 def _load_merged(source: Source, tokenizer, accelerator, dtype: str):
-    """Plain transformers: the merged weights are ordinary (de-quantized or 16-bit) tensors."""
+    """Plain transformers: the merged weights are ordinary (de-quantized or 16-bit) tensors. A label-words
+    folder is a causal LM (AutoModelForCausalLM), scored by its labels' words."""
     import torch
-    from transformers import AutoModelForSequenceClassification
+    from transformers import AutoModelForCausalLM, AutoModelForSequenceClassification
     if dtype not in DTYPES:
         raise UsageError(f"--dtype must be one of {', '.join(DTYPES)}, got {dtype!r}")
+    if source.scoring is not None:
+        return AutoModelForCausalLM.from_pretrained(str(source.path), dtype=getattr(torch, dtype)).to(
+            accelerator.device).eval()
     model = AutoModelForSequenceClassification.from_pretrained(str(source.path), dtype=getattr(torch, dtype))
     if model.config.num_labels != source.num_labels:
         raise UsageError(f"{source.path}: config.json has {model.config.num_labels} labels but {MERGED_FILE} "

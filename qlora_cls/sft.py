@@ -318,9 +318,10 @@ class TextBlocks(SFTSplit):
     ids: torch.Tensor
 
 
-def text_blocks(path: str, tokenizer, max_length: int) -> TextBlocks:
+def text_blocks(path: str, tokenizer, max_length: int, limit: Optional[int] = None) -> TextBlocks:
     """The UTF-8 text file tokenized once (no special tokens added) and cut into blocks of ``max_length``
-    tokens; the last, shorter block is kept, so the blocks concatenate back to the stream."""
+    tokens; the last, shorter block is kept, so the blocks concatenate back to the stream. ``limit``
+    (--max_train_samples / --max_eval_samples): only the first ``limit`` blocks, and the stream cut with them."""
     if max_length < 1:
         raise UsageError(f"--max_length {max_length}: give a positive number of tokens")
     if not Path(path).is_file():
@@ -329,6 +330,7 @@ def text_blocks(path: str, tokenizer, max_length: int) -> TextBlocks:
     if not text.strip():
         raise UsageError(f"{path} has no text (--objective lm needs a UTF-8 text file to train on)")
     ids = tokenizer(text, add_special_tokens=False, verbose=False)["input_ids"]
+    ids = ids[:limit * max_length] if limit else ids
     blocks = [ids[i:i + max_length] for i in range(0, len(ids), max_length)]
     split = TextBlocks(tokenizer, blocks, [list(b) for b in blocks], [], [], [], list(range(len(blocks))))
     split.ids = torch.tensor(ids, dtype=torch.long)

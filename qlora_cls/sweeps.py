@@ -25,7 +25,7 @@ from .cli import coerce_field, list_item_type, load_config_file, parse_dataclass
 from .config import TrainConfig, role_fields, with_fields_added_later
 from .errors import UsageError
 from .files import atomic_write_json, read_json
-from .procs import group_alive
+from .procs import group_alive, same_process_alive, slurm_active
 from .prompts import load_template
 
 RESERVED = role_fields("command")  # set by sweep.py for every point; a grid may not choose them
@@ -125,6 +125,7 @@ def grid_from_file(path: str) -> dict[str, list[list[str]]]:
     sweeps two combinations; ``target_modules: [q_proj, v_proj]`` is one (fixed) combination.
     """
     data = load_config_file(path, "--grid")
+    data.pop(SCHEDULER_KEY, None)  # how the points are run, not what they are (slurm_options_from_file)
     if not data:
         raise UsageError(f"--grid {path} is empty; give field: [values] pairs, e.g. prompt: [none, perfect]")
     out: dict[str, list[list[str]]] = {}
@@ -149,6 +150,39 @@ def grid_from_file(path: str) -> dict[str, list[list[str]]]:
                 coerce_field(TrainConfig, name, option if _is_list_field(name) else option[0])
             except UsageError as exc:
                 raise UsageError(f"--grid {path}: {exc}") from None
+    return out
+
+
+SCHEDULER_KEY = "slurm"
+SLURM_KEYS = {"partition": str, "gpus_per_point": int, "cpus_per_point": int, "mem_gb": float, "time_min": int,
+              "options": dict, "setup": list}
+
+
+def slurm_options_from_file(path: str | None) -> dict[str, Any]:
+    """The grid file's ``slurm:`` mapping (partition, gpus_per_point, cpus_per_point, mem_gb, time_min,
+    options: {sbatch option: value}, setup: [shell lines]), checked; {} without one."""
+    if not path:
+        return {}
+    data = load_config_file(path, "--grid").get(SCHEDULER_KEY)
+    if data is None:
+        return {}
+    if not isinstance(data, dict):
+        raise UsageError(f"--grid {path}: {SCHEDULER_KEY}: expected a mapping of {', '.join(SLURM_KEYS)}")
+    out = {}
+    for key, value in data.items():
+        kind = SLURM_KEYS.get(key)
+        if kind is None:
+            raise UsageError(f"--grid {path}: {SCHEDULER_KEY}: unknown key {key!r}; valid: {', '.join(SLURM_KEYS)}")
+        if kind in (int, float) and (isinstance(value, bool) or not isinstance(value, (int, float))
+                                     or (kind is int and value != int(value)) or value <= 0):
+            raise UsageError(f"--grid {path}: {SCHEDULER_KEY}: {key} must be a positive "
+                             f"{'integer' if kind is int else 'number'}, got {value!r}")
+        if kind is dict and not isinstance(value, dict):
+            raise UsageError(f"--grid {path}: {SCHEDULER_KEY}: options must map sbatch options to values, "
+                             f"e.g. {{account: myproject}}")
+        if kind is list and not (isinstance(value, list) and all(isinstance(v, str) for v in value)):
+            raise UsageError(f"--grid {path}: {SCHEDULER_KEY}: setup must be a list of shell lines")
+        out[key] = kind(value) if kind in (int, float, str) else value
     return out
 
 
@@ -314,9 +348,25 @@ class Manifest:
         while; training it twice at once would corrupt its folder, so a re-run waits for it to end."""
         for name, p in self.data["points"].items():
             pgid = p.get("process_group")
-            if p.get("status") == "running" and pgid and group_alive(pgid):
+            if p.get("status") in ("running", "queued") and pgid and group_alive(pgid):
                 raise UsageError(f"point {name} is still running (process group {pgid}) from an earlier sweep "
                                  f"that was killed; wait for it or stop it (kill -TERM -{pgid}), then re-run")
+            job = p.get("job_id")
+            if p.get("status") in ("running", "queued") and job and p.get("executor") == "local" \
+                    and same_process_alive(int(job), p.get("job_started", "")):
+                raise UsageError(f"point {name} is still running (local job {job}) from an earlier sweep that was "
+                                 f"killed; wait for it or stop it (kill -TERM {job}), then re-run")
+        slurm = [p["job_id"] for p in self.data["points"].values()
+                 if p.get("status") in ("running", "queued") and p.get("executor") == "slurm" and p.get("job_id")]
+        if slurm:
+            try:
+                alive = sorted(slurm_active(slurm))
+            except (RuntimeError, OSError) as exc:
+                raise UsageError(f"cannot check this sweep's Slurm jobs ({exc}); re-run where squeue works") from None
+            if alive:
+                raise UsageError(f"Slurm job(s) {', '.join(alive)} of this sweep are still queued or running; wait "
+                                 f"for them or cancel them (scancel {' '.join(sorted({a.split('_')[0] for a in alive}))}), "
+                                 f"then re-run")
 
     def save(self) -> None:
         self.data["updated"] = datetime.now().isoformat(timespec="seconds")

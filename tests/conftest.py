@@ -25,10 +25,13 @@ SHARED = REPO.parent / "shared"
 def pytest_configure(config):
     config.addinivalue_line("markers", "slow: a test of more than a few seconds (`make test-quick` leaves them out)")
     config.addinivalue_line("markers", "gpu: needs a CUDA device; deselected unless -m names gpu (`make gpu-check`)")
-    # No silent skips: gpu tests are deselected (counted as such), never skipped, unless -m asks for them.
-    expr = config.option.markexpr
-    if "gpu" not in expr:
-        config.option.markexpr = f"({expr}) and not gpu" if expr else "not gpu"
+    config.addinivalue_line("markers", "slurm: needs a local Slurm and munge as root; deselected unless -m names "
+                                       "slurm (`make test-slurm` installs them and runs these)")
+    # No silent skips: gpu and slurm tests are deselected (counted as such), never skipped, unless -m asks for them.
+    for marker in ("gpu", "slurm"):
+        expr = config.option.markexpr
+        if marker not in expr:
+            config.option.markexpr = f"({expr}) and not {marker}" if expr else f"not {marker}"
 
 
 def pytest_collection_finish(session):

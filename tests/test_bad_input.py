@@ -370,3 +370,33 @@ def test_generative_bad_input_is_one_line_before_any_work(case, tiny_model, tmp_
     line = _one_line_error(ft.main, args + extra, capsys)
     assert expected in line, line
     assert sorted(p.name for p in tmp_path.iterdir()) == before  # no run folder, nothing touched
+
+
+# -- predict.py on a generative run (issue 29): one line, exit 2, nothing created, before the model loads ----------
+PREDICT_GENERATIVE_CASES = {  # name: (input file name, its bytes, words the one line must contain)
+    "missing column": ("in.csv", b"question,answer\nWhat?,That.\n", "lacks column(s) instruction"),
+    "empty jsonl": ("in.jsonl", b"", "has no rows"),
+    "empty csv": ("in.csv", b"", "is empty"),
+    "non-UTF-8": ("in.jsonl", '{"instruction": "Caf\xe9?"}\n'.encode("latin-1"), "not UTF-8"),
+    "answer alone": ("in.jsonl", b'{"messages": [{"role": "assistant", "content": "hi"}]}\n', "only an assistant turn"),
+}
+
+
+@pytest.mark.parametrize("case", list(PREDICT_GENERATIVE_CASES))
+def test_predict_on_a_generative_run_refuses_bad_input_before_loading(case, tmp_path_factory, tmp_path, capsys,
+                                                                      monkeypatch):
+    from generative_runs import finished_run as generative_run
+
+    from qlora_cls import pipeline
+    run = generative_run(tmp_path_factory, "lora-utterances")
+    name, data, expected = PREDICT_GENERATIVE_CASES[case]
+    (tmp_path / name).write_bytes(data)
+
+    def no_model(*args, **kwargs):
+        raise AssertionError("the model was loaded")
+    monkeypatch.setattr(pipeline, "build_model", no_model)
+    run_files = sorted(p.name for p in run.rglob("*"))
+    line = _one_line_error(predict.main, ["--results_path", str(run), "--input", str(tmp_path / name),
+                                          "--output", str(tmp_path / "out.csv")], capsys, "predict.py")
+    assert expected in line, line
+    assert [p.name for p in tmp_path.iterdir()] == [name] and sorted(p.name for p in run.rglob("*")) == run_files

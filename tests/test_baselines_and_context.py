@@ -304,6 +304,7 @@ def test_report_warns_only_for_the_configuration_below_its_baseline(tmp_path):
     assert "– (1 evaluation)" in md  # no "best epoch 1" for a run evaluated once
 
 
+@pytest.mark.slow
 def test_demo_prints_before_after_and_baseline(tiny_model, mrpc, tmp_path, capsys):
     import importlib.util
     spec = importlib.util.spec_from_file_location("demo", Path(__file__).resolve().parent.parent / "scripts/demo.py")

@@ -1,7 +1,6 @@
 from collections import Counter
 
 import pytest
-import torch
 from accelerate.data_loader import prepare_data_loader
 from torch.utils.data import DataLoader
 

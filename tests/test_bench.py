@@ -7,6 +7,7 @@ import pytest
 from bench import bench
 
 
+@pytest.mark.slow
 def test_bench_smoke_writes_all_arms_and_ratios(tiny_model, mrpc, tmp_path):
     out = bench.main(["--steps", "2", "--model_dir", tiny_model, "--dataset", mrpc, "--max_train_samples", "32",
                       "--max_eval_samples", "24", "--eval_batch_size", "8", "--out", str(tmp_path), "--in_process"])
@@ -50,6 +51,7 @@ def test_bench_smoke_writes_all_arms_and_ratios(tiny_model, mrpc, tmp_path):
     assert md.count("| >= ") == len(bench.TARGETS)
 
 
+@pytest.mark.slow
 def test_optional_torch_dropout_arm_compares_loss_curves(tiny_model, mrpc, tmp_path):
     out = bench.main(["--steps", "3", "--model_dir", tiny_model, "--dataset", mrpc, "--max_train_samples", "32",
                       "--max_eval_samples", "16", "--eval_batch_size", "8", "--out", str(tmp_path), "--in_process",

@@ -140,3 +140,64 @@ def test_activation_estimate_bounds_the_measured_peak_within_2x(tiny_model, chec
     measured = _peak_cpu_bytes(model, batch)
     estimated = memory.estimate(cfg, tiny_model, 2, length, length)["activation_bytes"]
     assert measured <= estimated <= 2 * measured, (estimated, measured)
+
+
+def test_dry_run_of_an_sft_run_counts_the_causal_lm_and_creates_nothing(tiny_model, tmp_path, capsys):
+    """--objective sft: the estimate is of the causal LM (no head) that training builds, with the real
+    tokenized lengths of the records, and no weight is read."""
+    import json
+
+    from qlora_cls.methods import add_trainable
+    from qlora_cls.modeling import load_base_model, load_tokenizer, parameter_counts
+    records = [{"instruction": "Repeat the word.", "input": f"word {i}", "output": "word " * (i + 1)}
+               for i in range(12)]
+    data = tmp_path / "records.json"
+    data.write_text(json.dumps(records))
+    model = _weightless_copy(tiny_model, tmp_path / "no-weights")
+    results = tmp_path / "run"
+    out = ft.main(["--model_dir", str(model), "--objective", "sft", "--train_file", str(data),
+                   "--eval_holdout", "2", "--results_path", str(results), "--dry_run",
+                   "--bnb_4bit_compute_dtype", "float32"])
+    est = out["dry_run"]
+    assert "no weights loaded" in capsys.readouterr().out
+    assert not results.exists()
+    tok = load_tokenizer(tiny_model)
+    longest = max(len(tok(r["instruction"] + r["input"] + r["output"])["input_ids"]) for r in records)
+    assert longest <= est["train_max_len"] < 512  # the rendered records' lengths (markers added), not --max_length
+    cfg = TrainConfig(objective="sft", bnb_4bit_compute_dtype="float32", gradient_checkpointing=False)
+    loaded = add_trainable(load_base_model(cfg, tiny_model, None, tok.pad_token_id, {"": "cpu"}), cfg)
+    counts = parameter_counts(loaded)
+    assert est["trainable_params"] == counts["trainable"]
+
+
+def test_dry_run_of_a_label_words_run_counts_the_causal_lm_and_creates_nothing(tiny_model, mrpc, tmp_path, capsys):
+    """--classifier label_words: the estimate is of the causal LM with LoRA (no head) that training builds, its
+    lengths a prompt followed by its longest label's words (the head's are the prompt alone), no weight is read."""
+    from datasets import load_dataset
+
+    from qlora_cls.methods import add_trainable
+    from qlora_cls.modeling import load_base_model, load_tokenizer, parameter_counts
+    model = _weightless_copy(tiny_model, tmp_path / "no-weights")
+    words = ["no", "they mean the same thing"]
+    common = ["--model_dir", str(model), "--dataset", mrpc, "--dry_run", "--max_train_samples", "40",
+              "--max_eval_samples", "20", "--bnb_4bit_compute_dtype", "float32", "--prompt", "perfect"]
+    out = ft.main(common + ["--results_path", str(tmp_path / "run"), "--classifier", "label_words",
+                            "--label_words", *words])
+    est = out["dry_run"]
+    printed = capsys.readouterr().out
+    assert "no weights loaded" in printed and "+ head" not in printed
+    assert not (tmp_path / "run").exists()
+    # The lengths, computed here: the first 40 train rows in the reference wording, then each label's words.
+    tok = load_tokenizer(tiny_model)
+    rows = load_dataset(mrpc, "mrpc", split="train").select(range(40))
+    prompts = [f"Does sentence 1 mean the same as sentence 2? Sentence 1: {r['sentence1']} Sentence 2: {r['sentence2']}"
+               for r in rows]
+    longest = max(len(tok(p + " " + w)["input_ids"]) for p in prompts for w in words)
+    assert est["train_max_len"] == longest
+    head = ft.main(common + ["--results_path", str(tmp_path / "head")])["dry_run"]
+    assert head["train_max_len"] < longest  # the long label's words are counted, not the prompt alone
+    cfg = TrainConfig(classifier="label_words", bnb_4bit_compute_dtype="float32", gradient_checkpointing=False)
+    loaded = add_trainable(load_base_model(cfg, tiny_model, None, tok.pad_token_id, {"": "cpu"}), cfg)
+    counts = parameter_counts(loaded)
+    assert est["trainable_params"] == counts["trainable"]
+    assert est["trainable_params"] < head["trainable_params"]  # no head to train

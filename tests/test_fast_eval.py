@@ -8,14 +8,13 @@ attention) is asserted only there. The same checks on CUDA: tests/test_gpu.py (`
 from __future__ import annotations
 
 import json
-from pathlib import Path
 
 import numpy as np
 import pytest
 import torch
 
 import ft
-from conftest import MRPC, build_tiny_architecture, tiny_args
+from conftest import build_tiny_architecture, tiny_args
 
 LOGIT_TOL = 1e-5  # measured: <= 1e-7 on the tiny models, 3.3e-6 on SmolLM2-135M over 408 MRPC examples (float32)
 

@@ -16,6 +16,7 @@ def test_percentile_is_nearest_rank():
     assert latency.percentile([3.0, 1.0, 2.0], 50) == 2.0 and latency.percentile([5.0], 95) == 5.0
 
 
+@pytest.mark.slow
 def test_latency_table_for_base_adapter_merged(tiny_model, mrpc, tmp_path):
     run = tmp_path / "run"
     ft.main(tiny_args(tiny_model, mrpc, run))
@@ -35,6 +36,7 @@ def test_latency_table_for_base_adapter_merged(tiny_model, mrpc, tmp_path):
     assert not any(p.name.startswith(".") for p in run.iterdir())  # the merge went to a temporary folder
 
 
+@pytest.mark.slow
 def test_latency_trains_a_bottleneck_arm_of_at_most_the_runs_trainable_size(tiny_model, mrpc, tmp_path):
     import re
     run = tmp_path / "run"

@@ -22,7 +22,7 @@ import torch
 
 import ft
 import merge
-from conftest import MRPC, REPO, build_tiny_architecture, tiny_args
+from conftest import MRPC, build_tiny_architecture, tiny_args
 
 LOGIT_TOL = 1e-4  # measured: max |merged - adapter| <= 3e-7 on the tiny models, 1.2e-5 on SmolLM2 (float32)
 # A run that computed in bf16: the merged model (float32) is the more exact of the two; the adapter's bf16
@@ -147,6 +147,7 @@ def test_merged_predictions_equal_the_adapters(which, llama_run, roberta_run, tm
     assert np.abs(bare - adapter).max() > 100 * max(np.abs(merged - adapter).max(), 1e-7)
 
 
+@pytest.mark.slow
 def test_card_and_info_describe_the_run(llama_run, tmp_path):
     out = merge.main(["--results_path", str(llama_run), "--output_dir", str(tmp_path / "m")])
     info = json.loads((out / "qlora_cls.json").read_text())

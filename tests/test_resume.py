@@ -137,6 +137,7 @@ def test_sigterm_saves_a_checkpoint_and_exits_cleanly(reference_run, tiny_model,
     _assert_same_run(reference_run, run)
 
 
+@pytest.mark.slow
 def test_resume_refuses_changed_settings_and_finished_runs(reference_run, tiny_model, mrpc, tmp_path, capsys):
     import ft
     with pytest.raises(SystemExit) as exc:  # finished: nothing to resume
@@ -151,6 +152,7 @@ def test_resume_refuses_changed_settings_and_finished_runs(reference_run, tiny_m
     assert exc.value.code == 2 and "--lr 0.0003 -> 0.001" in err and len(err.strip().splitlines()) == 1
 
 
+@pytest.mark.slow
 def test_nonfinite_step_stops_with_the_step_named_and_keeps_the_last_good_checkpoint(tiny_model, mrpc, tmp_path, capsys):
     import ft
     run = tmp_path / "run"

@@ -72,6 +72,7 @@ def test_two_sft_steps_then_a_reload_generates_the_same(arch, four_bit, records,
     assert [g["generation"] for g in again] == [w["generation"] for w in written]
 
 
+@pytest.mark.slow
 def test_answer_only_loss_trains_the_end_of_turn_on_the_embedded_model(records, tmp_path):
     """A few real steps of SmolLM2: the answer perplexity falls from the base model's, and the run records the
     base model beside it; its end of turn is SmolLM2's <|im_end|>, which is also its pad token."""
@@ -101,6 +102,7 @@ def test_new_turn_markers_are_trained_and_saved_with_the_adapter(records, tmp_pa
     assert any("token_adapter" in k or "trainable_tokens" in k for k in saved), sorted(saved)[:5]
 
 
+@pytest.mark.slow
 def test_lm_objective_lowers_the_sliding_window_perplexity(tmp_path):
     model = str(build_tiny_model(tmp_path / "llama"))
     text = WIKITEXT / "valid.txt"
@@ -127,6 +129,7 @@ def test_generative_objectives_refuse_missing_data_in_one_line(extra, line, tiny
     assert not (tmp_path / "r").exists()
 
 
+@pytest.mark.slow
 def test_fast_copy_generates_what_the_training_model_generates(records):
     """--fast_eval's inference copy (4-bit weights de-quantized once) answers as the 4-bit LoRA model itself does,
     on the embedded model (real weights, so greedy choices are not near ties), and leaves its LoRA gradients intact

@@ -252,6 +252,18 @@ def test_text_blocks_concatenate_back_to_the_stream(base_tokenizer):
     assert batch["input_ids"].shape == (2, 512) and (batch["labels"][1, blocks.lengths[-1]:] == -100).all()
 
 
+def test_text_blocks_limit_keeps_the_first_blocks_of_the_stream(base_tokenizer, tmp_path):
+    """--max_eval_samples / --max_train_samples on text: the first N blocks, and the scored stream cut with them."""
+    text = " ".join(f"word{i}" for i in range(400))
+    (tmp_path / "t.txt").write_text(text)
+    stream = base_tokenizer(text, add_special_tokens=False)["input_ids"]
+    cut = sft.text_blocks(str(tmp_path / "t.txt"), base_tokenizer, max_length=32, limit=3)
+    assert cut.ids.tolist() == stream[:96]
+    assert [len(b) for b in cut.input_ids] == [32, 32, 32]
+    whole = sft.text_blocks(str(tmp_path / "t.txt"), base_tokenizer, max_length=32)
+    assert whole.ids.tolist() == stream and len(whole.input_ids) == -(-len(stream) // 32)
+
+
 def test_text_blocks_refuses_empty_and_non_utf8(base_tokenizer, tmp_path):
     (tmp_path / "empty.txt").write_text(" \n\n")
     with pytest.raises(UsageError, match="has no text"):

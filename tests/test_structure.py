@@ -65,4 +65,6 @@ def test_field_roles_are_what_consumers_read():
         "objective": "classification", "chat_template": None, "instruction_column": "instruction",
         "input_column": "input", "output_column": "output", "train_on_prompt": False, "eval_holdout": 0.1,
         "generate_examples": 100, "max_new_tokens": 128, "do_sample": False, "temperature": 1.0, "top_p": 1.0,
-        "stride": None}
+        "stride": None,
+        # --classifier label_words: runs saved before it had a head
+        "classifier": "head", "label_words": None, "length_normalize": False}

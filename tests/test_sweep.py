@@ -164,6 +164,7 @@ def test_resuming_with_a_different_grid_is_refused(tiny_sweep, capsys, tiny_mode
     assert (tiny_sweep["dir"] / "sweep.json").read_text() == before
 
 
+@pytest.mark.slow
 def test_final_protocol_trains_on_validation_and_selects_no_epoch(tiny_model, mrpc, tmp_path, caplog):
     caplog.set_level("INFO", logger="ft")
     run = tmp_path / "final"
@@ -222,7 +223,6 @@ def test_a_finished_point_left_as_a_zombie_is_not_running():
 def test_sigkilled_sweep_leaves_no_orphan_and_resumes(tiny_model, mrpc, tmp_path):
     """kill -9 of sweep.py mid-point: the point gets SIGTERM, checkpoints and ends within a minute; the
     same command then resumes it from that checkpoint and finishes."""
-    import os
     import signal
     import subprocess
     import time
