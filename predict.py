@@ -133,19 +133,27 @@ def _check_input(inp, columns: Sequence[str], skip: bool) -> tuple[int, list[int
             raise UsageError(f"--input {inp.where} lacks column(s) {', '.join(absent)} that the run's prompt needs; "
                              f"found: {', '.join(inp.header)}")
     from qlora_cls.inputs import row_problem
+    return _scan_rows(inp, lambda row: row_problem(row, columns), skip, "prediction", "")
+
+
+def _scan_rows(inp, problem_of, skip: bool, output: str, empty_hint: str, on_good=None):
+    """(rows, bad row numbers, first problem): each row's ``problem_of(row)`` (None = fine; ``on_good(row)`` then);
+    a bad row stops here in one line unless ``skip`` (--skip_bad_rows: it gets an empty ``output``)."""
     count, bad, first = 0, [], None
     for row in inp.rows():
         count += 1
-        problem = row_problem(row, columns)
+        problem = problem_of(row)
         if problem is None:
+            if on_good is not None:
+                on_good(row)
             continue
         if not skip:
             raise UsageError(f"--input {inp.where}: {inp.unit} {row.number} {problem}; fix or remove it, or pass "
-                             f"--skip_bad_rows to give such rows an empty prediction")
+                             f"--skip_bad_rows to give such rows an empty {output}")
         bad.append(row.number)
         first = first or f"{inp.unit} {row.number} {problem}"
     if count == 0:
-        raise UsageError(f"--input {inp.where} has no rows")
+        raise UsageError(f"--input {inp.where} has no rows{empty_hint}")
     return count, bad, first
 
 
@@ -386,20 +394,11 @@ def _prompt_turns(messages) -> tuple[Optional[list], Optional[str]]:
 def _check_generative(inp, spec: PromptSpec, skip: bool) -> tuple[int, list[int], Optional[str], list[str]]:
     """Every row checked before the model loads: (rows, bad row numbers, first problem, prompt columns)."""
     spec.check_header(inp)
-    count, bad, first, fields = 0, [], None, []
-    for row in inp.rows():
-        count += 1
-        _, problem = spec.prompt(row)
-        if problem is None:
-            fields += [f for f in spec.fields(row.values) if f not in fields]
-            continue
-        if not skip:
-            raise UsageError(f"--input {inp.where}: {inp.unit} {row.number} {problem}; fix or remove it, or pass "
-                             f"--skip_bad_rows to give such rows an empty generation")
-        bad.append(row.number)
-        first = first or f"{inp.unit} {row.number} {problem}"
-    if count == 0:
-        raise UsageError(f"--input {inp.where} has no rows; give one prompt per row ({spec.needs})")
+    fields: list[str] = []
+    count, bad, first = _scan_rows(inp, lambda row: spec.prompt(row)[1], skip, "generation",
+                                   f"; give one prompt per row ({spec.needs})",
+                                   on_good=lambda row: fields.extend(f for f in spec.fields(row.values)
+                                                                     if f not in fields))
     if not fields:  # every row bad (--skip_bad_rows): the columns the run reads
         fields = [LM_TEXT] if spec.objective == "lm" else [spec.instruction, spec.input]
     order = [LM_TEXT, spec.instruction, spec.input, MESSAGES]

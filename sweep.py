@@ -168,7 +168,19 @@ def check_scheduling(opts, grid_file: Optional[str], n_points: int) -> dict:
     return settings
 
 
-class Sweep:
+class _Signalled:
+    """``run()``: ``_run()`` with SIGINT/SIGTERM going to ``_on_signal`` (the previous handlers restored after)."""
+
+    def run(self) -> int:
+        handlers = {s: signal.signal(s, self._on_signal) for s in (signal.SIGINT, signal.SIGTERM)}
+        try:
+            return self._run()
+        finally:
+            for s, h in handlers.items():
+                signal.signal(s, h)
+
+
+class Sweep(_Signalled):
     def __init__(self, manifest, grid, pts, opts):
         self.manifest, self.grid, self.points, self.opts = manifest, grid, pts, opts
         self.dir = manifest.dir
@@ -213,14 +225,6 @@ class Sweep:
         return code, tail
 
     # -- the sweep ---------------------------------------------------------------------------------
-    def run(self) -> int:
-        handlers = {s: signal.signal(s, self._on_signal) for s in (signal.SIGINT, signal.SIGTERM)}
-        try:
-            return self._run()
-        finally:
-            for s, h in handlers.items():
-                signal.signal(s, h)
-
     def _run(self) -> int:
         m = self.manifest
         total = len(self.points)
@@ -312,7 +316,7 @@ class Sweep:
 
 
 
-class SubmititSweep:
+class SubmititSweep(_Signalled):
     """``--executor local|slurm``: every unfinished point is one submitit job (:class:`sweep_jobs.PointJob`,
     the same point command as the sequential sweep), this process records their states in the manifest.
 
@@ -334,14 +338,6 @@ class SubmititSweep:
         self.signum = self.signum or signum
         self.signals += 1
 
-    def run(self) -> int:
-        handlers = {s: signal.signal(s, self._on_signal) for s in (signal.SIGINT, signal.SIGTERM)}
-        try:
-            return self._run()
-        finally:
-            for s, h in handlers.items():
-                signal.signal(s, h)
-
     def _run(self) -> int:
         m, total, ex = self.manifest, len(self.points), self.opts.executor
         local = ex == "local"
@@ -352,7 +348,7 @@ class SubmititSweep:
         for i, p in enumerate(self.points, 1):
             run_dir = self.dir / p.name
             if (run_dir / "metrics.json").is_file() and not sweep_jobs.eval_jobs(
-                    run_dir, self.dir, sweeps.base_key(p, self.grid), self.opts.eval_prompts, self.opts.base_eval):
+                    run_dir, self.dir, sweeps.base_key(p, self.grid), self.opts.eval_prompts, self._base_eval(p)):
                 if m.point(p.name).get("status") != "finished":
                     m.update(p.name, status="finished")
                 print(f"[{i}/{total}] {p.name}: finished earlier, skipped", flush=True)
@@ -374,6 +370,13 @@ class SubmititSweep:
         return 1 if m.failed() else 0
 
     # -- jobs ----------------------------------------------------------------------------------------
+    def _base_eval(self, p) -> bool:
+        """Whether this point's job evaluates the base model: only the first point (grid order) of its base key.
+        A fresh head is drawn with the run's seed, so the base figures depend on which point's settings score
+        them; the sequential sweep scores them with its first point, and points running at once must not race
+        for it (a 4-point parallel test once gave 0.378 against the sequential 0.622 under one prompt)."""
+        key = sweeps.base_key(p, self.grid)
+        return self.opts.base_eval and next(q for q in self.points if sweeps.base_key(q, self.grid) == key) is p
     def _job(self, p, env: dict, cpus=None, watch=None) -> sweep_jobs.PointJob:
         run_dir = self.dir / p.name
         o = self.opts
@@ -382,7 +385,7 @@ class SubmititSweep:
                                                          p.argv(self.grid, run_dir)),
             run_dir=str(run_dir), sweep_dir=str(self.dir),
             eval_launch=sweep_jobs.launch_command(o.launcher, o.accelerate_config, "qlora_cls/sweep_eval.py", []),
-            eval_prompts=list(o.eval_prompts), base_eval=o.base_eval, base_key=sweeps.base_key(p, self.grid),
+            eval_prompts=list(o.eval_prompts), base_eval=self._base_eval(p), base_key=sweeps.base_key(p, self.grid),
             env=env, cpus=cpus, watch=watch)
 
     def _note_started(self, name: str) -> None:

@@ -41,7 +41,6 @@ def predict(model, batcher: TokenizedSplit, batch_size: int, accelerator,
         return batcher.score(model, batch_size, accelerator, fast, prepared, stream_dtype)
     was_training = model.training
     model.eval()
-    n = len(batcher)
     order, loader = eval_loader(batcher, batch_size, accelerator)
     start = time.perf_counter()
     runner = None
@@ -58,20 +57,30 @@ def predict(model, batcher: TokenizedSplit, batch_size: int, accelerator,
         outputs.append(accelerator.gather_for_metrics(logits.float()).cpu())
     info = runner.info if runner is not None else {}
     del runner  # the inference copy and prefix cache go now, before the next training step
+    return in_dataset_order(outputs, order, batcher.lengths, batch_size, start, info if fast else None,
+                            model if was_training else None)
+
+
+def in_dataset_order(outputs: list, order, lengths, batch_size: int, start: float, info: Optional[dict],
+                     retrain=None) -> tuple[np.ndarray, dict]:
+    """The gathered per-batch outputs (rows longest first, ``eval_loader``'s order) put back in dataset order,
+    one per example checked, and the throughput figures; ``info``: the fast path's figures (None: plain path);
+    ``retrain``: the model to put back in training mode."""
     gathered = torch.cat(outputs).numpy()
     elapsed = time.perf_counter() - start
+    n = len(order)
     if len(gathered) != n:
         raise RuntimeError(f"evaluation gathered {len(gathered)} predictions for {n} examples")
     result = np.empty_like(gathered)
     result[order] = gathered
-    if was_training:
-        model.train()
-    stats = {"eval_examples_per_s": n / elapsed, "eval_tokens_per_s": sum(batcher.lengths) / elapsed,
+    if retrain is not None:
+        retrain.train()
+    stats = {"eval_examples_per_s": n / elapsed, "eval_tokens_per_s": sum(lengths) / elapsed,
              "eval_seconds": elapsed, "eval_padding_efficiency": padding_efficiency(
-                 [order[i:i + batch_size] for i in range(0, n, batch_size)], batcher.lengths)}
-    if fast:
+                 [order[i:i + batch_size] for i in range(0, n, batch_size)], lengths)}
+    if info is not None:
         stats.update({k: v for k, v in info.items() if not isinstance(v, str)})
-        stats["eval_dequantized"] = info["eval_dequantized"].startswith("yes")
+        stats["eval_dequantized"] = str(info.get("eval_dequantized", "")).startswith("yes")
     return result, stats
 
 

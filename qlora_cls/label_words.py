@@ -280,14 +280,12 @@ def predict(model, split: LabelWordSplit, batch_size: int, accelerator, fast: bo
     fast_eval's inference copy (4-bit weights de-quantized once, float32 LoRA merged), as the generative
     objectives evaluate; ``prepared``: such a copy built earlier (predict.py's chunks), reused.
     """
-    from .batching import padding_efficiency
-    from .evaluation import eval_loader
+    from .evaluation import eval_loader, in_dataset_order
     from .preflight import zero_stage
 
     was_training = model.training
     model.eval()
     view = _ScoringView(split)
-    n = len(view)
     order, loader = eval_loader(view, batch_size, accelerator)
     start = time.perf_counter()
     runner, info = model, {}
@@ -305,18 +303,5 @@ def predict(model, split: LabelWordSplit, batch_size: int, accelerator, fast: bo
             scores = score_batch(runner, batch, split.length_normalize)
         parts.append(accelerator.gather_for_metrics(scores).cpu())
     del runner
-    gathered = torch.cat(parts).numpy()
-    elapsed = time.perf_counter() - start
-    if len(gathered) != n:
-        raise RuntimeError(f"label-word scoring gathered {len(gathered)} predictions for {n} examples")
-    result = np.empty_like(gathered)
-    result[order] = gathered
-    if was_training:
-        model.train()
-    stats = {"eval_examples_per_s": n / elapsed, "eval_tokens_per_s": sum(view.lengths) / elapsed,
-             "eval_seconds": elapsed, "eval_padding_efficiency": padding_efficiency(
-                 [order[i:i + batch_size] for i in range(0, n, batch_size)], view.lengths)}
-    if fast:
-        stats.update({k: v for k, v in info.items() if not isinstance(v, str)})
-        stats["eval_dequantized"] = str(info.get("eval_dequantized", "")).startswith("yes")
-    return result, stats
+    return in_dataset_order(parts, order, view.lengths, batch_size, start, info if fast else None,
+                            model if was_training else None)
