@@ -262,6 +262,10 @@ acc = Accelerator()
 out = answer_loss(tiny_model("llama", len(tok)), hand_split(tok.pad_token_id), 2, acc)
 if acc.is_main_process:
     open(sys.argv[2], "w").write(json.dumps(dict(out, world=acc.num_processes)))
+# Both processes leave together and close the process group (as ft.py's end_training does): a process that
+# exited while the other was still in its last collective aborted it (SIGABRT, 2 runs of 7).
+acc.wait_for_everyone()
+acc.end_training()
 """
 
 
