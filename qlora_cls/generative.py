@@ -81,7 +81,9 @@ def evaluate(cfg, model, data: GenerativeData, tokenizer, accelerator, out_dir: 
     prompts, their stop rate, exact match and ROUGE-L, written to ``out_dir/generations_<split>.jsonl``.
     Generation runs in the main process, so not under ZeRO-3 (its forwards are collective): skipped there."""
     runner = model
-    if cfg.fast_eval:  # fast_eval.py's inference copy: 4-bit weights de-quantized once, not at every forward
+    # fast_eval.py's inference copy: 4-bit weights de-quantized once, not at every forward. lm scores in the main
+    # process only: the others build no copy (under ZeRO-3 every process takes part in gathering the weights).
+    if cfg.fast_eval and (cfg.objective != "lm" or accelerator.is_main_process or zero3):
         from .fast_eval import inference_model
         runner, _ = inference_model(model, accelerator.device, zero3=zero3)
     if cfg.objective == "lm":
