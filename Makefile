@@ -33,13 +33,17 @@ demo: setup
 demo-sft: setup
 	$(PY) scripts/demo_sft.py $(ARGS)
 
+# Two pytest-xdist workers (two cores: 14 min instead of 19; tests/conftest.py gives each its share of the cores
+# and keeps the tests that share a port or a fixture on one worker). TEST_WORKERS=0 runs them in one process.
+TEST_WORKERS ?= 2
+XDIST = $(if $(filter 0,$(TEST_WORKERS)),,-n $(TEST_WORKERS) --dist loadgroup)
 test: setup
-	$(PY) -m pytest -q tests
+	$(PY) -m pytest -q $(XDIST) tests
 
 # The tests of a few seconds each (those marked slow left out), for iteration; `make test` runs them all.
 # Tests marked gpu are deselected (never skipped) on both: `make gpu-check` runs them.
 test-quick: setup
-	$(PY) -m pytest -q -m "not slow" tests
+	$(PY) -m pytest -q $(XDIST) -m "not slow" tests
 
 # sweep.py --executor slurm against a real single-node Slurm that the tests start on this host (as root; Debian's
 # slurm-wlm and munge, installed here when missing). Deselected from `make test` (a CI machine has no Slurm).

@@ -165,7 +165,8 @@ class Run:
     steps_per_epoch: int
     total_steps: int
     warmup_steps: int
-    prefix: Any  # prefix.TrainingPrefix: the prompt tokens each batch runs once (0 = none), and why
+    prefix: Any  # prefix.TrainingPrefix: the prompt tokens each batch runs once (0 = none), and why; for label
+    # words label_words.AnswerTokensForward (no prefix; logits only where a label token is predicted)
     sampler: Any  # batching.LengthGroupedBatchSampler: every process's training batches, per epoch
     counts: dict = field(default_factory=dict)  # trainable and total parameters
     records: dict = field(default_factory=dict)  # config.json's content
@@ -215,13 +216,13 @@ def setup(cfg: TrainConfig):
     from qlora_cls import checkpoint
     from qlora_cls import records as rec
     from qlora_cls.data import DataSource, check_trainable, concat_batchers
-    from qlora_cls.label_words import LabelWords, LabelWordSplit
+    from qlora_cls.label_words import AnswerTokensForward, LabelWords, LabelWordSplit
     from qlora_cls.memory import resolve_gradient_checkpointing
     from qlora_cls import methods
     from qlora_cls.modeling import meta_model
     from qlora_cls.pipeline import check_model_paths, prepare_data, tokenizer_for
     from qlora_cls.preflight import check_launch_and_resolve
-    from qlora_cls.prefix import TrainingPrefix, is_causal_decoder, training_prefix
+    from qlora_cls.prefix import is_causal_decoder, training_prefix
     from qlora_cls.prompts import load_template
     from qlora_cls.tasks import GLUE_TASKS
 
@@ -286,7 +287,7 @@ def setup(cfg: TrainConfig):
         if cfg.share_prefix is True:
             raise UsageError("--share_prefix true: the shared prompt prefix is built for a classification head; "
                              "with --classifier label_words use --share_prefix auto or false")
-        prefix = TrainingPrefix(0, "off (--classifier label_words)")
+        prefix = AnswerTokensForward("off (--classifier label_words)")  # and logits only where a label token is
     else:
         prefix = training_prefix(cfg, meta.config, train_rows.input_ids, launch)
     log.info("shared prompt prefix in training: %s", prefix.reason)
@@ -538,6 +539,8 @@ def finish(run: Run, model, progress: dict, logits) -> dict:
     """adapter/ (the final weights), the other eval splits, metrics.json, predictions, model cards, HParams."""
     import shutil
 
+    from accelerate.utils import gather_object
+
     import utils
     from qlora_cls import records as rec
     from qlora_cls.batching import tokens_trained
@@ -582,8 +585,7 @@ def finish(run: Run, model, progress: dict, logits) -> dict:
         "epochs_trained": epochs_trained, "train_seconds_per_epoch": seconds / epochs_trained if epochs_trained else None,
         "train_tokens": tokens, "train_tokens_per_s": tokens / seconds if seconds else None,
         "train_padding_efficiency": run.records["resolved"].get("train_padding_efficiency"),
-        "peak_memory_bytes": max(accelerator.gather_for_metrics([utils.peak_memory_bytes(accelerator.device)],
-                                                                use_gather_object=True)),
+        "peak_memory_bytes": max(gather_object([utils.peak_memory_bytes(accelerator.device)])),
         "latency": latency, "world_size": accelerator.num_processes,
     }
     if accelerator.is_main_process:
@@ -615,6 +617,8 @@ def _finish_generative(run: Run, model, progress: dict) -> dict:
     metrics.json with the final scores beside the base model's, HParams."""
     import shutil
 
+    from accelerate.utils import gather_object
+
     import utils
     from qlora_cls import records as rec
     from qlora_cls.batching import tokens_trained
@@ -635,8 +639,7 @@ def _finish_generative(run: Run, model, progress: dict) -> dict:
         "best_step": best["step"] if best else None, "parameters": run.counts, "train_seconds": seconds,
         "skipped_steps": progress["skipped_steps"], "train_tokens": tokens,
         "train_tokens_per_s": tokens / seconds if seconds else None,
-        "peak_memory_bytes": max(accelerator.gather_for_metrics([utils.peak_memory_bytes(accelerator.device)],
-                                                                use_gather_object=True)),
+        "peak_memory_bytes": max(gather_object([utils.peak_memory_bytes(accelerator.device)])),
         "world_size": accelerator.num_processes,
     }
     if accelerator.is_main_process:

@@ -104,8 +104,10 @@ def trainable_state(model) -> dict[str, torch.Tensor]:
 
 def save(accelerator, run_dir: Path, model, optimizer, scheduler, progress: dict, keep: int) -> Path | None:
     """Collective: every process calls it; the main process writes."""
-    from accelerate.utils import broadcast_object_list
-    rngs = accelerator.gather_for_metrics([_rng_state()], use_gather_object=True)
+    from accelerate.utils import broadcast_object_list, gather_object
+    # One state per process, in rank order. Not gather_for_metrics: after an evaluation loader it may drop a
+    # dataloader's "remainder" from what it gathers, and these are per-process objects, not samples.
+    rngs = gather_object([_rng_state()])
     deepspeed = _is_deepspeed(accelerator)
     root = Path(run_dir) / DIR
     path = root / f"{PREFIX}{progress['global_step']:08d}"

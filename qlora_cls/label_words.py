@@ -19,7 +19,11 @@ longest label still fits in ``--max_length``.
 
 Scoring (``score``), one pass over the prompt per example, whatever the number of labels: the prompts run
 once, left-padded, with the KV cache on and only the last position's logits computed (``logits_to_keep``):
-that position's log-softmax gives every label's first token. Labels longer than one token then continue from
+that position's log-softmax gives every label's first token. On the fast path (``--fast_eval``) the template's
+shared leading tokens run once per evaluation, as the head's do (``fast_eval.prepare``, prefix.py): each
+batch then holds only the prompts' other tokens, left-padded after that prefix's cache (the padding sits
+between the prefix and the rest, masked; positions still come from the mask). Measured on MRPC's 408
+validation examples with the embedded model (16 shared tokens of ~74): docs/benchmarks.md. Labels longer than one token then continue from
 that cache, repeated once per label (``DynamicCache.batch_repeat_interleave``), with their remaining tokens
 only (a few tokens each, not the prompt again). Where every label is one token the second call is skipped:
 one forward per example. Why not ``prompt + label`` for every label: K times the prompt's cost. Why not
@@ -184,10 +188,11 @@ def rows_split(tokenizer, template, rows: Sequence[dict], max_length: int, words
 
 # -- scoring --------------------------------------------------------------------------------------------------
 class _ScoringView(torch.utils.data.Dataset):
-    """The split as ``evaluation.eval_loader`` takes it (``lengths``, ``collate``), batched for ``score``."""
+    """The split as ``evaluation.eval_loader`` takes it (``lengths``, ``collate``), batched for ``score``;
+    ``skip``: leading prompt tokens left out of every batch (the shared prefix, run once)."""
 
-    def __init__(self, split: LabelWordSplit):
-        self.split = split
+    def __init__(self, split: LabelWordSplit, skip: int = 0):
+        self.split, self.skip = split, skip
         self.lengths = [len(p) for p in split.prompt_ids]
         self.rest = split.multi_token  # decided for the whole split: every process makes the same calls
 
@@ -202,11 +207,11 @@ class _ScoringView(torch.utils.data.Dataset):
         inputs = the label's tokens but its last, targets = its tokens but its first (-100 beyond)."""
         s = self.split
         k, pad = len(s.candidates[rows[0]]), s.pad_id if s.pad_id is not None else 0
-        width = max(self.lengths[r] for r in rows)
+        width = max(self.lengths[r] for r in rows) - self.skip
         ids = torch.full((len(rows), width), pad, dtype=torch.long)
         mask = torch.zeros((len(rows), width), dtype=torch.long)
         for b, r in enumerate(rows):
-            p = s.prompt_ids[r]
+            p = s.prompt_ids[r][self.skip:]
             ids[b, width - len(p):] = torch.tensor(p, dtype=torch.long)
             mask[b, width - len(p):] = 1
         cands = [c for r in rows for c in s.candidates[r]]
@@ -235,14 +240,21 @@ def _keeps_last_logits_only(model) -> bool:
         return False
 
 
-def score_batch(model, batch: dict, length_normalize: bool = False) -> torch.Tensor:
-    """(examples, labels) log-likelihoods of each label after each prompt, float32 (see the module docstring)."""
+def score_batch(model, batch: dict, length_normalize: bool = False, prefix: Optional[list] = None) -> torch.Tensor:
+    """(examples, labels) log-likelihoods of each label after each prompt, float32 (see the module docstring).
+    ``prefix``: the batch-1 cache of the leading tokens every prompt shares (``prefix.prefix_layers``), which
+    the batch's rows then leave out (``_ScoringView(skip=...)``)."""
     ids, mask = batch["input_ids"], batch["attention_mask"]
     rows, k = batch["first"].shape
     rest = batch["rest_ids"].shape[1] > 0
     extra = {"logits_to_keep": 1} if _keeps_last_logits_only(model) else {}
-    out = model(input_ids=ids, attention_mask=mask, position_ids=(mask.cumsum(-1) - 1).clamp(min=0),
-                use_cache=rest, **extra)
+    positions = (mask.cumsum(-1) - 1).clamp(min=0)
+    if prefix:
+        from .prefix import expanded_cache, hf_model
+        p = prefix[0][0].shape[-2]
+        extra["past_key_values"] = expanded_cache(hf_model(model), prefix, rows)
+        mask, positions = torch.cat([mask.new_ones(rows, p), mask], 1), positions + p
+    out = model(input_ids=ids, attention_mask=mask, position_ids=positions, use_cache=rest, **extra)
     scores = torch.log_softmax(out.logits[:, -1].float(), -1).gather(1, batch["first"])
     if rest:
         cache = out.past_key_values
@@ -258,6 +270,42 @@ def score_batch(model, batch: dict, length_normalize: bool = False) -> torch.Ten
     if length_normalize:
         scores = scores / batch["counts"]
     return scores
+
+
+class AnswerTokensForward:
+    """ft.py's training forward for label words (where a ``prefix.TrainingPrefix`` stands for a head run; no
+    prompt prefix is shared: ``tokens`` 0): the model's own causal-LM loss, with the vocabulary projection
+    computed only at the positions that predict a label token.
+
+    The loss is on the gold label's one or two tokens, yet a plain ``model(**batch)`` projects every position of
+    every row onto the vocabulary (SmolLM2: 49,152 x 576, a quarter of the model's own multiply-adds per token)
+    and upcasts all those logits to float32 for the loss. Here ``logits_to_keep`` is the boolean mask of the
+    positions whose next token is labelled (transformers' ``slice_logits_to_keep``) and ``shift_labels`` their
+    targets, in the same order, so the model's own loss function sees only those rows: the same loss and
+    gradients (tests/test_label_words.py), measured speed-up in docs/benchmarks.md. A model whose forward takes
+    no ``logits_to_keep`` (remote code) gets the plain call."""
+    tokens = 0
+
+    def __init__(self, reason: str):
+        self.reason = reason
+
+    def forward(self, autocast=None):
+        """``forward(model, batch)`` for ft.py's loop (``autocast`` unused: accelerate's is on the model's forward)."""
+        from accelerate.utils import extract_model_from_parallel
+        keeps: dict = {}
+
+        def answer_tokens_only(model, batch):
+            if id(model) not in keeps:
+                keeps[id(model)] = _keeps_last_logits_only(extract_model_from_parallel(model))
+            if not keeps[id(model)]:
+                return model(**batch)
+            labels = batch["labels"]
+            shift = torch.nn.functional.pad(labels[:, 1:], (0, 1), value=-100)
+            keep = shift != -100
+            target = shift[keep]
+            return model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"], logits_to_keep=keep,
+                         labels=target, shift_labels=target)
+        return answer_tokens_only
 
 
 def scoring_call(model, split: LabelWordSplit, accelerator):
@@ -285,23 +333,21 @@ def predict(model, split: LabelWordSplit, batch_size: int, accelerator, fast: bo
 
     was_training = model.training
     model.eval()
-    view = _ScoringView(split)
-    order, loader = eval_loader(view, batch_size, accelerator)
     start = time.perf_counter()
-    runner, info = model, {}
-    if fast:
-        if prepared is not None:
-            runner, info = prepared
-        else:
-            from .fast_eval import inference_model
-            runner, info = inference_model(model, accelerator.device, zero3=zero_stage(accelerator) == 3,
-                                           stream_dtype=stream_dtype)
+    runner, prefix, info = model, None, {}
+    if fast:  # the head's fast path: the inference copy and the prompts' shared prefix, decided in one place
+        from .fast_eval import prepare
+        fast_runner = prepare(model, split.prompt_ids, accelerator.device, zero3=zero_stage(accelerator) == 3,
+                              autocast=accelerator.autocast, prepared=prepared, stream_dtype=stream_dtype)
+        runner, prefix, info = fast_runner.model, fast_runner.prefix_cache, fast_runner.info
         runner.eval()
+    view = _ScoringView(split, skip=prefix[0][0].shape[-2] if prefix else 0)
+    order, loader = eval_loader(view, batch_size, accelerator)
     parts = []
     for batch in loader:
         with accelerator.autocast():
-            scores = score_batch(runner, batch, split.length_normalize)
+            scores = score_batch(runner, batch, split.length_normalize, prefix)
         parts.append(accelerator.gather_for_metrics(scores).cpu())
-    del runner
+    del runner, prefix
     return in_dataset_order(parts, order, view.lengths, batch_size, start, info if fast else None,
                             model if was_training else None)

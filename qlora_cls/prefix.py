@@ -52,14 +52,20 @@ def prefix_layers(hf, prefix_ids: torch.Tensor) -> Optional[list]:
     return [(k, v, s) for k, v, s in out.past_key_values]
 
 
+def expanded_cache(hf, layers: list, batch: int):
+    """The batch-1 prefix cache ``layers`` (``prefix_layers``) as a ``DynamicCache`` of ``batch`` rows (views, no
+    copy; the forward that extends it concatenates into new tensors)."""
+    from transformers import DynamicCache
+    return DynamicCache(ddp_cache_data=[(k.expand(batch, *k.shape[1:]), v.expand(batch, *v.shape[1:]),
+                                         *([s] if s is not None else [])) for k, v, s in layers], config=hf.config)
+
+
 def forward_rest(hf, input_ids: torch.Tensor, attention_mask: torch.Tensor, layers: list, **kwargs):
     """``hf(input_ids, attention_mask, **kwargs)`` given the first ``P`` positions' cache ``layers`` (batch 1,
     P = their length): only positions P.. run. Padding is on the right, so the head pools each example's last
     real token from the rest, as it would from the whole row."""
-    from transformers import DynamicCache
     p, (b, width) = layers[0][0].shape[-2], input_ids.shape
-    cache = DynamicCache(ddp_cache_data=[(k.expand(b, *k.shape[1:]), v.expand(b, *v.shape[1:]),
-                                          *([s] if s is not None else [])) for k, v, s in layers], config=hf.config)
+    cache = expanded_cache(hf, layers, b)
     mask = torch.cat([attention_mask.new_ones(b, p), attention_mask[:, p:]], dim=1)
     positions = torch.arange(p, width, device=input_ids.device).unsqueeze(0).expand(b, -1)
     return hf(input_ids=input_ids[:, p:], attention_mask=mask, position_ids=positions, past_key_values=cache,

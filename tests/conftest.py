@@ -15,6 +15,20 @@ REPO = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(REPO))
 os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
 os.environ.setdefault("HF_HUB_DISABLE_TELEMETRY", "1")
+# `make test` runs pytest-xdist workers (-n 2): each gets its share of the cores as torch threads (set before torch
+# is imported; subprocesses inherit it), so that two workers on two cores do not run four spinning OpenMP threads.
+if os.environ.get("PYTEST_XDIST_WORKER_COUNT"):
+    os.environ.setdefault("OMP_NUM_THREADS",
+                          str(max(1, (os.cpu_count() or 1) // int(os.environ["PYTEST_XDIST_WORKER_COUNT"]))))
+
+# Under xdist (--dist loadgroup) each group's files run on one worker, one at a time: those that start `accelerate
+# launch` with several processes (torch.distributed's rendezvous binds port 29500), and those that share the
+# session's launched sweep (the tiny_sweep fixture, ~100 s: built once, not once per worker).
+XDIST_GROUPS = {
+    "port-29500": {"test_deepspeed.py", "test_distributed.py", "test_generation.py", "test_multi_node.py",
+                   "test_resume.py", "test_sft_scale.py", "test_launch_configs.py", "test_preflight.py"},
+    "tiny-sweep": {"test_sweep.py", "test_sweep_parallel.py", "test_report.py", "test_report_methods.py"},
+}
 
 # Absolute: some tests run the entry points as subprocesses in another working directory.
 MRPC = str(Path(os.environ.get("QLORA_TEST_DATASET", REPO.parent / "shared" / "data" / "glue")).resolve())
@@ -32,6 +46,13 @@ def pytest_configure(config):
         expr = config.option.markexpr
         if marker not in expr:
             config.option.markexpr = f"({expr}) and not {marker}" if expr else f"not {marker}"
+
+
+def pytest_collection_modifyitems(config, items):
+    for item in items:
+        for group, files in XDIST_GROUPS.items():
+            if item.path.name in files:
+                item.add_marker(pytest.mark.xdist_group(group))
 
 
 def pytest_collection_finish(session):

@@ -42,6 +42,7 @@ def test_eval_reproduces_the_runs_final_and_base_model_figures(name, folder, tmp
 ])
 def test_classification_flags_on_a_generative_run_are_refused_in_one_line(flags, line, tmp_path_factory, capsys):
     run = finished_run(tmp_path_factory, "qlora")
+    capsys.readouterr()  # the training's own output, when this test is the first to need the run
     before = sorted(p.name for p in run.rglob("*"))
     with pytest.raises(SystemExit) as exc:
         eval_py.main(["--results_path", str(run), "--output_dir", str(run / "evals" / "refused"), *flags])
@@ -52,6 +53,7 @@ def test_classification_flags_on_a_generative_run_are_refused_in_one_line(flags,
 
 def test_several_runs_with_a_generative_one_are_refused(tmp_path_factory, capsys):
     run = finished_run(tmp_path_factory, "qlora")
+    capsys.readouterr()  # the training's own output, when this test is the first to need the run
     with pytest.raises(SystemExit) as exc:
         eval_py.main(["--results_path", str(run), str(run)])
     err = capsys.readouterr().err.strip().splitlines()

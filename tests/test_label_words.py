@@ -65,6 +65,25 @@ def test_scores_equal_summed_token_log_probs_of_a_plain_forward(tiny_lm, batch_s
     assert stats["eval_seconds"] > 0
 
 
+@pytest.mark.parametrize("batch_size", [1, 2, 3])
+def test_fast_path_runs_the_shared_prefix_once_and_scores_alike(tiny_lm, batch_size):
+    """--fast_eval: prompts with common leading tokens (a template's) have them run once, the rest of each
+    prompt left-padded after their cache: the same scores as one plain forward per (prompt, label)."""
+    from accelerate import Accelerator
+
+    from qlora_cls import label_words
+    model, tok = tiny_lm
+    prompts = ["Do these two sentences mean the same? Sentence 1: " + p for p in
+               ("the cat sat", "a dog ran quickly on the old red mat in the park", "blue")]
+    ids, cands = label_words.encode(tok, prompts, WORDS, 512)
+    shared = next(i for i in range(min(map(len, ids))) if len({tuple(x[:i + 1]) for x in ids}) > 1)
+    split = label_words.LabelWordSplit(tok, ids, cands, [0, 1, 2], [0, 1, 2], WORDS, False)
+    scores, stats = label_words.predict(model, split, batch_size, Accelerator(cpu=True), fast=True)
+    assert stats["eval_prefix_tokens"] == shared >= 10
+    expected, _ = _independent_scores(model, tok, prompts, WORDS)
+    np.testing.assert_allclose(scores, expected, rtol=0, atol=2e-4)
+
+
 def test_single_token_labels_need_one_forward_and_score_alike(tiny_lm, monkeypatch):
     """Labels of one token each (their first tokens differ): one model call per batch, the prompt's."""
     from accelerate import Accelerator
@@ -80,6 +99,39 @@ def test_single_token_labels_need_one_forward_and_score_alike(tiny_lm, monkeypat
     assert len(calls) == 1
     expected, _ = _independent_scores(model, tok, PROMPTS, words)
     np.testing.assert_allclose(scores, expected, rtol=0, atol=2e-4)
+
+
+@pytest.mark.parametrize("arch", ["llama", "gpt2", "bloom"])
+def test_training_forward_projects_only_answer_positions_with_the_models_own_loss_and_gradients(arch, tmp_path):
+    """ft.py's label-word training forward (logits only where a label token is predicted) gives the loss and
+    the gradients of a plain ``model(**batch)`` (the model's own loss over every position), in float32."""
+    from transformers import AutoModelForCausalLM
+
+    from conftest import build_tiny_architecture
+    from qlora_cls import label_words
+    from qlora_cls.modeling import load_tokenizer
+    folder = build_tiny_architecture(arch, tmp_path / arch, causal_lm=True)
+    model, tok = AutoModelForCausalLM.from_pretrained(folder, dtype=torch.float32).eval(), load_tokenizer(folder)
+    ids, cands = label_words.encode(tok, PROMPTS, WORDS, 512)
+    split = label_words.LabelWordSplit(tok, ids, cands, [0, 1, 2], [0, 1, 2], WORDS, False)
+    batch = split.collate([split[i] for i in range(3)])
+    answer_tokens = sum(len(cands[i][i]) for i in range(3))  # row i's gold label is label i: 2 + 1 + 4 tokens
+
+    def loss_and_grads(call):
+        model.zero_grad()
+        out = call(model, batch)
+        out.loss.backward()
+        return out, float(out.loss.detach()), {n: p.grad.clone() for n, p in model.named_parameters() if p.grad is not None}
+
+    out, loss, grads = loss_and_grads(label_words.AnswerTokensForward("test").forward())
+    plain, plain_loss, plain_grads = loss_and_grads(lambda m, b: m(**b))
+    assert out.logits.shape[0] == answer_tokens == int((batch["labels"] != -100).sum()) == 7
+    assert plain.logits.shape[:2] == batch["input_ids"].shape  # the plain call projects every position
+    assert loss == pytest.approx(plain_loss, rel=1e-5)
+    assert grads.keys() == plain_grads.keys() and grads
+    for n in grads:  # float32 sums in another order: relative to each gradient's own scale
+        torch.testing.assert_close(grads[n], plain_grads[n], rtol=1e-4, atol=1e-4 * float(plain_grads[n].abs().max()),
+                                   msg=lambda m, n=n: f"{n}: {m}")
 
 
 def test_prediction_is_the_argmax_and_probabilities_the_softmax_of_the_scores():

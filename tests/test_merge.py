@@ -335,7 +335,8 @@ def test_embedded_smollm2_merged_equals_unmerged_on_mrpc(mrpc, tmp_path):
     adapter's own rounding moves near-tie examples across the boundary; bench/merge_check.py measures that."""
     run = tmp_path / "run"
     ft.main(["--dataset", mrpc, "--results_path", str(run), "--max_train_samples", "64", "--max_eval_samples", "64",
-             "--max_steps", "8", "--log_every", "4", "--lr", "1e-3", "--seed", "0", "--bnb_4bit_compute_dtype", "float32"])
+             "--max_steps", "8", "--log_every", "4", "--lr", "1e-3", "--seed", "0", "--bnb_4bit_compute_dtype", "float32",
+             "--latency_calls", "0"])
     out = merge.main(["--results_path", str(run), "--output_dir", str(tmp_path / "merged")])
     rows = _examples(run, 64)
     merged = plain_logits(out, rows)

@@ -349,7 +349,8 @@ def test_param_budget_on_the_embedded_model(mrpc, tmp_path):
     """--param_budget 1000000 on SmolLM2-135M: the count in config.json is the loaded model's own, <= 1,000,000."""
     run = tmp_path / "run"
     summary = ft.main(["--dataset", mrpc, "--results_path", str(run), "--param_budget", "1000000", "--max_steps", "2",
-                       "--max_train_samples", "16", "--max_eval_samples", "8", "--batch_size", "4"])
+                       "--max_train_samples", "16", "--max_eval_samples", "8", "--batch_size", "4",
+                       "--latency_calls", "0"])
     records = json.loads((run / "config.json").read_text())
     chosen = records["resolved"]["param_budget"]
     assert chosen["trainable"] == records["resolved"]["parameters"]["trainable"] == summary["parameters"]["trainable"]

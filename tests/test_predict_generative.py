@@ -186,6 +186,7 @@ def test_bad_rows_skipped_and_an_interrupted_stream_leaves_nothing(sft_run, tmp_
 def test_bad_generation_flags_are_one_line(tmp_path_factory, tmp_path, capsys):
     """A generation flag out of its range: one line, exit 2, nothing written."""
     run = finished_run(tmp_path_factory, "lm")
+    capsys.readouterr()  # the training's own output, when this test is the first to need the run
     inp = _write_jsonl(tmp_path / "in.jsonl", [{"text": "The"}])
     for flags, words in ((["--top_p", "1.5"], "--top_p must be in (0, 1]"),
                          (["--max_new_tokens", "0"], "--max_new_tokens must be > 0")):

@@ -11,7 +11,8 @@ pytestmark = pytest.mark.slow  # real training runs of a minute or more (make te
 def test_real_model_loss_falls(mrpc, tmp_path):
     run = tmp_path / "smol"
     ft.main(["--dataset", mrpc, "--results_path", str(run), "--max_train_samples", "64", "--max_eval_samples", "16",
-             "--max_steps", "20", "--log_every", "5", "--gradient_checkpointing", "false", "--seed", "0"])
+             "--max_steps", "20", "--log_every", "5", "--gradient_checkpointing", "false", "--seed", "0",
+             "--latency_calls", "0"])
     log = [json.loads(line) for line in (run / "train_log.jsonl").read_text().splitlines()]
     assert [e["step"] for e in log] == [5, 10, 15, 20]
     assert log[-1]["loss"] < log[0]["loss"], [e["loss"] for e in log]
