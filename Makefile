@@ -33,7 +33,7 @@ demo: setup
 demo-sft: setup
 	$(PY) scripts/demo_sft.py $(ARGS)
 
-# Two pytest-xdist workers (two cores: 14 min instead of 19; tests/conftest.py gives each its share of the cores
+# Two pytest-xdist workers (two cores: 13 min instead of 19; tests/conftest.py gives each its share of the cores
 # and keeps the tests that share a port or a fixture on one worker). TEST_WORKERS=0 runs them in one process.
 TEST_WORKERS ?= 2
 XDIST = $(if $(filter 0,$(TEST_WORKERS)),,-n $(TEST_WORKERS) --dist loadgroup)

@@ -36,3 +36,36 @@ def test_two_process_run(tiny_model, mrpc, tmp_path):
         "adapter", "config.json", "lora_config.json", "metrics.json", "predictions_validation.csv", "prompt.txt",
         "quant_config.json", "train_log.jsonl", *events])
     assert len(events) == 1  # scalars + hparams, rank 0 only, in the run folder (TensorBoard names the run after it)
+
+
+def test_two_process_label_words_run_scores_each_example_once_as_one_process_does(tiny_model, mrpc, tmp_path):
+    """--classifier label_words on two processes (DDP: the training forward that projects only the label
+    positions goes through the wrapper): one prediction per example, the same adapter on both ranks, and the
+    two-process evaluation's probabilities equal one process's (eval.py, in this process) on the same adapter."""
+    import csv
+
+    import eval as eval_cli
+    run = tmp_path / "lw2"
+    env = dict(os.environ, ACCELERATE_USE_CPU="1", OMP_NUM_THREADS="1", RANK_DUMP_DIR=str(tmp_path))
+    cmd = [sys.executable, "-m", "accelerate.commands.launch", "--multi_gpu", "--num_processes", "2",
+           "--num_machines", "1", "--mixed_precision", "no", "--dynamo_backend", "no", str(REPO / "tests" / "ft_rank_dump.py"),
+           *tiny_args(tiny_model, mrpc, run, "--max_eval_samples", "37", "--max_steps", "3", "--classifier", "label_words",
+                      "--bnb_4bit_compute_dtype", "float32")]
+    proc = subprocess.run(cmd, cwd=tmp_path, env=env, capture_output=True, text=True, timeout=600)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    assert json.loads((run / "config.json").read_text())["environment"]["world_size"] == 2
+    from safetensors.torch import load_file
+    a0, a1 = load_file(tmp_path / "rank0.safetensors"), load_file(tmp_path / "rank1.safetensors")
+    assert a0.keys() == a1.keys() and a0 and all((a0[k] == a1[k]).all() for k in a0)
+
+    def read(path):
+        with open(path, newline="") as fh:
+            return {row["idx"]: row for row in csv.DictReader(fh)}
+    two = read(run / "predictions_validation.csv")
+    assert len(two) == 37
+    eval_cli.main(["--results_path", str(run), "--output_dir", str(tmp_path / "one")])
+    one = read(tmp_path / "one" / "predictions.csv")
+    assert one.keys() == two.keys()
+    for i in one:
+        assert one[i]["prediction"] == two[i]["prediction"]
+        assert abs(float(one[i]["prob_equivalent"]) - float(two[i]["prob_equivalent"])) <= 1e-4, i

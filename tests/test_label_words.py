@@ -259,6 +259,26 @@ def test_two_steps_then_eval_reload_predicts_the_same(four_bit, tiny_model, mrpc
 
 
 @pytest.mark.slow
+@pytest.mark.parametrize("method", ["dora", "ia3", "adapter", "full"])
+def test_every_other_method_trains_label_words_and_reloads_to_the_same_predictions(method, tiny_model, mrpc, tmp_path):
+    """The methods besides (Q)LoRA with --classifier label_words: two steps train (the loss is finite and the
+    training moved the scores off the base model's), and eval.py on the saved run reproduces its predictions."""
+    run = tmp_path / method
+    summary = ft.main(tiny_args(tiny_model, mrpc, run, "--classifier", "label_words", "--max_steps", "2",
+                                "--lr", "3e-2", "--method", method, "--bnb_4bit_compute_dtype", "float32"))
+    log = [json.loads(x) for x in (run / "train_log.jsonl").read_text().splitlines()]
+    assert [e["step"] for e in log] == [2] and np.isfinite(log[0]["loss"])
+    assert json.loads((run / "config.json").read_text())["resolved"]["classifier"] == "label_words"
+    result = eval_cli.main(["--results_path", str(run)])
+    assert result["metrics"] == {k: summary["final"][k] for k in result["metrics"]}
+    assert _rows(run / "evals" / "validation-perfect" / "predictions.csv") == _rows(run / "predictions_validation.csv")
+    eval_cli.main(["--results_path", str(run), "--base_only"])
+    base = _rows(run / "evals" / "validation-perfect-base" / "predictions.csv")
+    assert base[0] == _rows(run / "predictions_validation.csv")[0]
+    assert [r[3:] for r in base[1:]] != [r[3:] for r in _rows(run / "predictions_validation.csv")[1:]]
+
+
+@pytest.mark.slow
 def test_zero_shot_base_of_a_head_run_merge_and_predict(tiny_model, mrpc, tmp_path):
     """eval.py --base_only --classifier label_words on a head run scores the same base as a label-words run's
     --base_only; a merged label-words run (a causal LM) predicts what its adapter predicts, by label words."""
