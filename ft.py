@@ -287,7 +287,7 @@ def setup(cfg: TrainConfig):
         if cfg.share_prefix is True:
             raise UsageError("--share_prefix true: the shared prompt prefix is built for a classification head; "
                              "with --classifier label_words use --share_prefix auto or false")
-        prefix = AnswerTokensForward("off (--classifier label_words)")  # and logits only where a label token is
+        prefix = AnswerTokensForward("off (--classifier label_words)")  # logits only where a label is predicted
     else:
         prefix = training_prefix(cfg, meta.config, train_rows.input_ids, launch)
     log.info("shared prompt prefix in training: %s", prefix.reason)

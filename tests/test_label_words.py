@@ -65,8 +65,9 @@ def test_scores_equal_summed_token_log_probs_of_a_plain_forward(tiny_lm, batch_s
     assert stats["eval_seconds"] > 0
 
 
+@pytest.mark.parametrize("words", [WORDS, ["no", "yes"]])  # multi-token (a cache continuation) and one token each
 @pytest.mark.parametrize("batch_size", [1, 2, 3])
-def test_fast_path_runs_the_shared_prefix_once_and_scores_alike(tiny_lm, batch_size):
+def test_fast_path_runs_the_shared_prefix_once_and_scores_alike(tiny_lm, batch_size, words):
     """--fast_eval: prompts with common leading tokens (a template's) have them run once, the rest of each
     prompt left-padded after their cache: the same scores as one plain forward per (prompt, label)."""
     from accelerate import Accelerator
@@ -75,12 +76,13 @@ def test_fast_path_runs_the_shared_prefix_once_and_scores_alike(tiny_lm, batch_s
     model, tok = tiny_lm
     prompts = ["Do these two sentences mean the same? Sentence 1: " + p for p in
                ("the cat sat", "a dog ran quickly on the old red mat in the park", "blue")]
-    ids, cands = label_words.encode(tok, prompts, WORDS, 512)
+    ids, cands = label_words.encode(tok, prompts, words, 512)
     shared = next(i for i in range(min(map(len, ids))) if len({tuple(x[:i + 1]) for x in ids}) > 1)
-    split = label_words.LabelWordSplit(tok, ids, cands, [0, 1, 2], [0, 1, 2], WORDS, False)
+    split = label_words.LabelWordSplit(tok, ids, cands, [0, 1, 0], [0, 1, 2], words, False)
+    assert split.multi_token == (words == WORDS)
     scores, stats = label_words.predict(model, split, batch_size, Accelerator(cpu=True), fast=True)
     assert stats["eval_prefix_tokens"] == shared >= 10
-    expected, _ = _independent_scores(model, tok, prompts, WORDS)
+    expected, _ = _independent_scores(model, tok, prompts, words)
     np.testing.assert_allclose(scores, expected, rtol=0, atol=2e-4)
 
 
