@@ -622,6 +622,7 @@ def _finish_generative(run: Run, model, progress: dict) -> dict:
     import utils
     from qlora_cls import records as rec
     from qlora_cls.batching import tokens_trained
+    from qlora_cls.modelcard import write_generative_card
 
     cfg, accelerator, run_dir = run.cfg, run.accelerator, run.dir
     save_trained(accelerator, model, run_dir / "adapter", run.zero3, cfg)
@@ -647,6 +648,8 @@ def _finish_generative(run: Run, model, progress: dict) -> dict:
         if best and best["step"] == final["step"]:
             shutil.rmtree(run_dir / "adapter_best", ignore_errors=True)  # identical to adapter/
         summary["has_adapter_best"] = (run_dir / "adapter_best").is_dir()
+        for which in ("adapter", "adapter_best") if summary["has_adapter_best"] else ("adapter",):
+            write_generative_card(run_dir / which, run.records, run.quant, summary, which)
         main = vs_base.get(run.main_metric)
         if main and main["change"] >= 0:
             log.warning("the final adapter does not improve on the base model: %s %.4f against %.4f (lower is "

@@ -387,7 +387,8 @@ def generative_model_card(output_dir: Path, info: dict, summary: dict) -> str:
     if info["objective"] == "sft":
         use = "\n".join([
             'messages = [{"role": "user", "content": "..."}]',
-            'ids = tokenizer.apply_chat_template(messages, add_generation_prompt=True, return_tensors="pt")',
+            'ids = tokenizer.apply_chat_template(messages, add_generation_prompt=True, return_dict=True,',
+            '                                     return_tensors="pt")["input_ids"]',
             "out = model.generate(ids, max_new_tokens=128)  # generation_config.json stops on the end of turn",
             "print(tokenizer.decode(out[0, ids.shape[1]:], skip_special_tokens=True))"])
     else:

@@ -258,3 +258,90 @@ def scores_of(summary: dict, which: str) -> dict:
         if e.get("epoch") == best:
             return e
     return {}
+
+
+def write_generative_card(adapter_dir: Path, records: dict, quant: dict, summary: dict, which: str) -> None:
+    """adapter/ (or adapter_best/) README.md of an ``--objective sft|lm`` run, over PEFT's empty template: what
+    was trained on what, its figures beside the base model's (a generative run's baseline), how to generate."""
+    from huggingface_hub import ModelCard, ModelCardData
+
+    from .files import atomic_write_text
+    readme = adapter_dir / "README.md"
+    data = ModelCard.load(readme).data.to_dict() if readme.is_file() else {}
+    resolved, cfg, run = records["resolved"], records["config"], summary.get("run", {})
+    objective, method = cfg.get("objective"), cfg.get("method") or "qlora"
+    data.update(pipeline_tag="text-generation", tags=list(dict.fromkeys([*(data.get("tags") or []), "text-generation",
+                                                                          method, objective])))
+    data.setdefault("base_model", resolved.get("model_path"))
+    if method not in ("adapter", "full"):
+        data["library_name"] = "peft"
+    best = summary.get("best_step")
+    scores = summary.get("final", {}) if which == "adapter" else next(
+        (e for e in summary.get("evaluations", []) if e.get("step") == best), {})
+    base = summary.get("baseline", {}).get("metrics", {})
+    metrics = list(resolved.get("metrics") or [])
+    table = "\n".join(["| | " + " | ".join(metrics) + " |", "|---|" + "---:|" * len(metrics),
+                       "| this adapter | " + " | ".join("–" if scores.get(m) is None else f"{scores[m]:.4f}"
+                                                        for m in metrics) + " |",
+                       "| the base model (before training) | " + " | ".join(
+                           "–" if base.get(m) is None else f"{base[m]:.4f}" for m in metrics) + " |"])
+    weights = ("the final weights of the run" if which == "adapter" else
+               f"the weights at step {best} (the lowest {summary.get('main_metric')}), kept beside ../adapter/")
+    if objective == "sft":
+        fmt = (f"- **Chat format:** `{resolved.get('prompt_name') or 'the tokenizer’s own template'}` (saved here "
+               f"with the tokenizer); end of turn `{resolved.get('end_of_turn')}`, trained after every answer; added "
+               f"tokens: {', '.join(resolved.get('added_tokens') or []) or 'none'}")
+        use = ['messages = [{"role": "user", "content": "..."}]',
+               'ids = tokenizer.apply_chat_template(messages, add_generation_prompt=True, return_dict=True,',
+               '                                     return_tensors="pt")["input_ids"]',
+               f"out = model.generate(ids, max_new_tokens=128, eos_token_id={resolved.get('stop_ids')})  # stop on the end of turn",
+               "print(tokenizer.decode(out[0, ids.shape[1]:], skip_special_tokens=True))"]
+    else:
+        fmt = f"- **Text:** blocks of {cfg.get('max_length')} tokens of `{cfg.get('train_file')}`"
+        use = ['ids = tokenizer("...", return_tensors="pt").input_ids',
+               "print(tokenizer.decode(model.generate(ids, max_new_tokens=64)[0]))"]
+    tokenizer_dir = adapter_dir.resolve().parent / "adapter"  # ft.py saves the tokenizer there
+    load = ["from peft import AutoPeftModelForCausalLM", "from transformers import AutoTokenizer", "",
+            f"tokenizer = AutoTokenizer.from_pretrained({json.dumps(str(tokenizer_dir))})  # template, added tokens",
+            f"model = AutoPeftModelForCausalLM.from_pretrained({json.dumps(str(adapter_dir.resolve()))}).eval()"
+            + ("  # the 4-bit base: add quantization_config=BitsAndBytesConfig(**../quant_config.json)"
+               if quant.get("load_in_4bit") else "")]
+    if method in ("adapter", "full"):  # not a PEFT format: qlora-cls rebuilds the model
+        load = ["from transformers import AutoTokenizer", _own_format_use(adapter_dir, records).split("```python\n")[1]
+                .rstrip("`\n"), f"tokenizer = AutoTokenizer.from_pretrained({json.dumps(str(tokenizer_dir))})"]
+    text = f"""
+# {objective} adapter ({TITLES[method]}) for {run.get('model')}
+
+{weights.capitalize()}, trained by qlora-cls `ft.py --objective {objective}` ({adapter_dir.parent.name}).
+
+- **Base model:** `{resolved.get('model_path')}`
+- **Method:** {run.get('method')}
+{fmt}
+
+## Evaluation
+
+On {run.get('eval')}:
+
+{table}
+
+## Training
+
+- {run.get('training')}
+- learning rate {cfg.get('lr')}, optimizer {cfg.get('optim')}, batch {resolved.get('global_batch_size')} per optimizer step, max length {cfg.get('max_length')} tokens, seed {cfg.get('seed')}, {summary.get('world_size', 1)} process(es); every setting: `../config.json`
+
+Reproduce (from the qlora-cls repository):
+
+```bash
+{reproduce_command(_cfg(cfg), summary.get('world_size', 1))}
+```
+
+## How to use
+
+```python
+{chr(10).join(load + use)}
+```
+
+`python merge.py --results_path {adapter_dir.parent}` writes a standalone `AutoModelForCausalLM` folder;
+`python eval.py --results_path {adapter_dir.parent}` re-scores the run's held-out data.
+"""
+    atomic_write_text(readme, str(ModelCard(f"---\n{ModelCardData(**data).to_yaml()}\n---\n{text}")))

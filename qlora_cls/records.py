@@ -166,6 +166,11 @@ def method_text(cfg, resolved: dict, quant: Optional[dict]) -> str:
     if budget:
         what += (f"; --param_budget {budget['budget']:,}: " + (f"{budget['field']}={budget['value']} chosen, " if budget["field"]
                  else "") + f"{budget['trainable']:,} trainable parameters")
+    objective = getattr(cfg, "objective", "classification")
+    if objective != "classification":
+        loss = ("every token of the text" if objective == "lm" else
+                "every token, the prompt included" if cfg.train_on_prompt else "the answer tokens and their end of turn")
+        return f"{what}; no head: the causal LM trained with the LM loss on {loss}"
     if getattr(cfg, "classifier", "head") == "label_words":
         words = resolved.get("label_words") or cfg.label_words or []
         return (f"{what}; no head: each label scored by its words after the prompt ({', '.join(map(repr, words))}"

@@ -74,6 +74,11 @@ def test_merged_folder_generates_what_the_adapter_generated(name, merged_into, t
     gens = generate(model, tok, prompts, info["stop_ids"], MAX_NEW_TOKENS, 4)
     assert [g["generation"] for g in gens] == [w["generation"] for w in runs]
     assert [g["generation"] for g in gens] != [b["generation"] for b in written(run, "generations_validation_base.jsonl")]
+    # the folder's README: its plain-transformers snippet runs as written
+    snippet = (out / "README.md").read_text().split("```python\n")[1].split("```")[0]
+    scope: dict = {}
+    exec(snippet.replace("max_new_tokens=128", "max_new_tokens=3"), scope)
+    assert scope["out"].shape[1] > scope["ids"].shape[1]
 
     texts = [tok(w["prompt"] + w["generation"], add_special_tokens=False)["input_ids"] for w in runs]
     adapter = logits(adapter_model(run), texts)

@@ -92,6 +92,8 @@ def test_new_turn_markers_are_trained_and_saved_with_the_adapter(records, tmp_pa
     ft.main(sft_args(model, records, run, "--chat_template", "utterances"))
     resolved = json.loads((run / "config.json").read_text())["resolved"]
     assert resolved["added_tokens"] == ["<|beginofutterance|>", "<|endofutterance|>"]
+    method = json.loads((run / "config.json").read_text())["run"]["method"]  # what the model card says was run
+    assert "classification head" not in method and method.endswith("the answer tokens and their end of turn")
     assert resolved["end_of_turn"] == "<|endofutterance|>"
     from transformers import AutoTokenizer
     tok = AutoTokenizer.from_pretrained(run / "adapter")
@@ -100,6 +102,18 @@ def test_new_turn_markers_are_trained_and_saved_with_the_adapter(records, tmp_pa
     from safetensors.torch import load_file
     saved = load_file(run / "adapter" / "adapter_model.safetensors")
     assert any("token_adapter" in k or "trainable_tokens" in k for k in saved), sorted(saved)[:5]
+    # The model card is the run's, not PEFT's empty template, and its stock-PEFT snippet runs as written
+    # (the base grows to the saved tokenizer's vocabulary, the new rows come from the adapter).
+    card = (run / "adapter" / "README.md").read_text()
+    metrics = json.loads((run / "metrics.json").read_text())
+    assert "More Information Needed" not in card and "end of turn `<|endofutterance|>`" in card
+    assert f"{metrics['baseline']['metrics']['answer_perplexity']:.4f}" in card
+    assert f"{metrics['final']['answer_perplexity']:.4f}" in card
+    snippet = card.split("```python\n")[1].split("```")[0].replace("max_new_tokens=128", "max_new_tokens=3")
+    scope: dict = {}
+    exec(snippet, scope)
+    assert scope["model"].get_input_embeddings().weight.shape[0] == len(scope["tokenizer"]) == len(tok)
+    assert scope["out"].shape[1] > scope["ids"].shape[1]
 
 
 @pytest.mark.slow
@@ -114,6 +128,10 @@ def test_lm_objective_lowers_the_sliding_window_perplexity(tmp_path):
                        str(held), "--results_path", str(tmp_path / "run"), "--max_length", "64", "--max_steps", "8",
                        "--batch_size", "4", "--lr", "3e-3", "--log_every", "4"])
     assert summary["final"]["perplexity"] < summary["baseline"]["metrics"]["perplexity"]
+    assert "classification head" not in summary["run"]["method"]
+    assert summary["run"]["method"].endswith("the LM loss on every token of the text")
+    card = (tmp_path / "run" / "adapter" / "README.md").read_text()
+    assert card.count(f"{summary['final']['perplexity']:.4f}") == 1 and "| the base model (before training) | " in card
 
 
 @pytest.mark.parametrize("extra,line", [
