@@ -288,8 +288,9 @@ def write_generative_card(adapter_dir: Path, records: dict, quant: dict, summary
     weights = ("the final weights of the run" if which == "adapter" else
                f"the weights at step {best} (the lowest {summary.get('main_metric')}), kept beside ../adapter/")
     if objective == "sft":
-        fmt = (f"- **Chat format:** `{resolved.get('prompt_name') or 'the tokenizer’s own template'}` (saved here "
-               f"with the tokenizer); end of turn `{resolved.get('end_of_turn')}`, trained after every answer; added "
+        name = resolved.get("prompt_name")
+        fmt = (f"- **Chat format:** {'the tokenizer’s own chat template' if name in (None, 'tokenizer') else f'`{name}`'}"
+               f" (saved with the tokenizer in ../adapter/); end of turn `{resolved.get('end_of_turn')}`, trained after every answer; added "
                f"tokens: {', '.join(resolved.get('added_tokens') or []) or 'none'}")
         use = ['messages = [{"role": "user", "content": "..."}]',
                'ids = tokenizer.apply_chat_template(messages, add_generation_prompt=True, return_dict=True,',
