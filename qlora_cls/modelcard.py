@@ -308,8 +308,10 @@ def write_generative_card(adapter_dir: Path, records: dict, quant: dict, summary
             + ("  # the 4-bit base: add quantization_config=BitsAndBytesConfig(**../quant_config.json)"
                if quant.get("load_in_4bit") else "")]
     if method in ("adapter", "full"):  # not a PEFT format: qlora-cls rebuilds the model
-        load = ["from transformers import AutoTokenizer", _own_format_use(adapter_dir, records).split("```python\n")[1]
-                .rstrip("`\n"), f"tokenizer = AutoTokenizer.from_pretrained({json.dumps(str(tokenizer_dir))})"]
+        own = _own_format_use(adapter_dir, records).split("```python\n")[1].rstrip("`\n")
+        load = ["# run from the qlora-cls repository", "from transformers import AutoTokenizer",
+                own.replace("  # eval mode; inputs: prompt.txt filled as in training", "  # eval mode"),
+                f"tokenizer = AutoTokenizer.from_pretrained({json.dumps(str(tokenizer_dir))})"]
     text = f"""
 # {objective} adapter ({TITLES[method]}) for {run.get('model')}
 

@@ -41,11 +41,31 @@ def pytest_configure(config):
     config.addinivalue_line("markers", "gpu: needs a CUDA device; deselected unless -m names gpu (`make gpu-check`)")
     config.addinivalue_line("markers", "slurm: needs a local Slurm and munge as root; deselected unless -m names "
                                        "slurm (`make test-slurm` installs them and runs these)")
+    if config.pluginmanager.hasplugin("xdist") and not hasattr(config, "workerinput"):
+        config.pluginmanager.register(_XdistDeselected(), "xdist-deselected-count")
     # No silent skips: gpu and slurm tests are deselected (counted as such), never skipped, unless -m asks for them.
     for marker in ("gpu", "slurm"):
         expr = config.option.markexpr
         if marker not in expr:
             config.option.markexpr = f"({expr}) and not {marker}" if expr else f"not {marker}"
+
+
+def pytest_deselected(items):
+    """Under xdist the workers deselect; their count goes back to the controller (``pytest_testnodedown``) so
+    that the summary line shows the deselected gpu/slurm tests as a one-process run does."""
+    config = items[0].config if items else None
+    if config is not None and hasattr(config, "workeroutput"):
+        config.workeroutput["deselected"] = config.workeroutput.get("deselected", 0) + len(items)
+
+
+class _XdistDeselected:
+    """On the xdist controller (a plugin, so that ``-p no:xdist`` does not meet an unknown hook)."""
+
+    def pytest_testnodedown(self, node, error):
+        count = getattr(node, "workeroutput", {}).get("deselected", 0)
+        reporter = node.config.pluginmanager.get_plugin("terminalreporter")
+        if reporter is not None and count > len(reporter.stats.get("deselected", [])):  # each worker: the same tests
+            reporter.stats["deselected"] = [None] * count
 
 
 def pytest_collection_modifyitems(config, items):

@@ -116,6 +116,17 @@ def test_new_turn_markers_are_trained_and_saved_with_the_adapter(records, tmp_pa
     assert scope["out"].shape[1] > scope["ids"].shape[1]
 
 
+def test_own_format_methods_model_card_snippet_generates(records, tmp_path):
+    """--method adapter is not a PEFT format: the card's snippet rebuilds the model with qlora-cls and generates."""
+    run = tmp_path / "run"
+    ft.main(sft_args(str(build_tiny_model(tmp_path / "llama")), records, run, "--method", "adapter"))
+    card = (run / "adapter" / "README.md").read_text()
+    assert "AutoPeftModel" not in card and "load_saved(base" in card
+    scope: dict = {}
+    exec(card.split("```python\n")[1].split("```")[0].replace("max_new_tokens=128", "max_new_tokens=3"), scope)
+    assert scope["out"].shape[1] > scope["ids"].shape[1]
+
+
 @pytest.mark.slow
 def test_lm_objective_lowers_the_sliding_window_perplexity(tmp_path):
     model = str(build_tiny_model(tmp_path / "llama"))
