@@ -193,6 +193,7 @@ def evaluate_generative(ecfg: EvalConfig, source) -> dict:
     name = resolved.get("prompt_name") or cfg.objective
     suffix, out_dir = _out_dir(ecfg, source, split, name, "the generations")
     check_model_paths(cfg.model_dir, cfg.tokenizer_dir)
+    run_max_eval = cfg.max_eval_samples
     if ecfg.max_eval_samples is not None:  # none: as the run did; 0: every held-out example
         cfg.max_eval_samples = ecfg.max_eval_samples or None
     cfg.eval_batch_size = ecfg.eval_batch_size or cfg.eval_batch_size
@@ -218,6 +219,11 @@ def evaluate_generative(ecfg: EvalConfig, source) -> dict:
         other_name = "the run's final adapter" if ecfg.base_only else "the base model"
         other = (generative_scores(summary or {}, "adapter") if ecfg.base_only
                  else ((summary or {}).get("baseline") or {}).get("metrics") or {})
+        if cfg.max_eval_samples != run_max_eval:  # metrics.json scored other examples: no side-by-side figures
+            other_name += (f" is not shown: metrics.json scored {_first(run_max_eval)} held-out examples, this "
+                           f"evaluation {_first(cfg.max_eval_samples)}; evaluate the other side with the same "
+                           f"--max_eval_samples to compare")
+            other = {}
         names = [k for k in (resolved.get("metrics") or scores) if k in scores]
         run_info = rec.describe_eval(cfg, source.records, what, split, name, len(data.eval), cfg.max_eval_samples,
                                      summary)
@@ -234,9 +240,14 @@ def evaluate_generative(ecfg: EvalConfig, source) -> dict:
         line = ", ".join(f"{k}={scores[k]:.4f}" for k in names)
         known = [k for k in names if other.get(k) is not None]
         print(f"{split} ({name}{suffix}): {line}" + (f"   {other_name}: " + ", ".join(
-            f"{k}={other[k]:.4f}" for k in known) if known else ""))
+            f"{k}={other[k]:.4f}" for k in known) if known else f"   ({other_name})" if " not shown" in other_name
+            else ""))
         print(f"written: {out_dir}")
     return result
+
+
+def _first(n) -> str:
+    return "all" if n is None else f"the first {n}"
 
 
 def _write(ecfg: EvalConfig, p: dict, logits, stats: dict, batch_size: int, accelerator) -> dict:

@@ -35,6 +35,21 @@ def test_eval_reproduces_the_runs_final_and_base_model_figures(name, folder, tmp
         assert f"{main}={result['metrics'][main]:.4f}" in printed and f"   {other}: {main}=" in printed
 
 
+def test_figures_of_other_examples_are_not_put_beside_the_evaluation(tmp_path_factory, capsys):
+    """metrics.json scored all the held-out text; --max_eval_samples 2 scores its first 2 blocks: the run's figures
+    are not printed or recorded as if they were on the same examples."""
+    run = finished_run(tmp_path_factory, "lm")
+    summary = json.loads((run / "metrics.json").read_text())
+    assert json.loads((run / "config.json").read_text())["config"]["max_eval_samples"] is None
+    result = eval_py.main(["--results_path", str(run), "--fast_eval", "false", "--base_only", "--max_eval_samples", "2",
+                           "--output_dir", str(tmp_path_factory.mktemp("first2"))])
+    assert result["metrics"]["eval_tokens"] < summary["final"]["eval_tokens"]
+    assert result["compared_with"]["metrics"] == {}
+    printed = capsys.readouterr().out
+    assert "the run's final adapter is not shown: metrics.json scored all held-out examples, this evaluation the " \
+           "first 2" in printed and f"perplexity={summary['final']['perplexity']:.4f}" not in printed
+
+
 @pytest.mark.parametrize("flags,line", [
     (["--split", "test"], "--split test: "),
     (["--prompt", "plain"], "--prompt plain: "),
