@@ -219,11 +219,12 @@ def evaluate_generative(ecfg: EvalConfig, source) -> dict:
         other_name = "the run's final adapter" if ecfg.base_only else "the base model"
         other = (generative_scores(summary or {}, "adapter") if ecfg.base_only
                  else ((summary or {}).get("baseline") or {}).get("metrics") or {})
+        hidden = ""
         if cfg.max_eval_samples != run_max_eval:  # metrics.json scored other examples: no side-by-side figures
-            other_name += (f" is not shown: metrics.json scored {_first(run_max_eval)} held-out examples, this "
-                           f"evaluation {_first(cfg.max_eval_samples)}; evaluate the other side with the same "
-                           f"--max_eval_samples to compare")
-            other = {}
+            hidden = (f"{other_name} is not shown: metrics.json scored {_first(run_max_eval)} held-out examples, this "
+                      f"evaluation {_first(cfg.max_eval_samples)}; evaluate the other side with the same "
+                      f"--max_eval_samples to compare")
+            other_name, other = hidden, {}
         names = [k for k in (resolved.get("metrics") or scores) if k in scores]
         run_info = rec.describe_eval(cfg, source.records, what, split, name, len(data.eval), cfg.max_eval_samples,
                                      summary)
@@ -240,8 +241,7 @@ def evaluate_generative(ecfg: EvalConfig, source) -> dict:
         line = ", ".join(f"{k}={scores[k]:.4f}" for k in names)
         known = [k for k in names if other.get(k) is not None]
         print(f"{split} ({name}{suffix}): {line}" + (f"   {other_name}: " + ", ".join(
-            f"{k}={other[k]:.4f}" for k in known) if known else f"   ({other_name})" if " not shown" in other_name
-            else ""))
+            f"{k}={other[k]:.4f}" for k in known) if known else f"   ({hidden})" if hidden else ""))
         print(f"written: {out_dir}")
     return result
 

@@ -289,13 +289,14 @@ def write_generative_card(adapter_dir: Path, records: dict, quant: dict, summary
                f"the weights at step {best} (the lowest {summary.get('main_metric')}), kept beside ../adapter/")
     if objective == "sft":
         name = resolved.get("prompt_name")
-        fmt = (f"- **Chat format:** {'the tokenizer’s own chat template' if name in (None, 'tokenizer') else f'`{name}`'}"
-               f" (saved with the tokenizer in ../adapter/); end of turn `{resolved.get('end_of_turn')}`, trained after every answer; added "
-               f"tokens: {', '.join(resolved.get('added_tokens') or []) or 'none'}")
+        template = "the tokenizer’s own chat template" if name in (None, "tokenizer") else f"`{name}`"
+        fmt = (f"- **Chat format:** {template} (saved with the tokenizer in ../adapter/); end of turn "
+               f"`{resolved.get('end_of_turn')}`, trained after every answer; added tokens: "
+               f"{', '.join(resolved.get('added_tokens') or []) or 'none'}")
         use = ['messages = [{"role": "user", "content": "..."}]',
                'ids = tokenizer.apply_chat_template(messages, add_generation_prompt=True, return_dict=True,',
                '                                     return_tensors="pt")["input_ids"]',
-               f"out = model.generate(ids, max_new_tokens=128, eos_token_id={resolved.get('stop_ids')})  # stop on the end of turn",
+               f"out = model.generate(ids, max_new_tokens=128, eos_token_id={resolved.get('stop_ids')})  # end of turn",
                "print(tokenizer.decode(out[0, ids.shape[1]:], skip_special_tokens=True))"]
     else:
         fmt = f"- **Text:** blocks of {cfg.get('max_length')} tokens of `{cfg.get('train_file')}`"
