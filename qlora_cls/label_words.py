@@ -24,8 +24,9 @@ shared leading tokens run once per evaluation, as the head's do (``fast_eval.pre
 batch then holds only the prompts' other tokens, left-padded after that prefix's cache (the padding sits
 between the prefix and the rest, masked; positions still come from the mask). On MRPC's 408 validation
 examples with the embedded model that took label words from 1.39x to 1.15x the head's evaluation time (16
-shared tokens of ~74; docs/benchmarks.md). Labels longer than one token then continue from that cache, repeated once per label (``DynamicCache.batch_repeat_interleave``), with their remaining tokens
-only (a few tokens each, not the prompt again). Where every label is one token the second call is skipped:
+shared tokens of ~74; docs/benchmarks.md). Labels longer than one token then continue from that cache,
+repeated once per label (``DynamicCache.batch_repeat_interleave``), with their remaining tokens only (a few
+tokens each, not the prompt again). Where every label is one token the second call is skipped:
 one forward per example. Why not ``prompt + label`` for every label: K times the prompt's cost. Why not
 one packed sequence with a custom 4-D mask: not every architecture takes one. Positions come from the
 attention mask (``cumsum - 1``), so left padding (prompts) and right padding (continuations) give each real

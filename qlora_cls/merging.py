@@ -377,13 +377,12 @@ def merge_generative(cfg, records: dict, run_dir: Path, output_dir: Path, adapte
 def generative_model_card(output_dir: Path, info: dict, summary: dict) -> str:
     """README.md of a merged generative folder: what it is, its figures beside the base model's, how to load it."""
     from huggingface_hub import ModelCard, ModelCardData
+
+    from .modelcard import figures_table
     run = summary.get("run", {})
     base = info.get("base_model_metrics") or {}
     names = list(info["metrics"])
-    table = "\n".join(["| | " + " | ".join(names) + " |", "|---|" + "---:|" * len(names),
-                       "| this model | " + " | ".join(f"{info['metrics'][m]:.4f}" for m in names) + " |",
-                       "| the base model | " + " | ".join("–" if base.get(m) is None else f"{base[m]:.4f}"
-                                                         for m in names) + " |"])
+    table = figures_table([("this model", info["metrics"]), ("the base model", base)], names)
     if info["objective"] == "sft":
         use = "\n".join([
             'messages = [{"role": "user", "content": "..."}]',

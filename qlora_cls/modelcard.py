@@ -56,6 +56,14 @@ def metrics_table(scores: dict, baseline: dict, metrics: list[str], name: str = 
     return "\n".join(rows)
 
 
+def figures_table(rows: list[tuple[str, dict]], metrics: list[str]) -> str:
+    """``(name, scores)`` rows under the metrics' names, as a Markdown table ("–" where a score is missing): a
+    generative model beside its base model (adapter and merged cards)."""
+    return "\n".join(["| | " + " | ".join(metrics) + " |", "|---|" + "---:|" * len(metrics)]
+                     + [f"| {name} | " + " | ".join("–" if scores.get(m) is None else f"{scores[m]:.4f}"
+                                                   for m in metrics) + " |" for name, scores in rows])
+
+
 def baseline_name(baseline: dict) -> str:
     if baseline.get("kind") == "majority_class":
         return f"always '{baseline.get('prediction_name')}'"
@@ -225,12 +233,19 @@ TITLES = {"qlora": "LoRA adapter", "lora": "LoRA adapter", "dora": "DoRA adapter
 
 def _own_format_use(adapter_dir: Path, records: dict) -> str:
     """adapter / full are not a PEFT format: qlora-cls rebuilds the base model and loads weights.safetensors."""
-    resolved = records["resolved"]
     return f"""Not a PEFT adapter: `weights.safetensors` holds every trained parameter (head included) by its name in
 the model, `qlora_cls_method.json` says what they are. From the qlora-cls repository:
 
 ```python
-from pathlib import Path
+{_own_format_code(adapter_dir, records, "  # eval mode; inputs: prompt.txt filled as in training")}
+```"""
+
+
+def _own_format_code(adapter_dir: Path, records: dict, comment: str = "  # eval mode") -> str:
+    """The lines that rebuild a run's model with qlora-cls and load its saved weights (classification and
+    generative cards)."""
+    resolved = records["resolved"]
+    return f"""from pathlib import Path
 from qlora_cls.runs import load_run_config
 from qlora_cls.methods import load_saved
 from qlora_cls.modeling import load_base_model
@@ -239,8 +254,7 @@ run = Path({json.dumps(str(adapter_dir.resolve().parent))})
 cfg, records = load_run_config(run)
 cfg.resolve_auto("cpu")  # or "cuda"
 base = load_base_model(cfg, records["resolved"]["model_path"], {resolved.get('num_labels')}, {resolved.get('pad_token_id')}, {{"": "cpu"}})
-model = load_saved(base, run / {json.dumps(adapter_dir.name)})  # eval mode; inputs: prompt.txt filled as in training
-```"""
+model = load_saved(base, run / {json.dumps(adapter_dir.name)}){comment}"""
 
 
 def _cfg(config: dict):
@@ -280,11 +294,7 @@ def write_generative_card(adapter_dir: Path, records: dict, quant: dict, summary
         (e for e in summary.get("evaluations", []) if e.get("step") == best), {})
     base = summary.get("baseline", {}).get("metrics", {})
     metrics = list(resolved.get("metrics") or [])
-    table = "\n".join(["| | " + " | ".join(metrics) + " |", "|---|" + "---:|" * len(metrics),
-                       "| this adapter | " + " | ".join("–" if scores.get(m) is None else f"{scores[m]:.4f}"
-                                                        for m in metrics) + " |",
-                       "| the base model (before training) | " + " | ".join(
-                           "–" if base.get(m) is None else f"{base[m]:.4f}" for m in metrics) + " |"])
+    table = figures_table([("this adapter", scores), ("the base model (before training)", base)], metrics)
     weights = ("the final weights of the run" if which == "adapter" else
                f"the weights at step {best} (the lowest {summary.get('main_metric')}), kept beside ../adapter/")
     if objective == "sft":
@@ -309,9 +319,8 @@ def write_generative_card(adapter_dir: Path, records: dict, quant: dict, summary
             + ("  # the 4-bit base: add quantization_config=BitsAndBytesConfig(**../quant_config.json)"
                if quant.get("load_in_4bit") else "")]
     if method in ("adapter", "full"):  # not a PEFT format: qlora-cls rebuilds the model
-        own = _own_format_use(adapter_dir, records).split("```python\n")[1].rstrip("`\n")
         load = ["# run from the qlora-cls repository", "from transformers import AutoTokenizer",
-                own.replace("  # eval mode; inputs: prompt.txt filled as in training", "  # eval mode"),
+                _own_format_code(adapter_dir, records),
                 f"tokenizer = AutoTokenizer.from_pretrained({json.dumps(str(tokenizer_dir))})"]
     text = f"""
 # {objective} adapter ({TITLES[method]}) for {run.get('model')}
