@@ -6,6 +6,7 @@ real weights use the embedded SmolLM2-135M-Instruct (converted once by `make set
 from __future__ import annotations
 
 import os
+import socket
 import sys
 from pathlib import Path
 
@@ -21,14 +22,13 @@ if os.environ.get("PYTEST_XDIST_WORKER_COUNT"):
     os.environ.setdefault("OMP_NUM_THREADS",
                           str(max(1, (os.cpu_count() or 1) // int(os.environ["PYTEST_XDIST_WORKER_COUNT"]))))
 
-# Under xdist (--dist loadgroup) each group's files run on one worker, one at a time: those that start `accelerate
-# launch` with several processes (torch.distributed's rendezvous binds port 29500), and those that share the
-# session's launched sweep (the tiny_sweep fixture, ~100 s: built once, not once per worker).
-XDIST_GROUPS = {
-    "port-29500": {"test_deepspeed.py", "test_distributed.py", "test_generation.py", "test_multi_node.py",
-                   "test_resume.py", "test_sft_scale.py", "test_launch_configs.py", "test_preflight.py"},
-    "tiny-sweep": {"test_sweep.py", "test_sweep_parallel.py", "test_report.py", "test_report_methods.py"},
-}
+# Under xdist (--dist loadgroup) a group's files run on one worker, one at a time: those that share the session's
+# launched sweep (the tiny_sweep fixture, ~100 s: built once, not once per worker). Tests that launch several
+# processes need no group: each launch binds a free port of its own (accelerate_launch below).
+XDIST_GROUPS = {"tiny-sweep": {"test_sweep.py", "test_sweep_parallel.py", "test_report.py", "test_report_methods.py"}}
+# Two CPU processes on one machine, through `accelerate launch` (gloo).
+TWO_PROCESSES = ("--multi_gpu", "--num_processes", "2", "--num_machines", "1", "--mixed_precision", "no",
+                 "--dynamo_backend", "no")
 
 # Absolute: some tests run the entry points as subprocesses in another working directory.
 MRPC = str(Path(os.environ.get("QLORA_TEST_DATASET", REPO.parent / "shared" / "data" / "glue")).resolve())
@@ -106,6 +106,18 @@ def pytest_collection_finish(session):
         if not torch.cuda.is_available():
             pytest.exit("tests marked gpu need a CUDA device (none here); `make gpu-check` runs them where one is",
                         returncode=2)
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def accelerate_launch(*flags: str) -> list[str]:
+    """`accelerate launch` with a rendezvous port of its own: under xdist two tests may launch at once, and
+    torch.distributed binds Accelerate's default port (29500) for every run of several processes."""
+    return [sys.executable, "-m", "accelerate.commands.launch", "--main_process_port", str(free_port()), *flags]
 
 
 def tokenizer_dir() -> Path:

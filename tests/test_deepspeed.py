@@ -4,11 +4,10 @@ from __future__ import annotations
 import json
 import os
 import subprocess
-import sys
 
 import pytest
 
-from conftest import REPO, tiny_args
+from conftest import REPO, accelerate_launch, tiny_args
 from test_resume import RUN_FLAGS, _assert_same_run, _start_and_kill
 
 pytestmark = pytest.mark.slow  # real training runs of a minute or more (make test-quick leaves them out)
@@ -17,7 +16,7 @@ pytestmark = pytest.mark.slow  # real training runs of a minute or more (make te
 
 def launch(config: str) -> list[str]:
     # The shipped config names the DeepSpeed JSON relative to the repository root: launched from there.
-    return [sys.executable, "-m", "accelerate.commands.launch", "--config_file", str(REPO / "accelerate_configs" / config),
+    return [*accelerate_launch("--config_file", str(REPO / "accelerate_configs" / config)),
             "--num_processes", "1", "--mixed_precision", "no", "--dynamo_backend", "no", str(REPO / "ft.py")]
 
 

@@ -2,11 +2,10 @@
 import json
 import os
 import subprocess
-import sys
 
 import pytest
 
-from conftest import REPO, tiny_args
+from conftest import REPO, TWO_PROCESSES, accelerate_launch, tiny_args
 
 pytestmark = pytest.mark.slow  # real training runs of a minute or more (make test-quick skips them)
 
@@ -14,8 +13,7 @@ pytestmark = pytest.mark.slow  # real training runs of a minute or more (make te
 def test_two_process_run(tiny_model, mrpc, tmp_path):
     run = tmp_path / "run2"
     env = dict(os.environ, ACCELERATE_USE_CPU="1", OMP_NUM_THREADS="1", RANK_DUMP_DIR=str(tmp_path))
-    cmd = [sys.executable, "-m", "accelerate.commands.launch", "--multi_gpu", "--num_processes", "2",
-           "--num_machines", "1", "--mixed_precision", "no", "--dynamo_backend", "no", str(REPO / "tests" / "ft_rank_dump.py"),
+    cmd = [*accelerate_launch(*TWO_PROCESSES), str(REPO / "tests" / "ft_rank_dump.py"),
            *tiny_args(tiny_model, mrpc, run, "--max_eval_samples", "37", "--max_steps", "3")]
     proc = subprocess.run(cmd, cwd=tmp_path, env=env, capture_output=True, text=True, timeout=600)
     errors = [line for line in proc.stderr.splitlines() if "error" in line.lower()]
@@ -47,8 +45,7 @@ def test_two_process_label_words_run_scores_each_example_once_as_one_process_doe
     import eval as eval_cli
     run = tmp_path / "lw2"
     env = dict(os.environ, ACCELERATE_USE_CPU="1", OMP_NUM_THREADS="1", RANK_DUMP_DIR=str(tmp_path))
-    cmd = [sys.executable, "-m", "accelerate.commands.launch", "--multi_gpu", "--num_processes", "2",
-           "--num_machines", "1", "--mixed_precision", "no", "--dynamo_backend", "no", str(REPO / "tests" / "ft_rank_dump.py"),
+    cmd = [*accelerate_launch(*TWO_PROCESSES), str(REPO / "tests" / "ft_rank_dump.py"),
            *tiny_args(tiny_model, mrpc, run, "--max_eval_samples", "37", "--max_steps", "3", "--classifier", "label_words",
                       "--bnb_4bit_compute_dtype", "float32")]
     proc = subprocess.run(cmd, cwd=tmp_path, env=env, capture_output=True, text=True, timeout=600)

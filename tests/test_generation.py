@@ -275,16 +275,13 @@ def test_answer_loss_on_two_processes_counts_each_example_once(tok, tmp_path):
     count must equal the single-process figures."""
     import os
     import subprocess
-    import sys
 
     from accelerate import Accelerator
-    from conftest import REPO
+    from conftest import REPO, TWO_PROCESSES, accelerate_launch
     script, result = tmp_path / "two.py", tmp_path / "out.json"
     script.write_text(TWO_PROCESS_SCRIPT)
     env = dict(os.environ, ACCELERATE_USE_CPU="1", OMP_NUM_THREADS="1")
-    cmd = [sys.executable, "-m", "accelerate.commands.launch", "--multi_gpu", "--num_processes", "2",
-           "--num_machines", "1", "--mixed_precision", "no", "--dynamo_backend", "no", str(script), str(REPO),
-           str(result)]
+    cmd = [*accelerate_launch(*TWO_PROCESSES), str(script), str(REPO), str(result)]
     proc = subprocess.run(cmd, cwd=tmp_path, env=env, capture_output=True, text=True, timeout=300)
     assert proc.returncode == 0, proc.stderr[-2000:]
     got = json.loads(result.read_text())

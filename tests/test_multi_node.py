@@ -2,22 +2,15 @@
 process each, gloo) train together and match one machine with two processes; the Slurm template's commands."""
 import json
 import os
-import socket
 import subprocess
 import sys
 from pathlib import Path
 
 import pytest
 
-from conftest import REPO, tiny_args
+from conftest import REPO, free_port, tiny_args
 
 TEMPLATE = REPO / "accelerate_configs" / "multi_node.sbatch"
-
-
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 def _launch(launch_flags: list[str], run: Path, dump: Path, model: str, dataset: str) -> subprocess.Popen:
@@ -38,9 +31,9 @@ def _finish(proc: subprocess.Popen) -> None:
 def test_two_machines_on_one_host_match_one_machine_with_two_processes(tiny_model, mrpc, tmp_path):
     from safetensors.torch import load_file
     one = tmp_path / "one-machine"
-    _finish(_launch(["--num_processes", "2", "--num_machines", "1"], one, tmp_path / "dump1", tiny_model, mrpc))
+    _finish(_launch(["--num_processes", "2", "--num_machines", "1", "--main_process_port", str(free_port())], one, tmp_path / "dump1", tiny_model, mrpc))
     two = tmp_path / "two-machines"
-    port = _free_port()
+    port = free_port()
     machines = [_launch(["--num_processes", "2", "--num_machines", "2", "--machine_rank", str(rank),
                          "--main_process_ip", "127.0.0.1", "--main_process_port", str(port)],
                         two, tmp_path / "dump2", tiny_model, mrpc) for rank in (0, 1)]

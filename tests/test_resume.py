@@ -14,13 +14,11 @@ from pathlib import Path
 import pytest
 from safetensors.torch import load_file
 
-from conftest import REPO, tiny_args
+from conftest import REPO, TWO_PROCESSES, accelerate_launch, tiny_args
 
 FT = str(REPO / "ft.py")
 # 48 examples / batch 8 = 6 steps per epoch: 12 steps span two epochs, checkpoints every 2 steps.
 RUN_FLAGS = ("--max_steps", "12", "--checkpoint_every", "2", "--log_every", "1", "--max_eval_samples", "16")
-LAUNCH_2 = [sys.executable, "-m", "accelerate.commands.launch", "--multi_gpu", "--num_processes", "2",
-            "--num_machines", "1", "--mixed_precision", "no", "--dynamo_backend", "no"]
 
 
 def _env(**extra):
@@ -108,8 +106,8 @@ def test_sigkill_mid_epoch_then_resume_matches_uninterrupted(reference_run, tiny
 @pytest.mark.slow
 def test_sigkill_then_resume_on_two_processes(tiny_model, mrpc, tmp_path):
     ref, run = tmp_path / "ref", tmp_path / "run"
-    _run([*LAUNCH_2, FT, *tiny_args(tiny_model, mrpc, ref, *RUN_FLAGS, "--max_train_samples", "96")], tmp_path)
-    cmd = [*LAUNCH_2, FT, *tiny_args(tiny_model, mrpc, run, *RUN_FLAGS, "--max_train_samples", "96")]
+    _run([*accelerate_launch(*TWO_PROCESSES), FT, *tiny_args(tiny_model, mrpc, ref, *RUN_FLAGS, "--max_train_samples", "96")], tmp_path)
+    cmd = [*accelerate_launch(*TWO_PROCESSES), FT, *tiny_args(tiny_model, mrpc, run, *RUN_FLAGS, "--max_train_samples", "96")]
     _start_and_kill(cmd, tmp_path, run, after_step=4)
     proc = _run(cmd + ["--resume"], tmp_path)
     assert "resumed from checkpoint-" in proc.stderr

@@ -8,9 +8,9 @@ from pathlib import Path
 import pytest
 from safetensors.torch import load_file
 
-from conftest import REPO, SHARED, build_tiny_architecture
+from conftest import REPO, SHARED, TWO_PROCESSES, accelerate_launch, build_tiny_architecture
 from test_deepspeed import ds_env, launch
-from test_resume import LAUNCH_2, _run, _start_and_kill
+from test_resume import _run, _start_and_kill
 
 pytestmark = pytest.mark.slow  # real multi-process and DeepSpeed runs (make test-quick leaves them out)
 
@@ -42,9 +42,9 @@ def _log(run: Path) -> list[dict]:
 def test_two_process_sft_killed_and_resumed_equals_the_uninterrupted_run(sft_setup, tmp_path):
     root, model = sft_setup
     ref, run = tmp_path / "ref", tmp_path / "run"
-    _run([*LAUNCH_2, FT, *_args(root, model, ref)], tmp_path)
+    _run([*accelerate_launch(*TWO_PROCESSES), FT, *_args(root, model, ref)], tmp_path)
     assert json.loads((ref / "config.json").read_text())["environment"]["world_size"] == 2
-    cmd = [*LAUNCH_2, FT, *_args(root, model, run)]
+    cmd = [*accelerate_launch(*TWO_PROCESSES), FT, *_args(root, model, run)]
     _start_and_kill(cmd, tmp_path, run, after_step=4)
     proc = _run(cmd + ["--resume"], tmp_path)
     assert "resumed from checkpoint-" in proc.stderr
