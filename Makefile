@@ -34,7 +34,7 @@ demo-sft: setup
 	$(PY) scripts/demo_sft.py $(ARGS)
 
 # Two pytest-xdist workers (two cores: 13 min instead of 19; tests/conftest.py gives each its share of the cores
-# and keeps the tests that share a port or a fixture on one worker). TEST_WORKERS=0 runs them in one process.
+# and keeps the tests that share the launched tiny sweep on one worker). TEST_WORKERS=0 runs them in one process.
 TEST_WORKERS ?= 2
 XDIST = $(if $(filter 0,$(TEST_WORKERS)),,-n $(TEST_WORKERS) --dist loadgroup)
 test: setup
