@@ -27,9 +27,6 @@ from qlora_cls.errors import UsageError
 from qlora_cls.files import append_jsonl, atomic_write_csv, atomic_write_json, atomic_write_text
 
 log = logging.getLogger("ft")
-# The generative objectives' metrics, main one first (lower is better for it: qlora_cls/generative.py).
-GENERATIVE_METRICS = {"sft": ("answer_perplexity", "answer_loss", "stop_rate", "exact_match", "rouge_l"),
-                      "lm": ("perplexity", "nll")}
 RESULTS_DIR = Path(__file__).resolve().parent / "results"
 WRITE_ERRORS = (errno.ENOSPC, errno.EDQUOT, errno.EACCES, errno.EROFS, errno.EPERM)
 
@@ -186,11 +183,13 @@ class Run:
 
     @property
     def metric_names(self) -> list:
-        return list(GENERATIVE_METRICS[self.cfg.objective]) if self.generative else list(self.spec.metrics)
+        from qlora_cls.generative import METRICS
+        return list(METRICS[self.cfg.objective]) if self.generative else list(self.spec.metrics)
 
     @property
     def main_metric(self) -> str:
-        return GENERATIVE_METRICS[self.cfg.objective][0] if self.generative else self.spec.main_metric
+        from qlora_cls.generative import MAIN_METRIC
+        return MAIN_METRIC[self.cfg.objective] if self.generative else self.spec.main_metric
 
     @property
     def train_baseline_scalars(self) -> dict:

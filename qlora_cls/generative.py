@@ -21,7 +21,10 @@ from .errors import UsageError
 
 log = logging.getLogger(__name__)
 
-MAIN_METRIC = {"sft": "answer_perplexity", "lm": "perplexity"}  # lower is better for both
+# Each objective's metrics, the main one first (lower is better for it, for both objectives).
+METRICS = {"sft": ("answer_perplexity", "answer_loss", "stop_rate", "exact_match", "rouge_l"),
+           "lm": ("perplexity", "nll")}
+MAIN_METRIC = {objective: names[0] for objective, names in METRICS.items()}
 
 
 @dataclass
