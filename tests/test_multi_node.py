@@ -31,7 +31,8 @@ def _finish(proc: subprocess.Popen) -> None:
 def test_two_machines_on_one_host_match_one_machine_with_two_processes(tiny_model, mrpc, tmp_path):
     from safetensors.torch import load_file
     one = tmp_path / "one-machine"
-    _finish(_launch(["--num_processes", "2", "--num_machines", "1", "--main_process_port", str(free_port())], one, tmp_path / "dump1", tiny_model, mrpc))
+    _finish(_launch(["--num_processes", "2", "--num_machines", "1", "--main_process_port", str(free_port())], one,
+                    tmp_path / "dump1", tiny_model, mrpc))
     two = tmp_path / "two-machines"
     port = free_port()
     machines = [_launch(["--num_processes", "2", "--num_machines", "2", "--machine_rank", str(rank),
