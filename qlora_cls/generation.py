@@ -101,7 +101,7 @@ def corpus_perplexity(model, ids: torch.LongTensor, max_length: int, stride: int
     model.eval()
     nll_sum, n_tokens, prev_end_loc = 0.0, 0, 0
     # A whole test set is thousands of windows (WikiText-2's test.txt: 2,438 at 256/128, 30 min on one CPU core).
-    windows = max(1, -(-(seq_len - max_length) // stride) + 1) if seq_len > max_length else 1
+    windows = math.ceil(max(seq_len - max_length, 0) / stride) + 1  # the loop ends at the first reaching the end
     for begin_loc in tqdm(range(0, seq_len, stride), total=windows, desc="perplexity windows", leave=False,
                           disable=windows < 50):
         end_loc = min(begin_loc + max_length, seq_len)

@@ -13,16 +13,10 @@ from pathlib import Path
 
 import pytest
 
-from conftest import REPO
+from conftest import REPO, free_port
 from test_sweep_parallel import processes_mentioning, wait_until_gone
 
 pytestmark = [pytest.mark.slow, pytest.mark.slurm]  # `make test-slurm`
-
-
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 @pytest.fixture(scope="module")
@@ -42,8 +36,8 @@ def slurm(tmp_path_factory):
         (root / d).mkdir()
     conf.write_text(f"""ClusterName=qlora-test
 SlurmctldHost={host}
-SlurmctldPort={_free_port()}
-SlurmdPort={_free_port()}
+SlurmctldPort={free_port()}
+SlurmdPort={free_port()}
 SlurmUser=root
 SlurmdUser=root
 AuthType=auth/munge
